@@ -1,0 +1,85 @@
+"""Command-line plumbing shared by the scripts: dataclass parsing with presets and YAML, and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence, TypeVar
+
+import yaml
+from trl import TrlParser
+
+from smolppo.errors import UserError
+
+T = TypeVar("T")
+DEBUG_ENV = "SMOLPPO_DEBUG"
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_config(config_cls: type[T], args: Sequence[str] | None = None, presets: dict | None = None) -> T:
+    """Build `config_cls` from defaults, a preset (``--preset``), a YAML file (``--config``) and CLI flags.
+
+    Raises `UserError` for values `__post_init__` rejects and for unknown YAML keys; argparse itself
+    exits with status 2 and a usage line on malformed flags.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = TrlParser(config_cls)
+    preset = _option_value(args, "--preset")
+    if preset is not None and presets and preset in presets:
+        parser.set_defaults_with_config(**presets[preset])
+    config_path = _option_value(args, "--config")
+    if config_path is not None and not os.path.isfile(config_path):
+        raise UserError(f"config file {config_path!r} does not exist; pass --config with the path of a YAML file")
+    if config_path is not None:
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
+        known = {f.replace("-", "_") for f in config_cls.__dataclass_fields__} | {"env"}
+        unknown = sorted(k for k in loaded if k.replace("-", "_") not in known)
+        if unknown:
+            raise UserError(f"config file {config_path!r} has unknown keys {unknown}; see --help for valid names")
+    try:
+        (config,) = parser.parse_args_and_config(args)
+    except ValueError as exc:
+        raise UserError(f"invalid configuration: {exc}") from exc
+    return config
+
+
+def wants_debug(args: Sequence[str] | None = None) -> bool:
+    args = sys.argv[1:] if args is None else args
+    return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's `main`, turning user mistakes into one line on stderr and a non-zero exit.
+
+    Set ``--debug`` or ``SMOLPPO_DEBUG=1`` to see the full traceback instead.
+    """
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    debug = wants_debug()
+    try:
+        code = main()
+    except UserError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    sys.exit(code or 0)

@@ -1,0 +1,163 @@
+"""Prompt data: read ORCA-style rows (hub id or local file), render prompts with the chat template, filter by length.
+
+The ORCA schema is ``system, question, chosen, rejected``. PPO needs only ``system`` and ``question``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from smolppo.errors import UserError
+from smolppo.paths import looks_like_local_path, resolve_smoke_path
+
+logger = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+PROMPT_COLUMNS = ("system", "question")
+FALLBACK_TEMPLATE = "{system}\n\nUser: {question}\nAssistant:"
+
+
+def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = PROMPT_COLUMNS) -> list[dict]:
+    """All rows of `dataset` (a hub id or a local file) as dicts, after checking the required `columns`."""
+    dataset = resolve_smoke_path(dataset)
+    if looks_like_local_path(dataset):
+        rows = _read_local(dataset)
+    else:
+        rows = _read_hub(dataset, split)
+    if not rows:
+        raise UserError(f"dataset {dataset!r} has no rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise UserError(
+            f"dataset {dataset!r} lacks column(s) {missing}; it needs {list(columns)} "
+            f"(found {sorted(rows[0])}) as in Intel/orca_dpo_pairs"
+        )
+    return rows
+
+
+def _read_local(path: str) -> list[dict]:
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise UserError(f"dataset file {path!r} does not exist; pass --dataset with a local file or a hub id")
+    ext = os.path.splitext(path)[1].lower()
+    kind = LOCAL_FORMATS.get(ext)
+    if kind is None:
+        raise UserError(f"dataset file {path!r} has unsupported type {ext!r}; use one of {sorted(LOCAL_FORMATS)}")
+    try:
+        if kind == "json":
+            frame = pd.read_json(path, lines=ext == ".jsonl" or _is_json_lines(path))
+        elif kind == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, keep_default_na=False)
+    except ValueError as exc:
+        raise UserError(f"could not read dataset file {path!r} as {kind}: {exc}") from exc
+    return frame.fillna("").to_dict(orient="records")
+
+
+def _is_json_lines(path: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return not f.read(1).lstrip().startswith("[")
+
+
+def _read_hub(dataset_id: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one actionable line
+        raise UserError(
+            f"could not load dataset {dataset_id!r} (split {split!r}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Without network, pass --dataset with a local "
+            ".jsonl/.parquet/.csv file, or try --preset smoke"
+        ) from exc
+    return ds.to_list()
+
+
+def render_prompt(tokenizer, system: str, question: str) -> str:
+    """The prompt text for one row: the tokenizer's chat template if it has one, else a plain layout."""
+    system = (system or "").strip()
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": question}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = FALLBACK_TEMPLATE.format(system=system, question=question)
+    return text.lstrip()
+
+
+@dataclass
+class PromptSet:
+    """Tokenised prompts ready for rollouts, with what filtering removed."""
+
+    input_ids: list[list[int]]
+    texts: list[str]
+    num_rows: int
+    num_too_long: int
+
+
+def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str = "dataset") -> PromptSet:
+    """Render and tokenise `rows`; drop (and count) prompts longer than `max_prompt_length` tokens."""
+    ids, texts, too_long = [], [], 0
+    for row in rows:
+        text = render_prompt(tokenizer, str(row.get("system", "")), str(row["question"]))
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) > max_prompt_length:
+            too_long += 1
+            continue
+        ids.append(tokens)
+        texts.append(text)
+    if too_long:
+        logger.info("dropped %d of %d prompts longer than %d tokens", too_long, len(rows), max_prompt_length)
+    if not ids:
+        raise UserError(
+            f"no prompt of {source} fits max_prompt_length={max_prompt_length} tokens "
+            f"({too_long} of {len(rows)} were longer); raise --max-prompt-length"
+        )
+    return PromptSet(ids, texts, len(rows), too_long)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)`` so all sequences end at the same column."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            input_ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+class PromptSampler:
+    """Deterministic prompt order: a fresh seeded permutation each epoch, one slice per update and process.
+
+    The position in the stream is a function of the update index alone, so resuming needs only that index.
+    """
+
+    def __init__(self, num_prompts: int, global_batch: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        self.num_prompts = num_prompts
+        self.global_batch = global_batch
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.updates_per_epoch = num_prompts // global_batch
+        self._epoch, self._order = -1, None
+
+    def indices(self, update: int) -> list[int]:
+        """Prompt indices this process uses in update number `update` (0-based)."""
+        epoch, step = divmod(update, self.updates_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_prompts, generator=generator).tolist()
+        chunk = self._order[step * self.global_batch : (step + 1) * self.global_batch]
+        per_process = self.global_batch // self.num_processes
+        return chunk[self.process_index * per_process : (self.process_index + 1) * per_process]
+
+    def epoch_of(self, update: int) -> int:
+        return update // self.updates_per_epoch

@@ -1,0 +1,250 @@
+"""Loading the four PPO models (policy, reference, reward, value) and their tokenizer, with clear failures.
+
+Any causal LM / sequence classifier that `transformers` can load works; reward checkpoints written by
+`trl`'s `RewardTrainer` (``checkpoint-N`` directories) load as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from smolppo.errors import UserError
+from smolppo.paths import looks_like_local_path, resolve_smoke_path
+
+logger = logging.getLogger(__name__)
+
+SMOKE_HINT = "point --{flag} at a local directory, or try the offline smoke preset: --preset smoke"
+
+
+def resolve_model_path(name: str, flag: str) -> str:
+    """Map smoke names to paths and fail early, naming the flag, for local paths that do not exist."""
+    path = resolve_smoke_path(name)
+    if looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise UserError(f"{flag.replace('-', ' ')} {path!r} does not exist; {SMOKE_HINT.format(flag=flag)}")
+    return os.path.expanduser(path)
+
+
+def _load(loader, path: str, flag: str, **kwargs):
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; "
+                        f"{SMOKE_HINT.format(flag=flag)}") from exc
+
+
+def load_tokenizer(path: str, flag: str = "policy-model"):
+    """The tokenizer at `path`, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, path, flag)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {path!r} has no EOS token; PPO needs one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_tokenizers_agree(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str) -> None:
+    """The reward model reads the policy's token ids, so both vocabularies must be identical."""
+    if reward_tokenizer is None:
+        return
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise UserError(
+            f"tokenizers of policy {policy_path!r} and reward model {reward_path!r} differ "
+            f"({len(policy_tokenizer)} vs {len(reward_tokenizer)} tokens); the reward model must be trained from "
+            "the policy's tokenizer (see train_reward_model.py)"
+        )
+
+
+def _config_without_dropout(path: str, flag: str, **overrides):
+    """The model config with every dropout probability set to 0: PPO's log-probs must be deterministic."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig.from_pretrained, path, flag)
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(path: str, flag: str = "policy-model"):
+    from transformers import AutoModelForCausalLM
+
+    config = _config_without_dropout(path, flag)
+    model = _load(AutoModelForCausalLM.from_pretrained, path, flag, config=config, dtype=torch.float32)
+    disable_dropout(model)
+    return model
+
+
+def load_sequence_classifier(path: str, flag: str = "reward-model"):
+    """A sequence classifier with exactly one output (a reward model, or a value model initialised from one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _config_without_dropout(path, flag)
+    if getattr(config, "num_labels", 1) != 1:
+        raise UserError(
+            f"{flag.replace('-', ' ')} {path!r} has {config.num_labels} outputs; a reward model must be a sequence "
+            "classifier with num_labels=1 (train one with train_reward_model.py)"
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    except ValueError as exc:
+        raise UserError(
+            f"{flag.replace('-', ' ')} {path!r} is not a sequence-classification model "
+            f"({type(config).__name__}); a reward model must be one with num_labels=1"
+        ) from exc
+    except OSError as exc:
+        raise UserError(f"could not load {flag.replace('-', ' ')} {path!r}: {str(exc).splitlines()[0]}") from exc
+    disable_dropout(model)
+    score_head(model)
+    return model
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The linear head that maps hidden states to the score (``score`` in most architectures)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__} has no 'score' head; cannot use it as a reward or value model")
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of a `PreTrainedModel` (the module named by ``base_model_prefix``)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def apply_lora(policy, config):
+    """Wrap the policy with LoRA adapters; the frozen base with adapters off is the reference model."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
+    missing = [m for m in config.lora_target_modules if m not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"LoRA target modules {missing} do not exist in the policy; choose from {linear}")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(policy, lora)
+    disable_dropout(model)
+    return model
+
+
+def reference_context(policy):
+    """A context in which `policy` computes the reference model's outputs (LoRA: adapters disabled)."""
+    if hasattr(policy, "disable_adapter"):
+        return policy.disable_adapter()
+    return nullcontext()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+@contextmanager
+def eval_mode(*models: nn.Module):
+    """Temporarily put `models` in eval mode (restoring train mode afterwards)."""
+    previous = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in zip(models, previous):
+            m.train(was_training)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus those in the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def load_weights_into(model: nn.Module, directory: str) -> None:
+    """Load weights written by `save_pretrained` (full model or LoRA adapter) back into `model` in place."""
+    from safetensors.torch import load_file
+
+    adapter_file = os.path.join(directory, "adapter_model.safetensors")
+    if os.path.isfile(adapter_file):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter_file))
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"adapter in {directory!r} does not match the policy: {result.unexpected_keys[:3]}")
+        return
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise UserError(f"weights in {directory!r} do not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+
+
+class PPOModels:
+    """The tokenizer and the four networks of a PPO run, loaded from the paths in the config."""
+
+    def __init__(self, tokenizer, policy, ref_policy, value_model, reward_model, policy_path: str, reward_path: str):
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.ref_policy = ref_policy
+        self.value_model = value_model
+        self.reward_model = reward_model
+        self.policy_path = policy_path
+        self.reward_path = reward_path
+
+
+def load_reward_tokenizer(path: str):
+    """The reward model's tokenizer if its directory has one (RewardTrainer saves it), else None."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        logger.warning("no tokenizer found with reward model %s; assuming it uses the policy's", path)
+        return None
+
+
+def load_ppo_models(config) -> PPOModels:
+    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward model and value model."""
+    policy_path = resolve_model_path(config.policy_model, "policy-model")
+    reward_path = resolve_model_path(config.reward_model, "reward-model")
+    tokenizer = load_tokenizer(policy_path, "policy-model")
+    check_tokenizers_agree(tokenizer, load_reward_tokenizer(reward_path), policy_path, reward_path)
+    policy = load_causal_lm(policy_path, "policy-model")
+    if config.use_lora:
+        policy, ref_policy = apply_lora(policy, config), None
+    else:
+        ref_policy = load_causal_lm(policy_path, "policy-model")
+    reward_model = load_sequence_classifier(reward_path, "reward-model")
+    value_model = load_sequence_classifier(reward_path, "reward-model")
+    for name, model in (("reward model", reward_model), ("policy", policy)):
+        vocab = model.get_input_embeddings().num_embeddings
+        if vocab < len(tokenizer):
+            raise UserError(f"{name} has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens; "
+                            "they were not trained together")
+    return PPOModels(tokenizer, policy, ref_policy, value_model, reward_model, policy_path, reward_path)

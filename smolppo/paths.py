@@ -1,0 +1,32 @@
+"""Telling local paths from hub ids, and mapping the smoke preset's ``smoke:`` names to local files."""
+
+from __future__ import annotations
+
+import os
+import re
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+ASSETS_DIR = os.path.join(PACKAGE_DIR, "assets")
+REPO_DIR = os.path.dirname(PACKAGE_DIR)
+SMOKE_PREFIX = "smoke:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for anything that exists on disk or is written like a path rather than an ``org/name`` hub id."""
+    if os.path.exists(name):
+        return True
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or re.match(r"^[A-Za-z]:[\\/]", name):
+        return True
+    if os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet", ".csv"):
+        return True
+    return not _HUB_ID.match(name) or name.count("/") > 1
+
+
+def resolve_smoke_path(name: str) -> str:
+    """Map ``smoke:<what>`` to the local file or directory the smoke preset uses; other names pass through."""
+    if not name.startswith(SMOKE_PREFIX):
+        return name
+    from smolppo import smoke
+
+    return smoke.materialise(name[len(SMOKE_PREFIX) :])

@@ -1,0 +1,137 @@
+"""Stage 1 of a PPO update: sample responses and describe them exactly (masks from positions, not pad ids).
+
+Layout of a rollout: prompts are left-padded to a common width ``P`` so every response starts at column ``P``;
+responses occupy columns ``P .. P+R-1``. A response is real up to and including its first EOS; everything
+after is padding, even where the pad id equals the EOS id (as in SmolLM2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from smolppo.data import left_pad
+
+
+@dataclass
+class Rollout:
+    """A batch of prompt+response sequences with their masks. Tensors are indexed by sequence first."""
+
+    input_ids: torch.Tensor  # [B, P+R] prompt (left-padded) followed by the response
+    attention_mask: torch.Tensor  # [B, P+R] 1 on real prompt and response tokens
+    position_ids: torch.Tensor  # [B, P+R] positions counted over real tokens only
+    response_mask: torch.Tensor  # [B, R] float, 1.0 on real response tokens (through the first EOS)
+    response_lengths: torch.Tensor  # [B] number of real response tokens
+    ended_with_eos: torch.Tensor  # [B] bool
+    context_length: int  # P
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.context_length :]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> "Rollout":
+        """The sub-batch at `index` (the shared context length is kept)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: (v if k == "context_length" else v[index]) for k, v in values.items()})
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses them: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from_eos(responses: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths, ended_with_eos)`` from the position of the first EOS in each response row.
+
+    The EOS token itself counts as part of the response (it is an action the policy took).
+    """
+    width = responses.shape[1]
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, width, dtype=torch.long))
+    lengths = torch.where(ended, first_eos + 1, first_eos)
+    return lengths, ended
+
+
+def build_rollout(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, eos_ids: list[int], pad_id: int
+) -> Rollout:
+    """Assemble a `Rollout` from left-padded prompts and the raw generated continuations."""
+    lengths, ended = response_mask_from_eos(responses, eos_ids)
+    width = responses.shape[1]
+    response_mask = (torch.arange(width, device=responses.device)[None, :] < lengths[:, None]).float()
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        response_mask=response_mask,
+        response_lengths=lengths,
+        ended_with_eos=ended,
+        context_length=prompt_ids.shape[1],
+    )
+
+
+def sampling_config(
+    tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float = 1.0, do_sample: bool = True
+):
+    """A generation config built from scratch, so no model default (top_k=50, repetition penalty...) leaks in."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=top_p if do_sample else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate_rollout(model, prompts: list[list[int]], tokenizer, eos_ids: list[int], generation_config) -> Rollout:
+    """Sample one response per prompt with `model` (an unwrapped causal LM in eval mode)."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
+    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    responses = output[:, prompt_ids.shape[1] :]
+    return build_rollout(prompt_ids, prompt_mask, responses, eos_ids, tokenizer.pad_token_id)
+
+
+def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[tokens]`` without materialising a second full-vocabulary tensor.
+
+    Works row by row in fp32, so peak extra memory is one sequence's logits.
+    """
+    out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        row = logits[i].float()
+        out[i] = row.gather(-1, tokens[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
+    return out
+
+
+def response_logits(model, rollout: Rollout) -> torch.Tensor:
+    """Logits at the positions that predict each response token: columns ``P-1 .. P+R-2``."""
+    width = rollout.responses.shape[1]
+    output = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+    )
+    return output.logits[:, :-1]
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Per-token log-probs of the sampled responses under `model`, at the sampling temperature."""
+    logits = response_logits(model, rollout) / temperature
+    return selective_log_softmax(logits, rollout.responses) * rollout.response_mask

@@ -1,0 +1,74 @@
+"""TensorBoard scalars and text samples, memory readings and the package versions of a run."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+class MetricsWriter:
+    """Thin wrapper over `SummaryWriter`: scalars by name, samples as a markdown table."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def samples(self, samples: list[dict], step: int) -> None:
+        if not samples:
+            return
+        rows = ["| prompt | response | reward |", "|---|---|---|"]
+        for s in samples:
+            cells = [_cell(s["prompt"]), _cell(s["response"]), f"{s['reward']:.4f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+        self._writer.add_text("samples", "\n".join(rows), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak GPU allocator memory on CUDA, else the process's peak resident set size."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):  # Windows
+        return int(info.peak_wset)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def run_environment() -> dict:
+    import accelerate
+    import peft
+    import transformers
+    import trl
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    return env

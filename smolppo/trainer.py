@@ -1,0 +1,503 @@
+"""The PPO loop. One update = five stages, each a method below, read top to bottom:
+
+1. ``rollout``: sample a response for each prompt of this update's batch with the current policy;
+2. ``score``: reward model score of every prompt+response (optionally replaced for responses without EOS);
+3. ``kl``: per-token log-probs under the rollout policy and the frozen reference, and the KL penalty;
+4. ``advantages``: value predictions, per-token rewards, GAE, whitening;
+5. ``optimise``: ``ppo_epochs`` passes of clipped policy + value loss over shuffled mini-batches.
+
+The PPO ratio is new policy / rollout policy; the reference model enters only through the KL penalty and
+is never updated. See ``smolppo.ppo_math`` for the formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from smolppo import checkpointing, ppo_math
+from smolppo.data import PromptSampler, PromptSet
+from smolppo.errors import UserError
+from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
+from smolppo.rollout import Rollout, generate_rollout, response_logits, response_logprobs, sampling_config
+from smolppo.rollout import selective_log_softmax
+from smolppo.scoring import TokenScorer, sequence_rewards, token_values, value_positions
+from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
+
+logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"
+SUMMARY_FILE = "run_summary.json"
+
+
+class TrainingDiverged(UserError):
+    """A loss, reward or KL became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class Experience:
+    """What one rollout batch contributes to the update (all tensors ``[B, ...]``)."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # [B] reward model scores (after the missing-EOS rule)
+    old_logprobs: torch.Tensor  # [B, R] under the rollout policy
+    ref_logprobs: torch.Tensor  # [B, R] under the reference
+    kl: torch.Tensor  # [B, R] per-token KL estimate
+    old_values: torch.Tensor  # [B, R]
+    advantages: torch.Tensor  # [B, R] whitened
+    raw_advantages: torch.Tensor  # [B, R] before whitening
+    returns: torch.Tensor  # [B, R]
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        return Experience(
+            **{
+                f.name: getattr(self, f.name).select(index) if f.name == "rollout" else getattr(self, f.name)[index]
+                for f in fields(self)
+            }
+        )
+
+
+class PPOTrainer:
+    """PPO for a causal LM against a reward model, with a value model initialised from the reward model.
+
+    `policy` may be a PEFT model (LoRA); then `ref_policy` is None and the reference is the same network
+    with its adapters disabled. `value_model` and `reward_model` are 1-output sequence classifiers.
+    """
+
+    def __init__(
+        self,
+        config,
+        tokenizer,
+        policy,
+        value_model,
+        reward_model,
+        prompts: PromptSet,
+        ref_policy=None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.accelerator = accelerator or Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision="bf16" if config.bf16 else "no",
+        )
+        acc = self.accelerator
+        self.schedule = config.schedule(len(prompts.input_ids), acc.num_processes)
+        self.sampler = PromptSampler(
+            len(prompts.input_ids), self.schedule.global_rollout_batch, config.seed, acc.process_index,
+            acc.num_processes,
+        )
+        self.eos_ids = eos_token_ids(tokenizer, policy)
+        self.generation_config = sampling_config(tokenizer, self.eos_ids, config.max_new_tokens, config.temperature)
+        if ref_policy is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("ref_policy is required unless the policy is a PEFT (LoRA) model")
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+            enable_gradient_checkpointing(value_model)
+        policy.train()
+        value_model.train()
+        value_scorer = TokenScorer(value_model)
+        self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + list(value_scorer.parameters())
+        optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        from transformers import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=self.schedule.warmup_updates,
+            num_training_steps=self.schedule.total_updates,
+        )
+        self.policy, self.value_scorer, self.optimizer = acc.prepare(policy, value_scorer, optimizer)
+        self.reward_scorer = TokenScorer(reward_model).to(acc.device).eval().requires_grad_(False)
+        self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
+        if config.adaptive_kl:
+            self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+        else:
+            self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
+        self.update = 0
+        self.episodes = 0
+        self.observed: dict = {}
+        self.last_samples: list[dict] = []
+        self._stop_signal: str | None = None
+        self.writer: MetricsWriter | None = None
+
+    # ------------------------------------------------------------------ stages
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        """Stage 1: one sampled response per prompt, from the full (temperature-scaled) distribution."""
+        model = self.accelerator.unwrap_model(self.policy)
+        with eval_mode(model), self.accelerator.autocast():
+            return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        """Stage 2: reward model score ``[B]`` at each sequence's last real token."""
+        with self.accelerator.autocast():
+            scores = torch.cat([sequence_rewards(self.reward_scorer, chunk) for chunk in self._chunks(rollout)])
+        if self.config.missing_eos_score is not None:
+            scores = torch.where(rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score))
+        return scores
+
+    @torch.no_grad()
+    def kl(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
+        policy = self.accelerator.unwrap_model(self.policy)
+        temperature = self.config.temperature
+        old, ref = [], []
+        with eval_mode(policy), self.accelerator.autocast():
+            for chunk in self._chunks(rollout):
+                old.append(response_logprobs(policy, chunk, temperature))
+                if self.ref_policy is not None:
+                    ref.append(response_logprobs(self.ref_policy, chunk, temperature))
+                else:
+                    with reference_context(policy):
+                        ref.append(response_logprobs(policy, chunk, temperature))
+        old_logprobs, ref_logprobs = torch.cat(old), torch.cat(ref)
+        kl = ppo_math.kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * rollout.response_mask
+        return old_logprobs, ref_logprobs, kl
+
+    @torch.no_grad()
+    def advantages(self, rollout, scores, old_logprobs, ref_logprobs, kl) -> Experience:
+        """Stage 4: values, per-token rewards (KL penalty + score), GAE, whitened advantages."""
+        cfg, mask = self.config, rollout.response_mask
+        value_scorer = self.accelerator.unwrap_model(self.value_scorer)
+        with eval_mode(value_scorer), self.accelerator.autocast():
+            values = torch.cat([token_values(value_scorer, chunk) for chunk in self._chunks(rollout)])
+        rewards = ppo_math.token_rewards(scores, kl, self.kl_controller.value, mask)
+        if cfg.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
+        raw_advantages, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = ppo_math.masked_whiten(raw_advantages, mask, all_reduce=self._all_reduce_sum)
+        return Experience(rollout, scores, old_logprobs, ref_logprobs, kl, values, advantages, raw_advantages, returns)
+
+    def optimise(self, exp: Experience) -> dict[str, float]:
+        """Stage 5: clipped PPO updates of policy and value over shuffled mini-batches."""
+        cfg, acc = self.config, self.accelerator
+        size, micro = len(exp.rollout), cfg.per_device_train_batch_size
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.update)
+        totals: dict[str, list[float]] = {}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(size, generator=generator).to(acc.device)
+            for start in range(0, size, micro):
+                batch = exp.select(order[start : start + micro])
+                with acc.accumulate(self.policy, self.value_scorer):
+                    stats = self._train_micro_batch(batch)
+                for key, value in stats.items():
+                    totals.setdefault(key, []).append(value)
+        return {key: float(np.mean(values)) for key, values in totals.items()}
+
+    def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
+        cfg, acc, rollout = self.config, self.accelerator, batch.rollout
+        mask = rollout.response_mask
+        with acc.autocast():
+            logits = response_logits(self.policy, rollout) / cfg.temperature
+            values = self.value_scorer(
+                rollout.input_ids, rollout.attention_mask, rollout.position_ids, value_positions(rollout)
+            )
+        self._observe_precision(logits)
+        logprobs = selective_log_softmax(logits, rollout.responses)
+        policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
+        value_loss, value_clip = ppo_math.clipped_value_loss(
+            values, batch.old_values, batch.returns, mask, cfg.cliprange_value
+        )
+        loss = policy.loss + cfg.vf_coef * value_loss
+        acc.backward(loss)
+        stats = {}
+        if acc.sync_gradients:
+            stats["grad_norm"] = float(acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
+        stats.update(
+            loss=loss.item(),
+            policy_loss=policy.loss.item(),
+            value_loss=value_loss.item(),
+            clip_fraction=policy.clip_fraction.item(),
+            approx_kl=policy.approx_kl.item(),
+            value_clip_fraction=value_clip.item(),
+            entropy=entropy.item(),
+        )
+        return stats
+
+    # ------------------------------------------------------------------ one update
+    def step(self) -> dict[str, float]:
+        """Run one full PPO update (stages 1-5) and return its metrics."""
+        prompts = [self.prompts.input_ids[i] for i in self.sampler.indices(self.update)]
+        timings = {}
+        t0 = time.perf_counter()
+        rollout = self.rollout(prompts)
+        timings["time/rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = self.score(rollout)
+        old_logprobs, ref_logprobs, kl = self.kl(rollout)
+        timings["time/scoring"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        exp = self.advantages(rollout, scores, old_logprobs, ref_logprobs, kl)
+        timings["time/advantages"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_stats = self.optimise(exp)
+        timings["time/update"] = time.perf_counter() - t0
+
+        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        kl_coef = self.kl_controller.value
+        metrics = self._rollout_metrics(exp)
+        metrics.update(
+            {
+                "loss": train_stats["loss"],
+                "learning_rate": learning_rate,
+                "objective/kl_coef": kl_coef,
+                "loss/policy": train_stats["policy_loss"],
+                "loss/value": train_stats["value_loss"],
+                "policy/clip_fraction": train_stats["clip_fraction"],
+                "policy/approx_kl": train_stats["approx_kl"],
+                "policy/entropy": train_stats["entropy"],
+                "value/clip_fraction": train_stats["value_clip_fraction"],
+                "grad_norm": train_stats.get("grad_norm", float("nan")),
+                **timings,
+            }
+        )
+        metrics = self._reduce_metrics(metrics)
+        self._check_finite(metrics)
+        self.kl_controller.update(metrics["kl_divergence"], self.schedule.global_rollout_batch)
+        self.lr_scheduler.step()
+        self.update += 1
+        self.episodes += self.schedule.global_rollout_batch
+        metrics["episodes"] = float(self.episodes)
+        metrics["time/update_total"] = sum(timings.values())
+        self._remember_samples(exp)
+        return metrics
+
+    def _rollout_metrics(self, exp: Experience) -> dict[str, float]:
+        mask = exp.rollout.response_mask
+        sequence_kl = exp.kl.sum(1)
+        non_score = (-self.kl_controller.value * exp.kl).sum(1)
+        return {
+            "rewards/mean": exp.scores.mean().item(),
+            "rewards/std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
+            "kl_divergence": sequence_kl.mean().item(),
+            "advantage": ppo_math.masked_mean(exp.raw_advantages, mask).item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
+            "value/mean": ppo_math.masked_mean(exp.old_values, mask).item(),
+            "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
+            "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
+            "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),
+        }
+
+    # ------------------------------------------------------------------ training loop
+    def train(self, resume_from: str | None = None) -> dict:
+        """Train until the schedule's last update; returns the run summary (also written as JSON)."""
+        cfg, acc = self.config, self.accelerator
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        started = time.time()
+        if acc.is_main_process:
+            self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), purge_step=self.update + 1)
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=self.schedule.total_updates, initial=self.update, desc="PPO", unit="update",
+            disable=not acc.is_main_process,
+        )
+        previous_handlers = self._install_signal_handlers()
+        metrics: dict = {}
+        status = "finished"
+        try:
+            while self.update < self.schedule.total_updates:
+                metrics = self.step()
+                if self.writer and (self.update % cfg.logging_steps == 0 or self.update == 1):
+                    self.writer.scalars(metrics, self.update)
+                if self.writer and self.update % cfg.sample_logging_steps == 0:
+                    self.writer.samples(self.last_samples, self.update)
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", kl=f"{metrics['kl_divergence']:.2f}")
+                if self._stop_signal:
+                    status = "interrupted"
+                    break
+                if self.update % cfg.save_steps == 0 and self.update < self.schedule.total_updates:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            self._restore_signal_handlers(previous_handlers)
+        if status == "interrupted":
+            path = self.save_checkpoint()
+            logger.warning(
+                "stopped by %s after update %d; checkpoint saved to %s. Resume with: "
+                "python train_ppo.py <same flags> --resume-from-checkpoint latest",
+                self._stop_signal, self.update, path,
+            )
+        else:
+            self.save_model()
+        summary = self._summary(status, metrics, time.time() - started)
+        if acc.is_main_process:
+            with open(os.path.join(cfg.output_dir, SUMMARY_FILE), "w") as f:
+                json.dump(summary, f, indent=2)
+            if self.writer:
+                self.writer.samples(self.last_samples, self.update)
+                self.writer.close()
+        return summary
+
+    # ------------------------------------------------------------------ saving and resuming
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Final policy (full weights or LoRA adapter) + tokenizer in `output_dir`, value model beside it."""
+        output_dir = output_dir or self.config.output_dir
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        self._write_models(output_dir)
+
+    def _write_models(self, directory: str) -> None:
+        policy = self.accelerator.unwrap_model(self.policy)
+        policy.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        value_dir = os.path.join(directory, VALUE_MODEL_DIR)
+        self.accelerator.unwrap_model(self.value_scorer).classifier.save_pretrained(value_dir)
+        self.tokenizer.save_pretrained(value_dir)
+
+    def save_checkpoint(self) -> str | None:
+        """Everything needed to continue exactly: models, optimizer, scheduler, KL coefficient, RNG, counters."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+
+        def write(directory: str) -> None:
+            self._write_models(directory)
+            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+            torch.save(_rng_state(), os.path.join(directory, "rng_state.pt"))
+            state = {"update": self.update, "episodes": self.episodes, "kl_coef": self.kl_controller.value,
+                     "config": asdict(self.config)}
+            with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
+                json.dump(state, f, indent=2)
+
+        return checkpointing.save_checkpoint(self.config.output_dir, self.update, write, self.config.save_total_limit)
+
+    def load_checkpoint(self, path: str) -> None:
+        from smolppo.models import load_weights_into
+
+        with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
+            state = json.load(f)
+        load_weights_into(self.accelerator.unwrap_model(self.policy), path)
+        load_weights_into(self.accelerator.unwrap_model(self.value_scorer).classifier, os.path.join(path, VALUE_MODEL_DIR))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        _set_rng_state(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
+        self.update, self.episodes = state["update"], state["episodes"]
+        self.kl_controller.value = state["kl_coef"]
+        logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
+
+    # ------------------------------------------------------------------ helpers
+    def _chunks(self, rollout: Rollout):
+        size = self.config.mini_batch_size
+        for start in range(0, len(rollout), size):
+            yield rollout.select(slice(start, start + size))
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        reduced = self.accelerator.reduce(values, reduction="mean").tolist()
+        return dict(zip(keys, reduced))
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        for name in ("loss", "rewards/mean", "kl_divergence", "loss/value"):
+            if not math.isfinite(metrics[name]):
+                raise TrainingDiverged(
+                    f"{name} became {metrics[name]} at update {self.update + 1}; nothing from this update was saved. "
+                    "Lower --learning-rate, raise --init-kl-coef, or resume from the last checkpoint",
+                    exit_code=3,
+                )
+
+    def _observe_precision(self, logits: torch.Tensor) -> None:
+        if "update_logits_dtype" not in self.observed:
+            base = self.accelerator.unwrap_model(self.policy)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            self.observed["update_logits_dtype"] = str(logits.dtype)
+            checkpointing_on = getattr(base, "is_activation_checkpointing", None)
+            if checkpointing_on is None:
+                checkpointing_on = base.is_gradient_checkpointing
+            self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
+
+    def _remember_samples(self, exp: Experience) -> None:
+        count = min(self.config.num_logged_samples, len(exp.rollout))
+        rollout = exp.rollout
+        self.last_samples = [
+            {
+                "prompt": self.tokenizer.decode(rollout.input_ids[i, : rollout.context_length][
+                    rollout.attention_mask[i, : rollout.context_length].bool()]),
+                "response": self.tokenizer.decode(rollout.responses[i, : int(rollout.response_lengths[i])]),
+                "reward": float(exp.scores[i]),
+            }
+            for i in range(count)
+        ]
+
+    def _summary(self, status: str, metrics: dict, wall_time: float) -> dict:
+        return {
+            "status": status,
+            "updates": self.update,
+            "episodes": self.episodes,
+            "schedule": asdict(self.schedule),
+            "config": asdict(self.config),
+            "num_prompts": len(self.prompts.input_ids),
+            "prompts_dropped_too_long": self.prompts.num_too_long,
+            "wall_time_s": round(wall_time, 2),
+            "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
+            "final_metrics": metrics,
+            "kl_coef": self.kl_controller.value,
+            "observed": self.observed,
+            "environment": run_environment(),
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            logger.warning("%s received: finishing this update, then saving a checkpoint (again to stop now)",
+                           self._stop_signal)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
