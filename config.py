@@ -82,7 +82,9 @@ class CommonConfig:
     num_train_epochs: int = field(default=3, metadata=_help("Passes over the training prompts."))
     seed: int = field(default=42, metadata=_help("Random seed for data order, sampling and initialisation."))
     # Output
-    output_dir: str = field(default="./ppo_training_output", metadata=_help("Where the model, logs and checkpoints go."))
+    output_dir: str = field(
+        default="./ppo_training_output", metadata=_help("Where the model, logs and checkpoints go.")
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata=_help("Replace a finished or interrupted run in output_dir (its files are removed).")
     )
@@ -181,7 +183,8 @@ class PPOConfig(CommonConfig):
         elif self.gradient_accumulation_steps != derived:
             raise ValueError(
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must equal mini_batch_size / "
-                f"per_device_train_batch_size = {derived}; set mini_batch_size or leave gradient_accumulation_steps out"
+                f"per_device_train_batch_size = {derived}; set mini_batch_size, or leave gradient_accumulation_steps "
+                "out"
             )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
@@ -206,7 +209,7 @@ class PPOConfig(CommonConfig):
                 "temperature to sharpen sampling); top_p applies to evaluation"
             )
 
-    def schedule(self, num_prompts: int, num_processes: int = 1) -> "Schedule":
+    def schedule(self, num_prompts: int, num_processes: int = 1) -> Schedule:
         """Derived step counts for `num_prompts` training prompts spread over `num_processes` processes."""
         global_batch = self.rollout_batch_size * num_processes
         updates_per_epoch = num_prompts // global_batch

@@ -25,30 +25,24 @@ logger = logging.getLogger("train_ppo")
 def main() -> int:
     config = parse_config(PPOConfig, presets=PRESET_VALUES)
 
-    from transformers import set_seed
-
     from smolppo.checkpointing import prepare_output_dir
-    from smolppo.data import build_prompts, load_rows
-    from smolppo.models import load_ppo_models
-    from smolppo.trainer import SUMMARY_FILE, PPOTrainer
+    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.trainer import SUMMARY_FILE
 
     resume_from = prepare_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
     )
-    set_seed(config.seed)
-    models = load_ppo_models(config)
-    rows = load_rows(config.dataset, config.dataset_split)[: config.num_samples]
-    prompts = build_prompts(rows, models.tokenizer, config.max_prompt_length, source=config.dataset)
-    trainer = PPOTrainer(
-        config, models.tokenizer, models.policy, models.value_model, models.reward_model, prompts,
-        ref_policy=models.ref_policy,
-    )
+    trainer = build_ppo_trainer(config)
     summary = trainer.train(resume_from=resume_from)
     summary_metrics = summary["final_metrics"]
     logger.info(
         "%s after %d updates in %.1fs: rewards/mean %.4f, kl_divergence %.4f; outputs in %s",
-        summary["status"], summary["updates"], summary["wall_time_s"], summary_metrics.get("rewards/mean", float("nan")),
-        summary_metrics.get("kl_divergence", float("nan")), config.output_dir,
+        summary["status"],
+        summary["updates"],
+        summary["wall_time_s"],
+        summary_metrics.get("rewards/mean", float("nan")),
+        summary_metrics.get("kl_divergence", float("nan")),
+        config.output_dir,
     )
     return 0 if summary["status"] == "finished" else 130
 

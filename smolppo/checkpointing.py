@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +80,28 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from: str | None
     if resume_from:
         path = latest_checkpoint(output_dir) if resume_from == "latest" else resume_from
         if path is None:
-            raise UserError(f"no complete checkpoint in {output_dir!r} to resume from; drop "
-                            "--resume-from-checkpoint to start a new run")
+            raise UserError(
+                f"no complete checkpoint in {output_dir!r} to resume from; drop "
+                "--resume-from-checkpoint to start a new run"
+            )
         if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise UserError(f"{path!r} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N "
-                            "directory or 'latest'")
+            raise UserError(
+                f"{path!r} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N directory or 'latest'"
+            )
         remove_stale_staging(output_dir)
         return path
     summary = os.path.join(output_dir, summary_file)
     checkpoints = list_checkpoints(output_dir)
     if not overwrite and os.path.isfile(summary):
-        raise UserError(f"{output_dir!r} already holds a finished run; pass --overwrite-output-dir to replace it "
-                        "or choose another --output-dir")
+        raise UserError(
+            f"{output_dir!r} already holds a finished run; pass --overwrite-output-dir to replace it "
+            "or choose another --output-dir"
+        )
     if not overwrite and checkpoints:
-        raise UserError(f"{output_dir!r} holds an unfinished run ({os.path.basename(checkpoints[-1][1])}); continue "
-                        "it with --resume-from-checkpoint latest, or pass --overwrite-output-dir to start over")
+        raise UserError(
+            f"{output_dir!r} holds an unfinished run ({os.path.basename(checkpoints[-1][1])}); continue "
+            "it with --resume-from-checkpoint latest, or pass --overwrite-output-dir to start over"
+        )
     if overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
         logger.warning("--overwrite-output-dir: removing the previous run's files in %s", output_dir)
         for name in os.listdir(output_dir):

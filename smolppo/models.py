@@ -34,8 +34,9 @@ def _load(loader, path: str, flag: str, **kwargs):
         return loader(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; "
-                        f"{SMOKE_HINT.format(flag=flag)}") from exc
+        raise UserError(
+            f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; {SMOKE_HINT.format(flag=flag)}"
+        ) from exc
 
 
 def load_tokenizer(path: str, flag: str = "policy-model"):
@@ -157,7 +158,12 @@ def reference_context(policy):
 
 
 def enable_gradient_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each layer's activations in backward (non-reentrant, so LoRA needs no input grads)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
@@ -201,8 +207,9 @@ def load_weights_into(model: nn.Module, directory: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-        raise UserError(f"weights in {directory!r} do not match the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"weights in {directory!r} do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 class PPOModels:
@@ -245,6 +252,8 @@ def load_ppo_models(config) -> PPOModels:
     for name, model in (("reward model", reward_model), ("policy", policy)):
         vocab = model.get_input_embeddings().num_embeddings
         if vocab < len(tokenizer):
-            raise UserError(f"{name} has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens; "
-                            "they were not trained together")
+            raise UserError(
+                f"{name} has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens; "
+                "they were not trained together"
+            )
     return PPOModels(tokenizer, policy, ref_policy, value_model, reward_model, policy_path, reward_path)

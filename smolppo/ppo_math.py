@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over positions where `mask` is 1 (over all of them, or along `dim`)."""
     if dim is None:
@@ -52,9 +53,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
 
 
-def token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
-) -> torch.Tensor:
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
     """Per-token rewards: ``-kl_coef * KL_t`` at each real token, plus the sequence score on the last one."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)

@@ -33,7 +33,7 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index: torch.Tensor | slice) -> "Rollout":
+    def select(self, index: torch.Tensor | slice) -> Rollout:
         """The sub-batch at `index` (the shared context length is kept)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return Rollout(**{k: (v if k == "context_length" else v[index]) for k, v in values.items()})

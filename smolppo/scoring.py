@@ -33,7 +33,9 @@ class TokenScorer(nn.Module):
 def value_positions(rollout: Rollout) -> torch.Tensor:
     """Columns whose hidden state is the state before each response token: ``P-1 .. P+R-2``."""
     width = rollout.responses.shape[1]
-    cols = torch.arange(rollout.context_length - 1, rollout.context_length - 1 + width, device=rollout.input_ids.device)
+    cols = torch.arange(
+        rollout.context_length - 1, rollout.context_length - 1 + width, device=rollout.input_ids.device
+    )
     return cols.expand(len(rollout), -1)
 
 

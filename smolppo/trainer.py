@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -29,8 +30,14 @@ from smolppo import checkpointing, ppo_math
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.errors import UserError
 from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
-from smolppo.rollout import Rollout, generate_rollout, response_logits, response_logprobs, sampling_config
-from smolppo.rollout import selective_log_softmax
+from smolppo.rollout import (
+    Rollout,
+    generate_rollout,
+    response_logits,
+    response_logprobs,
+    sampling_config,
+    selective_log_softmax,
+)
 from smolppo.scoring import TokenScorer, sequence_rewards, token_values, value_positions
 from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
 
@@ -58,7 +65,7 @@ class Experience:
     raw_advantages: torch.Tensor  # [B, R] before whitening
     returns: torch.Tensor  # [B, R]
 
-    def select(self, index: torch.Tensor) -> "Experience":
+    def select(self, index: torch.Tensor) -> Experience:
         return Experience(
             **{
                 f.name: getattr(self, f.name).select(index) if f.name == "rollout" else getattr(self, f.name)[index]
@@ -95,7 +102,10 @@ class PPOTrainer:
         acc = self.accelerator
         self.schedule = config.schedule(len(prompts.input_ids), acc.num_processes)
         self.sampler = PromptSampler(
-            len(prompts.input_ids), self.schedule.global_rollout_batch, config.seed, acc.process_index,
+            len(prompts.input_ids),
+            self.schedule.global_rollout_batch,
+            config.seed,
+            acc.process_index,
             acc.num_processes,
         )
         self.eos_ids = eos_token_ids(tokenizer, policy)
@@ -145,7 +155,9 @@ class PPOTrainer:
         with self.accelerator.autocast():
             scores = torch.cat([sequence_rewards(self.reward_scorer, chunk) for chunk in self._chunks(rollout)])
         if self.config.missing_eos_score is not None:
-            scores = torch.where(rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score))
+            scores = torch.where(
+                rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
+            )
         return scores
 
     @torch.no_grad()
@@ -199,12 +211,11 @@ class PPOTrainer:
     def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
         cfg, acc, rollout = self.config, self.accelerator, batch.rollout
         mask = rollout.response_mask
-        with acc.autocast():
+        with acc.autocast(), self._observe_precision():
             logits = response_logits(self.policy, rollout) / cfg.temperature
             values = self.value_scorer(
                 rollout.input_ids, rollout.attention_mask, rollout.position_ids, value_positions(rollout)
             )
-        self._observe_precision(logits)
         logprobs = selective_log_softmax(logits, rollout.responses)
         policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
         value_loss, value_clip = ppo_math.clipped_value_loss(
@@ -307,7 +318,10 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         progress = tqdm(
-            total=self.schedule.total_updates, initial=self.update, desc="PPO", unit="update",
+            total=self.schedule.total_updates,
+            initial=self.update,
+            desc="PPO",
+            unit="update",
             disable=not acc.is_main_process,
         )
         previous_handlers = self._install_signal_handlers()
@@ -335,7 +349,9 @@ class PPOTrainer:
             logger.warning(
                 "stopped by %s after update %d; checkpoint saved to %s. Resume with: "
                 "python train_ppo.py <same flags> --resume-from-checkpoint latest",
-                self._stop_signal, self.update, path,
+                self._stop_signal,
+                self.update,
+                path,
             )
         else:
             self.save_model()
@@ -376,8 +392,12 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
             torch.save(_rng_state(), os.path.join(directory, "rng_state.pt"))
-            state = {"update": self.update, "episodes": self.episodes, "kl_coef": self.kl_controller.value,
-                     "config": asdict(self.config)}
+            state = {
+                "update": self.update,
+                "episodes": self.episodes,
+                "kl_coef": self.kl_controller.value,
+                "config": asdict(self.config),
+            }
             with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
                 json.dump(state, f, indent=2)
 
@@ -389,7 +409,9 @@ class PPOTrainer:
         with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
             state = json.load(f)
         load_weights_into(self.accelerator.unwrap_model(self.policy), path)
-        load_weights_into(self.accelerator.unwrap_model(self.value_scorer).classifier, os.path.join(path, VALUE_MODEL_DIR))
+        load_weights_into(
+            self.accelerator.unwrap_model(self.value_scorer).classifier, os.path.join(path, VALUE_MODEL_DIR)
+        )
         self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
         _set_rng_state(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
@@ -425,23 +447,38 @@ class PPOTrainer:
                     exit_code=3,
                 )
 
-    def _observe_precision(self, logits: torch.Tensor) -> None:
-        if "update_logits_dtype" not in self.observed:
-            base = self.accelerator.unwrap_model(self.policy)
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            self.observed["update_logits_dtype"] = str(logits.dtype)
-            checkpointing_on = getattr(base, "is_activation_checkpointing", None)
-            if checkpointing_on is None:
-                checkpointing_on = base.is_gradient_checkpointing
-            self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
+    @contextmanager
+    def _observe_precision(self):
+        """On the first update forward, record the dtype the LM head computes in and whether checkpointing is on."""
+        if self.observed:
+            yield
+            return
+        base = self.accelerator.unwrap_model(self.policy)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        checkpointing_on = getattr(base, "is_activation_checkpointing", None)
+        if checkpointing_on is None:
+            checkpointing_on = base.is_gradient_checkpointing
+        self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
+
+        def record(module, inputs, output):
+            self.observed.setdefault("update_matmul_dtype", str(output.dtype))
+
+        handle = base.get_output_embeddings().register_forward_hook(record)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _remember_samples(self, exp: Experience) -> None:
         count = min(self.config.num_logged_samples, len(exp.rollout))
         rollout = exp.rollout
         self.last_samples = [
             {
-                "prompt": self.tokenizer.decode(rollout.input_ids[i, : rollout.context_length][
-                    rollout.attention_mask[i, : rollout.context_length].bool()]),
+                "prompt": self.tokenizer.decode(
+                    rollout.input_ids[i, : rollout.context_length][
+                        rollout.attention_mask[i, : rollout.context_length].bool()
+                    ]
+                ),
                 "response": self.tokenizer.decode(rollout.responses[i, : int(rollout.response_lengths[i])]),
                 "reward": float(exp.scores[i]),
             }
@@ -471,8 +508,9 @@ class PPOTrainer:
             if self._stop_signal:
                 raise KeyboardInterrupt
             self._stop_signal = signal.Signals(signum).name
-            logger.warning("%s received: finishing this update, then saving a checkpoint (again to stop now)",
-                           self._stop_signal)
+            logger.warning(
+                "%s received: finishing this update, then saving a checkpoint (again to stop now)", self._stop_signal
+            )
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,48 @@
+"""Shared fixtures: the repo on sys.path, smoke models in a per-session cache, tiny models built in place."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def smoke_cache(tmp_path_factory):
+    """Build the smoke models once per session in a temporary cache (subprocesses inherit the variable)."""
+    path = str(tmp_path_factory.mktemp("smoke_models"))
+    os.environ["SMOLPPO_SMOKE_DIR"] = path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_paths(smoke_cache):
+    from smolppo import smoke
+
+    return {name: smoke.materialise(name) for name in ("tokenizer", "orca", "policy", "reward")}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smoke_paths):
+    from smolppo.models import load_tokenizer
+
+    return load_tokenizer(smoke_paths["tokenizer"])
+
+
+def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would, from the repository root."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

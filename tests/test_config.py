@@ -1,0 +1,111 @@
+"""Config: defaults from the spec, CLI / YAML / preset precedence, derived values, rejected values."""
+
+import pytest
+
+from config import PRESET_VALUES, PPOConfig
+from smolppo.cli import parse_config
+from smolppo.errors import UserError
+
+
+def parse(*args):
+    return parse_config(PPOConfig, list(args), presets=PRESET_VALUES)
+
+
+def test_spec_defaults():
+    cfg = parse()
+    assert cfg.policy_model == "HuggingFaceTB/smollm2-135M-SFT-Only"
+    assert cfg.reward_model.endswith("reward_model_orca_output/checkpoint-2160")
+    assert (cfg.ppo_epochs, cfg.init_kl_coef, cfg.target, cfg.gamma, cfg.lam) == (4, 0.05, 6.0, 1.0, 0.95)
+    assert (cfg.temperature, cfg.top_p, cfg.per_device_train_batch_size) == (0.7, 0.9, 4)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.num_train_epochs) == (16, 32, 5e-6, 3)
+    assert cfg.gradient_checkpointing and not cfg.bf16 and not cfg.use_lora
+    assert (cfg.num_samples, cfg.save_total_limit, cfg.output_dir) == (10_000, 1, "./ppo_training_output")
+    assert cfg.gradient_accumulation_steps == cfg.mini_batch_size // cfg.per_device_train_batch_size
+
+
+def test_cli_flags_are_kebab_case():
+    cfg = parse(
+        "--use-lora",
+        "--policy-model",
+        "/m",
+        "--reward-model",
+        "/r",
+        "--dataset",
+        "d.jsonl",
+        "--output-dir",
+        "/o",
+        "--no-adaptive-kl",
+        "--lora-target-modules",
+        "q_proj",
+        "v_proj",
+    )
+    assert cfg.use_lora and not cfg.adaptive_kl
+    assert (cfg.policy_model, cfg.reward_model, cfg.dataset, cfg.output_dir) == ("/m", "/r", "d.jsonl", "/o")
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_precedence_default_preset_yaml_cli(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_new_tokens: 20\nlearning_rate: 0.01\n")
+    cfg = parse("--preset", "smoke", "--config", str(yaml_file), "--learning-rate", "0.02")
+    assert cfg.policy_model == "smoke:policy"  # preset
+    assert cfg.max_new_tokens == 20  # YAML over preset
+    assert cfg.learning_rate == 0.02  # CLI over YAML
+    assert cfg.ppo_epochs == PRESET_VALUES["smoke"]["ppo_epochs"]
+
+
+def test_schedule_is_derived_in_one_place():
+    cfg = parse(
+        "--rollout-batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--num-train-epochs",
+        "3",
+        "--warmup-ratio",
+        "0.1",
+    )
+    sched = cfg.schedule(num_prompts=50, num_processes=2)
+    assert sched.global_rollout_batch == 16
+    assert sched.updates_per_epoch == 3
+    assert sched.total_updates == 9
+    assert sched.optimizer_steps_per_update == cfg.ppo_epochs * 2
+    assert sched.warmup_updates == 1
+    assert parse("--max-updates", "2").schedule(1000).total_updates == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--learning-rate", "0"], "learning_rate must be > 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--rollout-top-p", "0.9"], "rollout_top_p=0.9 is refused"),
+        (["--rollout-batch-size", "10", "--mini-batch-size", "4"], "must be a multiple of mini_batch_size"),
+        (
+            ["--rollout-batch-size", "12", "--mini-batch-size", "6", "--per-device-train-batch-size", "4"],
+            "multiple of per_device_train_batch_size",
+        ),
+        (["--gradient-accumulation-steps", "3"], "gradient_accumulation_steps (3) must equal"),
+        (["--kl-estimator", "k2"], "kl_estimator must be 'k1' or 'k3'"),
+        (["--ppo-epochs", "0"], "ppo_epochs must be a positive integer"),
+        (["--preset", "huge"], "preset must be one of"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_expectation(args, message):
+    with pytest.raises(UserError) as info:
+        parse(*args)
+    assert message in str(info.value)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("learning_rat: 0.1\n")
+    with pytest.raises(UserError, match="unknown keys \\['learning_rat'\\]"):
+        parse("--config", str(yaml_file))
+
+
+def test_too_few_prompts_for_one_batch():
+    with pytest.raises(ValueError, match="fewer than one rollout batch"):
+        parse().schedule(num_prompts=10)

@@ -1,0 +1,125 @@
+"""The PPO formulas against tensors worked out by hand."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from smolppo import ppo_math
+
+
+def test_gae_undiscounted_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    mask = torch.ones(1, 3)
+    adv, ret = ppo_math.gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
+    # t=2: 1 - 0.7 = 0.3; t=1: (0.7 - 0.6) + 0.5*0.3 = 0.25; t=0: (0.6 - 0.5) + 0.5*0.25 = 0.225
+    assert_close(adv, torch.tensor([[0.225, 0.25, 0.3]]))
+    assert_close(ret, torch.tensor([[0.725, 0.85, 1.0]]))
+
+
+def test_gae_ignores_padding_and_bootstraps_zero_after_last_token():
+    rewards = torch.tensor([[0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, ret = ppo_math.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.95)
+    # t=1: 1 + 0.9*0 - 0.6 = 0.4; t=0: 0.9*0.6 - 0.5 + 0.9*0.95*0.4 = 0.382
+    assert_close(adv, torch.tensor([[0.382, 0.4, 0.0]]))
+    assert_close(ret, torch.tensor([[0.882, 1.0, 0.0]]))
+
+
+def test_masked_whiten_uses_only_valid_tokens():
+    x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    out = ppo_math.masked_whiten(x, mask)
+    # mean 2, unbiased variance 1 over {1, 2, 3}
+    assert_close(out, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-6, rtol=0)
+    kept_mean = ppo_math.masked_whiten(x, mask, shift_mean=False)
+    assert_close(kept_mean, torch.tensor([[1.0, 2.0], [3.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_masked_whiten_all_reduce_sees_global_statistics():
+    x = torch.tensor([[1.0, 2.0]])
+    mask = torch.ones(1, 2)
+    other_rank = torch.tensor([3.0, 9.0, 1.0]).double()  # sum, sum of squares, count of {3}
+
+    out = ppo_math.masked_whiten(x, mask, all_reduce=lambda stats: stats + other_rank)
+    assert_close(out, torch.tensor([[-1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_kl_estimators():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.5, -1.0])
+    assert_close(ppo_math.kl_penalty(logp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    expected_k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0])
+    assert_close(ppo_math.kl_penalty(logp, ref, "k3"), expected_k3)
+    assert (ppo_math.kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k2"):
+        ppo_math.kl_penalty(logp, ref, "k2")
+
+
+def test_token_rewards_put_score_on_last_real_token():
+    scores = torch.tensor([2.0, -1.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = ppo_math.token_rewards(scores, kl, kl_coef=0.5, mask=mask)
+    assert_close(rewards, torch.tensor([[-0.05, -0.1, 1.85], [-0.25, -1.25, 0.0]]))
+
+
+def test_clipped_policy_loss_hand_computed():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    stats = ppo_math.clipped_policy_loss(new, old, adv, torch.ones(1, 3), cliprange=0.2)
+    # per token max(-A r, -A clip(r)): -1.2 (clipped), -0.5 (unclipped), 2.2 (inside the range)
+    assert_close(stats.loss, torch.tensor((-1.2 - 0.5 + 2.2) / 3))
+    assert_close(stats.clip_fraction, torch.tensor(1 / 3))
+    log_r = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    assert_close(stats.approx_kl, 0.5 * log_r.pow(2).mean())
+
+
+def test_clipped_policy_loss_gradient_vanishes_when_clipped():
+    new = torch.log(torch.tensor([[1.5]])).requires_grad_()
+    stats = ppo_math.clipped_policy_loss(new, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    stats.loss.backward()
+    assert new.grad.abs().item() == 0.0
+
+
+def test_clipped_value_loss_hand_computed():
+    loss, frac = ppo_math.clipped_value_loss(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), 0.2
+    )
+    assert_close(loss, torch.tensor(0.5))
+    assert_close(frac, torch.tensor(0.0))
+    loss, frac = ppo_math.clipped_value_loss(
+        torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2
+    )
+    assert_close(loss, torch.tensor(0.5 * 1.8**2))
+    assert_close(frac, torch.tensor(1.0))
+
+
+def test_masked_mean_ignores_padding():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    assert_close(ppo_math.masked_mean(x, torch.tensor([[1.0, 1.0, 0.0]])), torch.tensor(2.0))
+
+
+def test_entropy_of_uniform_distribution():
+    assert_close(ppo_math.entropy_from_logits(torch.zeros(2, 8)), torch.full((2,), math.log(8)))
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = ppo_math.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, n_steps=256)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    ctl = ppo_math.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    ctl.update(5.4, n_steps=100)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 1000))
+    ctl.update(0.0, n_steps=100)  # error clipped to -0.2
+    assert ctl.value == pytest.approx(0.1 * 0.99 * 0.98)
+
+
+def test_fixed_kl_controller_never_moves():
+    ctl = ppo_math.FixedKLController(0.05)
+    ctl.update(100.0, n_steps=1000)
+    assert ctl.value == 0.05

@@ -1,0 +1,112 @@
+"""Rollout masks, log-probs and reward/value reading on real tiny transformers models."""
+
+import torch
+from torch.testing import assert_close
+
+from smolppo.data import left_pad
+from smolppo.models import load_causal_lm, load_sequence_classifier
+from smolppo.rollout import (
+    build_rollout,
+    generate_rollout,
+    response_logprobs,
+    response_mask_from_eos,
+    sampling_config,
+    selective_log_softmax,
+)
+from smolppo.scoring import TokenScorer, sequence_rewards, token_values
+
+EOS = 2
+
+
+def test_masks_come_from_first_eos_even_when_pad_equals_eos():
+    responses = torch.tensor([[5, EOS, 7, EOS], [5, 6, 7, 8], [EOS, EOS, EOS, EOS]])
+    lengths, ended = response_mask_from_eos(responses, [EOS])
+    assert lengths.tolist() == [2, 4, 1]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_build_rollout_layout():
+    prompt_ids, prompt_mask = left_pad([[9, 8, 7], [6]], pad_id=EOS)
+    rollout = build_rollout(prompt_ids, prompt_mask, torch.tensor([[5, EOS, 7], [4, 4, 4]]), [EOS], pad_id=EOS)
+    assert rollout.context_length == 3
+    assert rollout.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert rollout.responses.tolist() == [[5, EOS, EOS], [4, 4, 4]]  # after-EOS token replaced by pad
+    assert rollout.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert rollout.position_ids.tolist()[1] == [0, 0, 0, 1, 2, 3]
+    assert rollout.position_ids.tolist()[0][:5] == [0, 1, 2, 3, 4]
+
+
+def test_multiple_eos_ids():
+    lengths, ended = response_mask_from_eos(torch.tensor([[3, 4, 1, 0]]), [1, 4])
+    assert lengths.tolist() == [2] and ended.tolist() == [True]
+
+
+def test_selective_log_softmax_matches_full_log_softmax():
+    logits = torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert_close(selective_log_softmax(logits, tokens), expected)
+
+
+def _rollout_for(prompts, responses, tokenizer):
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    width = max(len(r) for r in responses)
+    resp = torch.full((len(responses), width), tokenizer.pad_token_id)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)] = torch.tensor(r)
+    return build_rollout(prompt_ids, prompt_mask, resp, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def test_logprobs_do_not_depend_on_left_padding(smoke_paths, tokenizer):
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    short, long = [10, 11, 12], [20, 21, 22, 23, 24, 25, 26]
+    response = [30, 31, tokenizer.eos_token_id]
+    batched = response_logprobs(policy, _rollout_for([short, long], [response, response], tokenizer), 0.7)
+    alone = response_logprobs(policy, _rollout_for([short], [response], tokenizer), 0.7)
+    assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reward_is_read_at_last_real_token(smoke_paths, tokenizer):
+    """Same scores as the model's own pooling on each unpadded sequence, whatever the padding."""
+    reward_model = load_sequence_classifier(smoke_paths["reward"]).eval()
+    scorer = TokenScorer(reward_model)
+    eos = tokenizer.eos_token_id
+    prompts = [[40, 41, 42, 43, 44], [50, 51]]
+    responses = [[60, 61, eos], [70, 71, 72, 73, 74]]  # one ended with EOS (== pad), one truncated
+    rollout = _rollout_for(prompts, responses, tokenizer)
+    with torch.no_grad():
+        ours = sequence_rewards(scorer, rollout)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([p + r])
+            # The model's own pooling would treat a trailing EOS as padding, so read its per-token scores.
+            hidden = reward_model.model(input_ids=ids).last_hidden_state
+            expected = reward_model.score(hidden)[0, -1, 0]
+            assert_close(ours[i], expected, atol=1e-5, rtol=1e-5)
+    assert ours[0] != ours[1]
+
+
+def test_values_cover_response_positions_only(smoke_paths, tokenizer):
+    value_model = load_sequence_classifier(smoke_paths["reward"]).eval()
+    rollout = _rollout_for([[40, 41], [50, 51, 52]], [[60, tokenizer.eos_token_id], [70, 71, 72]], tokenizer)
+    with torch.no_grad():
+        values = token_values(TokenScorer(value_model), rollout)
+        full = TokenScorer(value_model)(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
+    assert values.shape == (2, 3)
+    assert values[0, 2] == 0.0  # past the EOS
+    assert_close(values[1], full[1, 2:5])  # states before each response token: columns P-1 .. P+R-2
+
+
+def test_generated_rollout_is_consistent(smoke_paths, tokenizer):
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    torch.manual_seed(0)
+    config = sampling_config(tokenizer, [tokenizer.eos_token_id], max_new_tokens=6, temperature=1.0)
+    assert config.top_k == 0 and config.top_p == 1.0
+    rollout = generate_rollout(policy, [[40, 41, 42], [50]], tokenizer, [tokenizer.eos_token_id], config)
+    assert rollout.responses.shape[1] <= 6
+    for i in range(2):
+        length = int(rollout.response_lengths[i])
+        assert rollout.response_mask[i].sum() == length
+        if rollout.ended_with_eos[i]:
+            assert rollout.responses[i, length - 1] == tokenizer.eos_token_id
+    logprobs = response_logprobs(policy, rollout, 1.0)
+    assert (logprobs <= 0).all() and torch.isfinite(logprobs).all()

@@ -1,0 +1,120 @@
+"""train_ppo.py run as a subprocess, as a user runs it: outputs, logs, checkpoints, LoRA, refusals."""
+
+import json
+import os
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import run_script
+
+KEY_SCALARS = ["loss", "rewards/mean", "kl_divergence", "learning_rate", "advantage"]
+DETAIL_SCALARS = [
+    "loss/policy",
+    "loss/value",
+    "policy/clip_fraction",
+    "value/clip_fraction",
+    "policy/entropy",
+    "objective/kl_coef",
+    "response/length_mean",
+    "response/eos_rate",
+    "time/rollout",
+    "time/update",
+]
+
+
+def events(log_dir):
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_smoke_run_writes_a_loadable_model(smoke_run):
+    out, _ = smoke_run
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    value = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert value.config.num_labels == 1
+
+
+def test_smoke_run_logs_every_scalar_and_samples(smoke_run):
+    out, _ = smoke_run
+    acc = events(str(out / "logs"))
+    tags = acc.Tags()["scalars"]
+    for tag in KEY_SCALARS + DETAIL_SCALARS:
+        assert tag in tags, tag
+    rewards = [e.value for e in acc.Scalars("rewards/mean")]
+    assert len(rewards) == 40 and [e.step for e in acc.Scalars("loss")] == list(range(1, 41))
+    assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8  # the smoke reward is learnable
+    assert any("samples" in t for t in acc.Tags()["tensors"])
+
+
+def test_smoke_run_checkpoints_and_summary(smoke_run):
+    out, _ = smoke_run
+    checkpoints = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-30"]  # save_steps=10, save_total_limit=1, final update saved as the model
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json", "value_model"):
+        assert os.path.exists(out / checkpoints[0] / name), name
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "finished" and summary["updates"] == 40 and summary["episodes"] == 640
+    assert summary["config"]["reward_model"] == "smoke:reward"
+    assert summary["environment"]["torch"] and summary["peak_memory_bytes"] > 0
+    assert summary["observed"] == {"gradient_checkpointing_active": False, "update_matmul_dtype": "torch.float32"}
+    assert set(KEY_SCALARS) <= set(summary["final_metrics"])
+
+
+def test_refuses_to_overwrite_a_finished_run(smoke_run):
+    out, _ = smoke_run
+    before = {name: os.path.getmtime(out / name) for name in os.listdir(out)}
+    result = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "already holds a finished run" in result.stderr and "--overwrite-output-dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert before == {name: os.path.getmtime(out / name) for name in os.listdir(out)}
+
+
+def test_lora_run_with_bf16_and_checkpointing_writes_an_adapter(tmp_path):
+    out = tmp_path / "lora"
+    result = run_script(
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(out),
+        "--use-lora",
+        "--bf16",
+        "--gradient-checkpointing",
+        "--max-updates",
+        "6",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["observed"] == {"gradient_checkpointing_active": True, "update_matmul_dtype": "torch.bfloat16"}
+
+
+def test_missing_reward_model_is_one_clear_line(tmp_path):
+    result = run_script(
+        "train_ppo.py", "--preset", "smoke", "--output-dir", str(tmp_path / "o"), "--reward-model", "./no/such/reward"
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "reward model './no/such/reward' does not exist" in last and "--preset smoke" in last

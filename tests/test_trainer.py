@@ -1,0 +1,115 @@
+"""The PPO trainer in-process on the smoke models: it learns, the reference stays put, and the memory
+options (gradient checkpointing, bf16, LoRA) really take effect."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from config import PRESET_VALUES, PPOConfig
+from smolppo.cli import parse_config
+from smolppo.pipeline import build_ppo_trainer
+from smolppo.rollout import response_logits
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_trainer(tmp_path, *flags):
+    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags], PRESET_VALUES)
+    return build_ppo_trainer(config)
+
+
+def experience(trainer):
+    prompts = [trainer.prompts.input_ids[i] for i in trainer.sampler.indices(trainer.update)]
+    rollout = trainer.rollout(prompts)
+    scores = trainer.score(rollout)
+    return trainer.advantages(rollout, scores, *trainer.kl(rollout))
+
+
+def test_reward_rises_on_a_learnable_task(tmp_path):
+    trainer = make_trainer(tmp_path)
+    history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
+    rewards = np.array([m["rewards/mean"] for m in history])
+    kls = [m["kl_divergence"] for m in history]
+    assert len(history) == 40
+    assert rewards[-8:].mean() > rewards[:8].mean() + 0.5, rewards.round(2)
+    assert all(math.isfinite(k) for k in kls)
+    assert history[-1]["response/length_mean"] > 0
+    assert history[-1]["objective/kl_coef"] != pytest.approx(0.02)  # the adaptive controller acted
+
+
+def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
+    trainer = make_trainer(tmp_path)
+    ref_before = {k: v.clone() for k, v in trainer.ref_policy.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    exp = experience(trainer)
+    # Before any update the rollout policy is the reference: the log-ratio (k1 KL) is zero.
+    torch.testing.assert_close(exp.old_logprobs, exp.ref_logprobs)
+    stats = trainer.optimise(exp)
+    # In the first minibatch the new policy equals the rollout policy, so not every token is clipped.
+    assert 0.0 <= stats["clip_fraction"] < 1.0
+    for key, value in trainer.ref_policy.state_dict().items():
+        torch.testing.assert_close(value, ref_before[key])
+    changed = [k for k, v in trainer.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert changed
+
+
+def test_lora_trains_only_adapters_and_reference_is_the_base(tmp_path):
+    trainer = make_trainer(tmp_path, "--use-lora", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj")
+    assert trainer.ref_policy is None
+    trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base_before = {n: p.clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    first = trainer.step()
+    assert abs(first["kl_divergence"]) < 1e-4  # adapters start as a no-op: policy == reference
+    for _ in range(3):
+        last = trainer.step()
+    assert abs(last["kl_divergence"]) > 1e-4
+    for name, param in trainer.policy.named_parameters():
+        if "lora_" not in name:
+            torch.testing.assert_close(param, base_before[name])
+
+
+def _activation_bytes_saved_for_backward(trainer, exp):
+    """Bytes autograd keeps from one update forward of the policy (what checkpointing exists to cut)."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        response_logits(trainer.policy, exp.rollout)
+    return total[0]
+
+
+def test_gradient_checkpointing_cuts_saved_activations(tmp_path):
+    without = make_trainer(tmp_path / "a")
+    saved_without = _activation_bytes_saved_for_backward(without, experience(without))
+    without.optimise(experience(without))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with_gc = make_trainer(tmp_path / "b", "--gradient-checkpointing")
+    saved_with = _activation_bytes_saved_for_backward(with_gc, experience(with_gc))
+    with_gc.optimise(experience(with_gc))
+    assert saved_with * 3 < saved_without, (saved_with, saved_without)
+    assert with_gc.observed["gradient_checkpointing_active"] is True
+    assert without.observed["gradient_checkpointing_active"] is False
+
+
+def test_bf16_autocast_takes_effect(tmp_path):
+    trainer = make_trainer(tmp_path, "--bf16")
+    metrics = trainer.step()
+    assert trainer.observed["update_matmul_dtype"] == "torch.bfloat16"
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # fp32 master weights
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl_divergence"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    fp32 = make_trainer(tmp_path / "fp32")
+    fp32.step()
+    assert fp32.observed["update_matmul_dtype"] == "torch.float32"
