@@ -46,3 +46,32 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_cache):
+    """One full smoke training run, shared by the script, evaluation and plotting tests."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, smoke_cache):
+    """A short LoRA smoke run with bf16 autocast and activation checkpointing on."""
+    out = tmp_path_factory.mktemp("lora") / "out"
+    result = run_script(
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(out),
+        "--use-lora",
+        "--bf16",
+        "--gradient-checkpointing",
+        "--max-updates",
+        "6",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

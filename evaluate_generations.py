@@ -1,0 +1,41 @@
+"""Generate completions for unseen prompts, score them with the reward model, rank and summarise.
+
+    python evaluate_generations.py --model-path ./ppo_training_output
+    python evaluate_generations.py --model-path ./ppo_training_output --baseline-model \
+        HuggingFaceTB/smollm2-135M-SFT-Only
+    python evaluate_generations.py --model-path ./ppo_out ./grpo_out --num-prompts 50
+    python evaluate_generations.py --model-path ./ppo_smoke_output   # after `train_ppo.py --preset smoke`
+
+Every field of `config.EvalConfig` is a flag (see --help). Writes one JSON file (layout in the README) and
+prints a table. With several models, all are evaluated on the same prompts and compared with the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from config import EvalConfig
+from smolppo.cli import parse_config, run_main
+
+logger = logging.getLogger("evaluate_generations")
+
+
+def main() -> int:
+    config = parse_config(EvalConfig)
+
+    from smolppo.evaluation import default_output_path, evaluate, format_table
+
+    report = evaluate(config)
+    output = default_output_path(config)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(report))
+    logger.info("wrote %s", output)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,43 @@
+"""Plot a PPO run's progress (loss, learning rate, mean reward, KL) and export every scalar to CSV.
+
+    python plot_training_progress.py
+    python plot_training_progress.py --log-dir ./ppo_smoke_output/logs --smooth 0.6
+    python plot_training_progress.py --log-dir ./ppo_out/logs ./grpo_out/logs --output compare.png
+
+Every field of `config.PlotConfig` is a flag (see --help). Several log dirs (or a directory of runs) are
+overlaid with a legend. Works headless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from config import PlotConfig
+from smolppo.cli import parse_config, run_main
+
+logger = logging.getLogger("plot_training_progress")
+
+
+def main() -> int:
+    config = parse_config(PlotConfig)
+
+    from smolppo.plotting import find_runs, plot_progress, read_scalars
+
+    runs = find_runs(config.log_dir)
+    frame = read_scalars(runs)
+    figure, empty = plot_progress(frame, config.smooth, config.title)
+    first = os.path.abspath(config.log_dir[0])
+    base_dir = os.path.dirname(first) if os.path.basename(first) == "logs" else first
+    output = config.output or os.path.join(base_dir, "training_progress.png")
+    csv = config.csv or os.path.join(os.path.dirname(os.path.abspath(output)), "training_scalars.csv")
+    figure.savefig(output, dpi=120)
+    frame.to_csv(csv, index=False)
+    for tag in empty:
+        logger.warning("no '%s' scalar in %s: its panel is empty", tag, ", ".join(runs))
+    logger.info("wrote %s (%d runs) and %s (%d rows)", output, len(runs), csv, len(frame))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
