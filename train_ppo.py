@@ -25,14 +25,16 @@ logger = logging.getLogger("train_ppo")
 def main() -> int:
     config = parse_config(PPOConfig, presets=PRESET_VALUES)
 
-    from smolppo.checkpointing import prepare_output_dir
+    from smolppo.checkpointing import check_output_dir, clear_output_dir
     from smolppo.pipeline import build_ppo_trainer
     from smolppo.trainer import SUMMARY_FILE
 
-    resume_from = prepare_output_dir(
+    resume_from = check_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
     )
     trainer = build_ppo_trainer(config)
+    if config.overwrite_output_dir and not resume_from:
+        clear_output_dir(config.output_dir)
     summary = trainer.train(resume_from=resume_from)
     summary_metrics = summary["final_metrics"]
     logger.info(

@@ -7,6 +7,7 @@ only ever removes older checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -70,8 +71,8 @@ def remove_stale_staging(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume_from: str | None, summary_file: str) -> str | None:
-    """Check `output_dir` before anything is loaded; return the checkpoint to resume from, if any.
+def check_output_dir(output_dir: str, overwrite: bool, resume_from: str | None, summary_file: str) -> str | None:
+    """Check `output_dir` before anything is loaded, changing nothing; return the checkpoint to resume from.
 
     A finished or interrupted run is never replaced unless the user asks (``--overwrite-output-dir``).
     """
@@ -88,24 +89,37 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from: str | None
             raise UserError(
                 f"{path!r} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N directory or 'latest'"
             )
-        remove_stale_staging(output_dir)
         return path
+    if overwrite:
+        return None
     summary = os.path.join(output_dir, summary_file)
-    checkpoints = list_checkpoints(output_dir)
-    if not overwrite and os.path.isfile(summary):
+    finished = False
+    if os.path.isfile(summary):
+        with open(summary, encoding="utf-8") as f:
+            finished = json.load(f).get("status") == "finished"
+    if finished:
         raise UserError(
             f"{output_dir!r} already holds a finished run; pass --overwrite-output-dir to replace it "
             "or choose another --output-dir"
         )
-    if not overwrite and checkpoints:
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints or os.path.isfile(summary):
+        where = os.path.basename(checkpoints[-1][1]) if checkpoints else "no checkpoint yet"
         raise UserError(
-            f"{output_dir!r} holds an unfinished run ({os.path.basename(checkpoints[-1][1])}); continue "
-            "it with --resume-from-checkpoint latest, or pass --overwrite-output-dir to start over"
+            f"{output_dir!r} holds an unfinished run ({where}); continue it with --resume-from-checkpoint latest, "
+            "or pass --overwrite-output-dir to start over"
         )
-    if overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
-        logger.warning("--overwrite-output-dir: removing the previous run's files in %s", output_dir)
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
     return None
+
+
+def clear_output_dir(output_dir: str) -> None:
+    """Remove a previous run's files, for ``--overwrite-output-dir`` (called only once loading has succeeded)."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    logger.warning("--overwrite-output-dir: removing the previous run's files in %s", output_dir)
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)

@@ -83,4 +83,9 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("interrupted: stopped at once; anything not in a checkpoint-N directory was not saved\n")
+        sys.exit(130)
     sys.exit(code or 0)

@@ -56,7 +56,8 @@ def materialise(what: str) -> str:
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{what}-", dir=cache_dir())
-    builders[what](staging)
+    with torch.random.fork_rng(devices=[]):  # building must not change the caller's random stream
+        builders[what](staging)
     with open(os.path.join(staging, "smoke_version.txt"), "w") as f:
         f.write(SMOKE_VERSION)
     shutil.rmtree(target, ignore_errors=True)

@@ -313,7 +313,10 @@ class PPOTrainer:
         if resume_from:
             self.load_checkpoint(resume_from)
         started = time.time()
+        previous_handlers = self._install_signal_handlers()
         if acc.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            checkpointing.remove_stale_staging(cfg.output_dir)
             self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), purge_step=self.update + 1)
         from tqdm.auto import tqdm
 
@@ -324,7 +327,6 @@ class PPOTrainer:
             unit="update",
             disable=not acc.is_main_process,
         )
-        previous_handlers = self._install_signal_handlers()
         metrics: dict = {}
         status = "finished"
         try:
@@ -339,7 +341,7 @@ class PPOTrainer:
                 if self._stop_signal:
                     status = "interrupted"
                     break
-                if self.update % cfg.save_steps == 0 and self.update < self.schedule.total_updates:
+                if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
                     self.save_checkpoint()
         finally:
             progress.close()
@@ -439,7 +441,7 @@ class PPOTrainer:
         return dict(zip(keys, reduced))
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
-        for name in ("loss", "rewards/mean", "kl_divergence", "loss/value"):
+        for name in ("rewards/mean", "kl_divergence", "loss", "loss/value"):
             if not math.isfinite(metrics[name]):
                 raise TrainingDiverged(
                     f"{name} became {metrics[name]} at update {self.update + 1}; nothing from this update was saved. "

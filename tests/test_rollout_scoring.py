@@ -110,3 +110,14 @@ def test_generated_rollout_is_consistent(smoke_paths, tokenizer):
             assert rollout.responses[i, length - 1] == tokenizer.eos_token_id
     logprobs = response_logprobs(policy, rollout, 1.0)
     assert (logprobs <= 0).all() and torch.isfinite(logprobs).all()
+
+
+def test_building_smoke_models_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    from smolppo import smoke
+
+    monkeypatch.setenv("SMOLPPO_SMOKE_DIR", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    smoke.materialise("policy")
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -54,7 +54,7 @@ def test_smoke_run_logs_every_scalar_and_samples(smoke_run):
 def test_smoke_run_checkpoints_and_summary(smoke_run):
     out = smoke_run
     checkpoints = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
-    assert checkpoints == ["checkpoint-30"]  # save_steps=10, save_total_limit=1, final update saved as the model
+    assert checkpoints == ["checkpoint-40"]  # save_steps=10, save_total_limit=1, final update checkpointed too
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json", "value_model"):
         assert os.path.exists(out / checkpoints[0] / name), name
     summary = json.loads((out / "run_summary.json").read_text())

@@ -1,0 +1,259 @@
+"""Nothing lost: exact resume, interruption, atomic checkpoints, divergence, bad input, flat memory."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from smolppo import checkpointing
+from tests.conftest import REPO, run_script
+
+SMOKE = ("--preset", "smoke")
+
+
+def _train(out, *args):
+    result = run_script("train_ppo.py", *SMOKE, "--output-dir", str(out), *args)
+    return result
+
+
+def _steps(log_dir, tag="loss"):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def _snapshot(directory):
+    return {
+        os.path.relpath(os.path.join(root, f), directory): os.path.getmtime(os.path.join(root, f))
+        for root, _, files in os.walk(directory)
+        for f in files
+    }
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_continues_exactly(tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert _train(straight, "--max-updates", "8").returncode == 0
+    assert _train(halves, "--max-updates", "4").returncode == 0
+    result = _train(halves, "--max-updates", "8", "--resume-from-checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "at update 4" in result.stderr
+    a, b = load_file(straight / "model.safetensors"), load_file(halves / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    va = load_file(straight / "value_model" / "model.safetensors")
+    vb = load_file(halves / "value_model" / "model.safetensors")
+    for key in va:
+        torch.testing.assert_close(va[key], vb[key], rtol=1e-5, atol=1e-6)
+    sa, sb = (json.loads((d / "run_summary.json").read_text()) for d in (straight, halves))
+    assert (sa["updates"], sa["episodes"]) == (sb["updates"], sb["episodes"]) == (8, 128)
+    assert sa["kl_coef"] == pytest.approx(sb["kl_coef"])
+    assert _steps(halves / "logs") == list(range(1, 9))  # TensorBoard steps continue, no restart
+
+
+# ---------------------------------------------------------------------------------------------- interruption
+def _start_training(out, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train_ppo.py"), *SMOKE, "--output-dir", str(out), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_training(out, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = out / "logs"
+        if logs.is_dir() and any(logs.iterdir()):
+            time.sleep(1.0)  # a few updates in
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = _start_training(out, "--num-train-epochs", "500", "--max-updates", "2000", "--save-steps", "5000")
+    _wait_for_training(out, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "--resume-from-checkpoint latest" in stderr
+    checkpoints = checkpointing.list_checkpoints(str(out))
+    assert len(checkpoints) == 1
+    step = checkpoints[0][0]
+    assert 0 < step < 2000
+    assert json.loads((out / "run_summary.json").read_text())["status"] == "interrupted"
+    refused = _train(out, "--max-updates", "2000")
+    assert refused.returncode == 2 and "unfinished run" in refused.stderr
+    result = _train(out, "--max-updates", str(step + 2), "--resume-from-checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "run_summary.json").read_text())["updates"] == step + 2
+
+
+def test_second_interrupt_stops_at_once(tmp_path):
+    import threading
+
+    out = tmp_path / "run"
+    # Long updates, so the second Ctrl-C lands while the first is still being honoured.
+    proc = _start_training(
+        out,
+        "--num-train-epochs",
+        "500",
+        "--max-updates",
+        "2000",
+        "--save-steps",
+        "5000",
+        "--max-new-tokens",
+        "96",
+        "--ppo-epochs",
+        "8",
+    )
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    _wait_for_training(out, proc)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 30
+    while "SIGINT received" not in "".join(chunks) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = "".join(chunks)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopped at once" in stderr and "Traceback" not in stderr
+    assert not checkpointing.list_checkpoints(str(out))  # stopped before the graceful checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- atomic saves
+def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
+    def write(directory):
+        (tmp_path / "x").write_text("")
+        with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
+            f.write("{}")
+
+    checkpointing.save_checkpoint(str(tmp_path), 5, write, save_total_limit=1)
+
+    def crash(directory):
+        with open(os.path.join(directory, "model.safetensors"), "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpointing.save_checkpoint(str(tmp_path), 10, crash, save_total_limit=1)
+    assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("checkpoint-5")
+    assert not (tmp_path / "checkpoint-10").exists()
+    checkpointing.remove_stale_staging(str(tmp_path))
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    checkpointing.save_checkpoint(str(tmp_path), 15, write, save_total_limit=1)
+    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [15]
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_non_finite_reward_stops_without_saving_nan(tmp_path, smoke_paths):
+    bad_reward = tmp_path / "nan_reward"
+    shutil.copytree(smoke_paths["reward"], bad_reward)
+    weights = load_file(bad_reward / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, bad_reward / "model.safetensors")
+    out = tmp_path / "run"
+    result = _train(out, "--reward-model", str(bad_reward))
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert "rewards/mean became nan at update 1" in last and "Traceback" not in result.stderr
+    assert not (out / "model.safetensors").exists() and not checkpointing.list_checkpoints(str(out))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _bad_tokenizer_reward(tmp_path, smoke_paths):
+    from smolppo.smoke import build_tokenizer
+
+    path = tmp_path / "other_tokenizer_reward"
+    shutil.copytree(smoke_paths["reward"], path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (path / name).unlink(missing_ok=True)
+    build_tokenizer(str(path), vocab_size=300)
+    return str(path)
+
+
+def _bad_columns_file(tmp_path, smoke_paths):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "answer": "yo"}) + "\n")
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing policy": (
+        lambda t, s: ["--policy-model", "./missing/policy"],
+        "policy model './missing/policy' does not exist",
+    ),
+    "reward not a 1-output classifier": (lambda t, s: ["--reward-model", s["policy"]], "has 2 outputs"),
+    "tokenizers disagree": (lambda t, s: ["--reward-model", _bad_tokenizer_reward(t, s)], "tokenizers of policy"),
+    "dataset columns": (lambda t, s: ["--dataset", _bad_columns_file(t, s)], "lacks column(s) ['system', 'question']"),
+    "all prompts too long": (lambda t, s: ["--max-prompt-length", "5"], "raise --max-prompt-length"),
+    "batch sizes": (lambda t, s: ["--mini-batch-size", "5"], "must be a multiple of mini_batch_size"),
+    "learning rate": (lambda t, s: ["--learning-rate", "-1"], "learning_rate must be > 0"),
+    "top_p": (lambda t, s: ["--top-p", "0"], "top_p must be in (0, 1]"),
+    "lora targets": (lambda t, s: ["--use-lora", "--lora-target-modules", "qkv"], "LoRA target modules ['qkv']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, smoke_paths, case):
+    make_args, message = BAD_INPUTS[case]
+    out = tmp_path / "existing_run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    before = _snapshot(out)
+    result = _train(out, "--overwrite-output-dir", *make_args(tmp_path, smoke_paths))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert _snapshot(out) == before
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    result = _train(tmp_path / "o", "--policy-model", "./missing/policy", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_resident_memory_is_flat_over_many_updates(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from config import PRESET_VALUES, PPOConfig
+    from smolppo.cli import parse_config
+    from smolppo.pipeline import build_ppo_trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = parse_config(PPOConfig, [*SMOKE, "--output-dir", str(tmp_path), "--max-updates", "200"], PRESET_VALUES)
+    trainer = build_ppo_trainer(config)
+    process = psutil.Process()
+    for _ in range(15):  # warm-up: allocator pools, optimizer state
+        trainer.step()
+    readings = []
+    for _ in range(4):
+        for _ in range(15):
+            trainer.step()
+        readings.append(process.memory_info().rss)
+    growth_mb = (readings[-1] - readings[0]) / 2**20
+    assert growth_mb < 25, [r / 2**20 for r in readings]
+    AcceleratorState._reset_state(reset_partial_state=True)
