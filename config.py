@@ -249,6 +249,38 @@ def _positive(cfg, *names: str) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+@dataclass
+class RewardModelConfig(CommonConfig):
+    """Everything `train_reward_model.py` needs: a 1-output classifier trained on chosen/rejected pairs."""
+
+    output_dir: str = field(default="./reward_model_output", metadata=_help("Where the reward model goes."))
+    learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate of AdamW."))
+    num_train_epochs: int = field(default=1, metadata=_help("Passes over the training pairs."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Pairs per device per step."))
+    per_device_eval_batch_size: int = field(default=16, metadata=_help("Pairs per device when evaluating."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Steps accumulated per optimizer step."))
+    max_steps: Optional[int] = field(default=None, metadata=_help("Stop after this many optimizer steps."))
+    test_size: float = field(default=0.05, metadata=_help("Fraction of the pairs held out for evaluation."))
+    max_length: int = field(
+        default=1024, metadata=_help("Pairs whose prompt+answer exceeds this many tokens are dropped (and counted).")
+    )
+    eval_steps: int = field(default=200, metadata=_help("Evaluate on the held-out pairs every N steps."))
+    logging_steps: int = field(default=10, metadata=_help("Write TensorBoard scalars every N steps."))
+    save_steps: int = field(default=500, metadata=_help("Write a checkpoint every N steps."))
+    center_rewards_coefficient: Optional[float] = field(
+        default=None, metadata=_help("Weight of a penalty keeping rewards centred on 0 (off when unset).")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        _positive(self, "max_length", "eval_steps")
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps}")
+
+
 # Values a preset sets; YAML and command-line values still override them. Paths starting with
 # "smoke:" are materialised locally by smolppo.smoke (tiny random models, committed tokenizer).
 PRESET_VALUES: dict[str, dict] = {
@@ -359,3 +391,24 @@ class PlotConfig:
             raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
         if not self.log_dir:
             raise ValueError("log_dir needs at least one directory")
+
+
+REWARD_PRESET_VALUES: dict[str, dict] = {
+    "smoke": {
+        "policy_model": "smoke:policy",
+        "dataset": "smoke:orca",
+        "num_samples": 128,
+        "test_size": 0.2,
+        "max_length": 320,
+        "per_device_train_batch_size": 8,
+        "num_train_epochs": 4,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "logging_steps": 5,
+        "eval_steps": 20,
+        "save_steps": 20,
+        "gradient_checkpointing": False,
+        "output_dir": "./reward_smoke_output",
+    },
+}

@@ -161,3 +161,25 @@ class PromptSampler:
 
     def epoch_of(self, update: int) -> int:
         return update // self.updates_per_epoch
+
+
+def preference_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Token ids of ``prompt + chosen + EOS`` and ``prompt + rejected + EOS`` for each row, laid out exactly as
+    PPO shows sequences to the reward model. Returns ``(pairs, number dropped for exceeding max_length)``."""
+    pairs, dropped = [], 0
+    eos = tokenizer.eos_token_id
+    for row in rows:
+        prompt = tokenizer(
+            render_prompt(tokenizer, str(row.get("system", "")), str(row["question"])), add_special_tokens=False
+        )["input_ids"]
+        chosen = prompt + tokenizer(str(row["chosen"]), add_special_tokens=False)["input_ids"] + [eos]
+        rejected = prompt + tokenizer(str(row["rejected"]), add_special_tokens=False)["input_ids"] + [eos]
+        if max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+            continue
+        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    if dropped:
+        logger.info("dropped %d of %d pairs longer than %d tokens", dropped, len(rows), max_length)
+    if not pairs:
+        raise UserError(f"no preference pair fits max_length={max_length} tokens; raise --max-length")
+    return pairs, dropped

@@ -98,8 +98,12 @@ def training_config_for(model_path: str) -> dict | None:
     for path in candidates:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                config = json.load(f).get("config")
+                recorded = json.load(f)
+            config = recorded.get("config")
             if config:
+                reward_path = recorded.get("resolved_paths", {}).get("reward_model")
+                if reward_path and os.path.isdir(reward_path):
+                    config = {**config, "reward_model": reward_path}
                 return config
     return None
 

@@ -129,23 +129,29 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def apply_lora(policy, config):
-    """Wrap the policy with LoRA adapters; the frozen base with adapters off is the reference model."""
-    from peft import LoraConfig, get_peft_model
+def lora_config_for(config, model, task_type: str):
+    """A `peft.LoraConfig` from the config's LoRA fields, after checking the target modules exist in `model`."""
+    from peft import LoraConfig
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in config.lora_target_modules if m not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if isinstance(m, nn.Linear)})
-        raise UserError(f"LoRA target modules {missing} do not exist in the policy; choose from {linear}")
-    lora = LoraConfig(
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"LoRA target modules {missing} do not exist in the model; choose from {linear}")
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
-    model = get_peft_model(policy, lora)
+
+
+def apply_lora(policy, config):
+    """Wrap the policy with LoRA adapters; the frozen base with adapters off is the reference model."""
+    from peft import get_peft_model
+
+    model = get_peft_model(policy, lora_config_for(config, policy, "CAUSAL_LM"))
     disable_dropout(model)
     return model
 

@@ -135,6 +135,10 @@ class PPOTrainer:
             self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
         else:
             self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
+        self.resolved_paths = {
+            "policy_model": _absolute(self.accelerator.unwrap_model(self.policy).name_or_path),
+            "reward_model": _absolute(reward_model.name_or_path),
+        }
         self.update = 0
         self.episodes = 0
         self.observed: dict = {}
@@ -494,6 +498,7 @@ class PPOTrainer:
             "episodes": self.episodes,
             "schedule": asdict(self.schedule),
             "config": asdict(self.config),
+            "resolved_paths": self.resolved_paths,
             "num_prompts": len(self.prompts.input_ids),
             "prompts_dropped_too_long": self.prompts.num_too_long,
             "wall_time_s": round(wall_time, 2),
@@ -526,6 +531,10 @@ class PPOTrainer:
     def _restore_signal_handlers(previous) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path) if os.path.isdir(path) else path
 
 
 def _rng_state() -> dict:

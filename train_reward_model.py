@@ -1,0 +1,50 @@
+"""Train the reward model PPO needs: a 1-output sequence classifier on chosen/rejected pairs, with trl's RewardTrainer.
+
+Offline smoke run (tiny local model, CPU, well under a minute):
+    python train_reward_model.py --preset smoke
+
+The real run (from the SFT model, on Intel/orca_dpo_pairs):
+    python train_reward_model.py
+    python train_reward_model.py --use-lora --bf16
+    python train_ppo.py --reward-model ./reward_model_output
+
+Every field of `config.RewardModelConfig` is a flag (see --help). Writes the model and tokenizer,
+`logs/` (TensorBoard), `checkpoint-*` and `reward_model_summary.json` (held-out accuracy and margin) to
+--output-dir.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from config import REWARD_PRESET_VALUES, RewardModelConfig
+from smolppo.cli import parse_config, run_main
+
+logger = logging.getLogger("train_reward_model")
+
+
+def main() -> int:
+    config = parse_config(RewardModelConfig, presets=REWARD_PRESET_VALUES)
+
+    from smolppo.checkpointing import check_output_dir, clear_output_dir
+    from smolppo.reward_modeling import SUMMARY_FILE, train_reward_model
+
+    resume_from = check_output_dir(
+        config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
+    )
+    if config.overwrite_output_dir and not resume_from:
+        clear_output_dir(config.output_dir)
+    summary = train_reward_model(config, resume_from=resume_from)
+    heldout = summary["heldout"]
+    logger.info(
+        "held-out pairwise accuracy %.3f, mean margin %.3f on %d pairs; model in %s",
+        heldout["pairwise_accuracy"],
+        heldout["mean_margin"],
+        heldout["num_pairs"],
+        config.output_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
