@@ -39,6 +39,33 @@ class Rollout:
         return Rollout(**{k: (v if k == "context_length" else v[index]) for k, v in values.items()})
 
 
+def trim_padding(rollout: Rollout) -> Rollout:
+    """The same sequences without the columns that are padding in every row.
+
+    Drops leading prompt columns no sequence uses and response columns after the longest response. Real
+    tokens keep their positions and see the same tokens, so outputs at real positions are unchanged; the
+    response width shrinks to the longest response in this (sub-)batch.
+    """
+    used = rollout.attention_mask[:, : rollout.context_length].any(0)
+    first = int(used.int().argmax()) if bool(used.any()) else rollout.context_length
+    width = int(rollout.response_lengths.max()) if len(rollout) else 0
+    end = rollout.context_length + max(width, 1)
+    return Rollout(
+        input_ids=rollout.input_ids[:, first:end],
+        attention_mask=rollout.attention_mask[:, first:end],
+        position_ids=rollout.position_ids[:, first:end],
+        response_mask=rollout.response_mask[:, : end - rollout.context_length],
+        response_lengths=rollout.response_lengths,
+        ended_with_eos=rollout.ended_with_eos,
+        context_length=rollout.context_length - first,
+    )
+
+
+def pad_response_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad a ``[B, r]`` per-response-token tensor with zeros to ``[B, width]``."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` uses them: 0 at each sequence's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

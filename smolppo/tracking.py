@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -72,3 +74,30 @@ def run_environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     return env
+
+
+class StageTimer:
+    """Wall time per named stage, summed until `pop`; waits for the GPU so asynchronous work is counted."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        """``{"time/<stage>": seconds}`` for every stage since the last pop, plus their sum."""
+        out = {f"time/{name}": seconds for name, seconds in self.totals.items()}
+        out["time/update_total"] = sum(self.totals.values())
+        self.totals = {}
+        return out

@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -33,13 +33,15 @@ from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mo
 from smolppo.rollout import (
     Rollout,
     generate_rollout,
+    pad_response_width,
     response_logits,
     response_logprobs,
     sampling_config,
     selective_log_softmax,
+    trim_padding,
 )
 from smolppo.scoring import TokenScorer, sequence_rewards, token_values, value_positions
-from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
+from smolppo.tracking import MetricsWriter, StageTimer, peak_memory_bytes, run_environment
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,15 @@ class Experience:
     advantages: torch.Tensor  # [B, R] whitened
     raw_advantages: torch.Tensor  # [B, R] before whitening
     returns: torch.Tensor  # [B, R]
+
+    def trimmed(self) -> Experience:
+        """Drop columns that are padding in every sequence (see `trim_padding`)."""
+        rollout = trim_padding(self.rollout)
+        width = rollout.responses.shape[1]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Experience(
+            **{k: v if v.dim() < 2 else v[:, :width] for k, v in values.items() if k != "rollout"}, rollout=rollout
+        )
 
     def select(self, index: torch.Tensor) -> Experience:
         return Experience(
@@ -119,7 +130,12 @@ class PPOTrainer:
         value_model.train()
         value_scorer = TokenScorer(value_model)
         self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + list(value_scorer.parameters())
-        optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.trainable_params,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
+        )
         from transformers import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -142,6 +158,7 @@ class PPOTrainer:
         self.update = 0
         self.episodes = 0
         self.observed: dict = {}
+        self.timer = StageTimer(acc.device)
         self.last_samples: list[dict] = []
         self._stop_signal: str | None = None
         self.writer: MetricsWriter | None = None
@@ -150,14 +167,14 @@ class PPOTrainer:
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         """Stage 1: one sampled response per prompt, from the full (temperature-scaled) distribution."""
         model = self.accelerator.unwrap_model(self.policy)
-        with eval_mode(model), self.accelerator.autocast():
+        with self.timer.stage("rollout"), eval_mode(model), self.accelerator.autocast():
             return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Stage 2: reward model score ``[B]`` at each sequence's last real token."""
-        with self.accelerator.autocast():
-            scores = torch.cat([sequence_rewards(self.reward_scorer, chunk) for chunk in self._chunks(rollout)])
+        with self.timer.stage("reward"), self.accelerator.autocast():
+            scores = self._in_chunks(lambda chunk: sequence_rewards(self.reward_scorer, chunk), rollout)
         if self.config.missing_eos_score is not None:
             scores = torch.where(
                 rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
@@ -169,16 +186,13 @@ class PPOTrainer:
         """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
         policy = self.accelerator.unwrap_model(self.policy)
         temperature = self.config.temperature
-        old, ref = [], []
         with eval_mode(policy), self.accelerator.autocast():
-            for chunk in self._chunks(rollout):
-                old.append(response_logprobs(policy, chunk, temperature))
-                if self.ref_policy is not None:
-                    ref.append(response_logprobs(self.ref_policy, chunk, temperature))
-                else:
-                    with reference_context(policy):
-                        ref.append(response_logprobs(policy, chunk, temperature))
-        old_logprobs, ref_logprobs = torch.cat(old), torch.cat(ref)
+            with self.timer.stage("policy_logprobs"):
+                old_logprobs = self._in_chunks(lambda c: response_logprobs(policy, c, temperature), rollout)
+            with self.timer.stage("reference_logprobs"):
+                reference = self.ref_policy if self.ref_policy is not None else policy
+                with reference_context(policy) if self.ref_policy is None else nullcontext():
+                    ref_logprobs = self._in_chunks(lambda c: response_logprobs(reference, c, temperature), rollout)
         kl = ppo_math.kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * rollout.response_mask
         return old_logprobs, ref_logprobs, kl
 
@@ -187,13 +201,14 @@ class PPOTrainer:
         """Stage 4: values, per-token rewards (KL penalty + score), GAE, whitened advantages."""
         cfg, mask = self.config, rollout.response_mask
         value_scorer = self.accelerator.unwrap_model(self.value_scorer)
-        with eval_mode(value_scorer), self.accelerator.autocast():
-            values = torch.cat([token_values(value_scorer, chunk) for chunk in self._chunks(rollout)])
-        rewards = ppo_math.token_rewards(scores, kl, self.kl_controller.value, mask)
-        if cfg.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
-        raw_advantages, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = ppo_math.masked_whiten(raw_advantages, mask, all_reduce=self._all_reduce_sum)
+        with self.timer.stage("values"), eval_mode(value_scorer), self.accelerator.autocast():
+            values = self._in_chunks(lambda chunk: token_values(value_scorer, chunk), rollout)
+        with self.timer.stage("advantages"):
+            rewards = ppo_math.token_rewards(scores, kl, self.kl_controller.value, mask)
+            if cfg.whiten_rewards:
+                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce_sum)
+            raw_advantages, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = ppo_math.masked_whiten(raw_advantages, mask, all_reduce=self._all_reduce_sum)
         return Experience(rollout, scores, old_logprobs, ref_logprobs, kl, values, advantages, raw_advantages, returns)
 
     def optimise(self, exp: Experience) -> dict[str, float]:
@@ -205,7 +220,7 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(size, generator=generator).to(acc.device)
             for start in range(0, size, micro):
-                batch = exp.select(order[start : start + micro])
+                batch = exp.select(order[start : start + micro]).trimmed()
                 with acc.accumulate(self.policy, self.value_scorer):
                     stats = self._train_micro_batch(batch)
                 for key, value in stats.items():
@@ -249,20 +264,12 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """Run one full PPO update (stages 1-5) and return its metrics."""
         prompts = [self.prompts.input_ids[i] for i in self.sampler.indices(self.update)]
-        timings = {}
-        t0 = time.perf_counter()
         rollout = self.rollout(prompts)
-        timings["time/rollout"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         scores = self.score(rollout)
-        old_logprobs, ref_logprobs, kl = self.kl(rollout)
-        timings["time/scoring"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        exp = self.advantages(rollout, scores, old_logprobs, ref_logprobs, kl)
-        timings["time/advantages"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        train_stats = self.optimise(exp)
-        timings["time/update"] = time.perf_counter() - t0
+        exp = self.advantages(rollout, scores, *self.kl(rollout))
+        with self.timer.stage("update"):
+            train_stats = self.optimise(exp)
+        timings = self.timer.pop()
 
         learning_rate = self.lr_scheduler.get_last_lr()[0]
         kl_coef = self.kl_controller.value
@@ -289,7 +296,6 @@ class PPOTrainer:
         self.update += 1
         self.episodes += self.schedule.global_rollout_batch
         metrics["episodes"] = float(self.episodes)
-        metrics["time/update_total"] = sum(timings.values())
         self._remember_samples(exp)
         return metrics
 
@@ -426,10 +432,20 @@ class PPOTrainer:
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
 
     # ------------------------------------------------------------------ helpers
-    def _chunks(self, rollout: Rollout):
-        size = self.config.mini_batch_size
-        for start in range(0, len(rollout), size):
-            yield rollout.select(slice(start, start + size))
+    def _in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:
+        """Apply a no-grad `forward` to the rollout in chunks of `mini_batch_size` and reassemble the result.
+
+        Sequences are grouped by prompt length and each chunk loses its all-padding columns, so shorter
+        prompts and responses cost less; per-token outputs are padded back to the full response width.
+        """
+        width = rollout.responses.shape[1]
+        order = torch.argsort(rollout.attention_mask[:, : rollout.context_length].sum(1), stable=True)
+        outputs = []
+        for start in range(0, len(rollout), self.config.mini_batch_size):
+            chunk = trim_padding(rollout.select(order[start : start + self.config.mini_batch_size]))
+            out = forward(chunk)
+            outputs.append(pad_response_width(out, width) if out.dim() == 2 else out)
+        return torch.cat(outputs)[torch.argsort(order)]
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:

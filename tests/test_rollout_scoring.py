@@ -121,3 +121,21 @@ def test_building_smoke_models_leaves_the_global_rng_alone(tmp_path, monkeypatch
     torch.manual_seed(123)
     smoke.materialise("policy")
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_trimming_padding_columns_changes_no_real_output(smoke_paths, tokenizer):
+    from smolppo.rollout import pad_response_width, trim_padding
+
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    eos = tokenizer.eos_token_id
+    # The longest prompt of the batch is not in the sub-batch, and neither is the longest response.
+    full = _rollout_for(
+        [[1] * 12, [40, 41, 42], [50, 51, 52, 53]], [[30] * 6, [60, eos], [70, 71, 72, eos]], tokenizer
+    )
+    sub = full.select(torch.tensor([1, 2]))
+    trimmed = trim_padding(sub)
+    assert trimmed.input_ids.shape == (2, 4 + 4) and trimmed.context_length == 4
+    with torch.no_grad():
+        expected = response_logprobs(policy, sub, 0.7)
+        got = pad_response_width(response_logprobs(policy, trimmed, 0.7), sub.responses.shape[1])
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)

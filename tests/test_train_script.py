@@ -18,6 +18,9 @@ DETAIL_SCALARS = [
     "response/length_mean",
     "response/eos_rate",
     "time/rollout",
+    "time/reward",
+    "time/reference_logprobs",
+    "time/values",
     "time/update",
 ]
 

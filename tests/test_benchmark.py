@@ -1,0 +1,30 @@
+"""The benchmark runs the real trainer on a model shape built from scratch and reports every stage."""
+
+import json
+
+from tests.conftest import run_script
+
+
+def test_benchmark_reports_throughput_stages_and_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script(
+        "benchmarks/bench_ppo.py",
+        "--timed-updates",
+        "2",
+        "--response-length",
+        "8",
+        "--prompt-length",
+        "16",
+        "--rollout-batch-size",
+        "8",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for line in ("episodes/s", "generated tokens/s", "rollout", "reward", "reference_logprobs", "values", "update"):
+        assert line in result.stdout
+    stages = report["stage_seconds"]
+    assert abs(sum(v for k, v in stages.items() if k != "update_total") - stages["update_total"]) < 1e-6
+    assert report["episodes_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["generated_tokens_per_s"] == 8 * 8 / stages["rollout"]
