@@ -25,27 +25,37 @@ logger = logging.getLogger("train_ppo")
 def main() -> int:
     config = parse_config(PPOConfig, presets=PRESET_VALUES)
 
+    from accelerate import PartialState
+
     from smolppo.checkpointing import check_output_dir, clear_output_dir
+    from smolppo.distributed import use_cpu
+    from smolppo.paths import resolve_smoke_path
     from smolppo.pipeline import build_ppo_trainer
     from smolppo.trainer import SUMMARY_FILE
 
+    state = PartialState(cpu=use_cpu())  # one process, or one of several under `accelerate launch`
     resume_from = check_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
     )
+    with state.main_process_first():  # smoke models are built once, by the main process
+        for name in (config.policy_model, config.reward_model, config.dataset):
+            resolve_smoke_path(name)
     trainer = build_ppo_trainer(config)
-    if config.overwrite_output_dir and not resume_from:
+    if config.overwrite_output_dir and not resume_from and state.is_main_process:
         clear_output_dir(config.output_dir)
+    state.wait_for_everyone()
     summary = trainer.train(resume_from=resume_from)
     summary_metrics = summary["final_metrics"]
-    logger.info(
-        "%s after %d updates in %.1fs: rewards/mean %.4f, kl_divergence %.4f; outputs in %s",
-        summary["status"],
-        summary["updates"],
-        summary["wall_time_s"],
-        summary_metrics.get("rewards/mean", float("nan")),
-        summary_metrics.get("kl_divergence", float("nan")),
-        config.output_dir,
-    )
+    if state.is_main_process:
+        logger.info(
+            "%s after %d updates in %.1fs: rewards/mean %.4f, kl_divergence %.4f; outputs in %s",
+            summary["status"],
+            summary["updates"],
+            summary["wall_time_s"],
+            summary_metrics.get("rewards/mean", float("nan")),
+            summary_metrics.get("kl_divergence", float("nan")),
+            config.output_dir,
+        )
     return 0 if summary["status"] == "finished" else 130
 
 

@@ -67,8 +67,11 @@ def run_main(main: Callable[[], int | None]) -> None:
 
     Set ``--debug`` or ``SMOLPPO_DEBUG=1`` to see the full traceback instead.
     """
+    worker = os.environ.get("RANK", "0") != "0"  # under `accelerate launch`, only rank 0 reports progress
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING if worker else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "tensorboard", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

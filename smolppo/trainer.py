@@ -25,9 +25,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
 
 from smolppo import checkpointing, ppo_math
 from smolppo.data import PromptSampler, PromptSet
+from smolppo.distributed import use_cpu
 from smolppo.errors import UserError
 from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
 from smolppo.rollout import (
@@ -85,6 +88,21 @@ class Experience:
         )
 
 
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so one `prepare` covers both (DDP, DeepSpeed)."""
+
+    def __init__(self, policy: nn.Module, value: TokenScorer):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits (un-tempered) and per-position values for one micro-batch."""
+        logits = response_logits(self.policy, rollout)
+        values = self.value(rollout.input_ids, rollout.attention_mask, rollout.position_ids, value_positions(rollout))
+        return logits, values
+
+
 class PPOTrainer:
     """PPO for a causal LM against a reward model, with a value model initialised from the reward model.
 
@@ -107,6 +125,7 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.accelerator = accelerator or Accelerator(
+            cpu=use_cpu(),
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision="bf16" if config.bf16 else "no",
         )
@@ -129,7 +148,8 @@ class PPOTrainer:
         policy.train()
         value_model.train()
         value_scorer = TokenScorer(value_model)
-        self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + list(value_scorer.parameters())
+        model = PolicyAndValue(policy, value_scorer)
+        self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable_params,
             lr=config.learning_rate,
@@ -144,7 +164,8 @@ class PPOTrainer:
             num_warmup_steps=self.schedule.warmup_updates,
             num_training_steps=self.schedule.total_updates,
         )
-        self.policy, self.value_scorer, self.optimizer = acc.prepare(policy, value_scorer, optimizer)
+        # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         self.reward_scorer = TokenScorer(reward_model).to(acc.device).eval().requires_grad_(False)
         self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
         if config.adaptive_kl:
@@ -152,7 +173,7 @@ class PPOTrainer:
         else:
             self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
         self.resolved_paths = {
-            "policy_model": _absolute(self.accelerator.unwrap_model(self.policy).name_or_path),
+            "policy_model": _absolute(self.policy.name_or_path),
             "reward_model": _absolute(reward_model.name_or_path),
         }
         self.update = 0
@@ -163,11 +184,20 @@ class PPOTrainer:
         self._stop_signal: str | None = None
         self.writer: MetricsWriter | None = None
 
+    @property
+    def policy(self):
+        """The policy network (a PEFT model with LoRA), outside any DDP/DeepSpeed wrapper."""
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def value_scorer(self) -> TokenScorer:
+        return self.accelerator.unwrap_model(self.model).value
+
     # ------------------------------------------------------------------ stages
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         """Stage 1: one sampled response per prompt, from the full (temperature-scaled) distribution."""
-        model = self.accelerator.unwrap_model(self.policy)
-        with self.timer.stage("rollout"), eval_mode(model), self.accelerator.autocast():
+        model = self.policy
+        with self.timer.stage("rollout"), self._gathered(), eval_mode(model), self.accelerator.autocast():
             return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
 
     @torch.no_grad()
@@ -184,9 +214,9 @@ class PPOTrainer:
     @torch.no_grad()
     def kl(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
-        policy = self.accelerator.unwrap_model(self.policy)
+        policy = self.policy
         temperature = self.config.temperature
-        with eval_mode(policy), self.accelerator.autocast():
+        with self._gathered(), eval_mode(policy), self.accelerator.autocast():
             with self.timer.stage("policy_logprobs"):
                 old_logprobs = self._in_chunks(lambda c: response_logprobs(policy, c, temperature), rollout)
             with self.timer.stage("reference_logprobs"):
@@ -200,8 +230,8 @@ class PPOTrainer:
     def advantages(self, rollout, scores, old_logprobs, ref_logprobs, kl) -> Experience:
         """Stage 4: values, per-token rewards (KL penalty + score), GAE, whitened advantages."""
         cfg, mask = self.config, rollout.response_mask
-        value_scorer = self.accelerator.unwrap_model(self.value_scorer)
-        with self.timer.stage("values"), eval_mode(value_scorer), self.accelerator.autocast():
+        value_scorer = self.value_scorer
+        with self.timer.stage("values"), self._gathered(), eval_mode(value_scorer), self.accelerator.autocast():
             values = self._in_chunks(lambda chunk: token_values(value_scorer, chunk), rollout)
         with self.timer.stage("advantages"):
             rewards = ppo_math.token_rewards(scores, kl, self.kl_controller.value, mask)
@@ -221,7 +251,7 @@ class PPOTrainer:
             order = torch.randperm(size, generator=generator).to(acc.device)
             for start in range(0, size, micro):
                 batch = exp.select(order[start : start + micro]).trimmed()
-                with acc.accumulate(self.policy, self.value_scorer):
+                with acc.accumulate(self.model):
                     stats = self._train_micro_batch(batch)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(value)
@@ -231,10 +261,8 @@ class PPOTrainer:
         cfg, acc, rollout = self.config, self.accelerator, batch.rollout
         mask = rollout.response_mask
         with acc.autocast(), self._observe_precision():
-            logits = response_logits(self.policy, rollout) / cfg.temperature
-            values = self.value_scorer(
-                rollout.input_ids, rollout.attention_mask, rollout.position_ids, value_positions(rollout)
-            )
+            logits, values = self.model(rollout)
+            logits = logits / cfg.temperature
         logprobs = selective_log_softmax(logits, rollout.responses)
         policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
         value_loss, value_clip = ppo_math.clipped_value_loss(
@@ -244,7 +272,9 @@ class PPOTrainer:
         acc.backward(loss)
         stats = {}
         if acc.sync_gradients:
-            stats["grad_norm"] = float(acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm))
+            grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+            if grad_norm is not None:  # DeepSpeed clips inside its own step
+                stats["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -348,7 +378,7 @@ class PPOTrainer:
                     self.writer.samples(self.last_samples, self.update)
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", kl=f"{metrics['kl_divergence']:.2f}")
-                if self._stop_signal:
+                if self._stop_requested():
                     status = "interrupted"
                     break
                 if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
@@ -381,29 +411,57 @@ class PPOTrainer:
         """Final policy (full weights or LoRA adapter) + tokenizer in `output_dir`, value model beside it."""
         output_dir = output_dir or self.config.output_dir
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        self._write_models(output_dir)
+        state_dicts = self._full_state_dicts()
+        if self.accelerator.is_main_process:
+            self._write_models(output_dir, state_dicts)
 
-    def _write_models(self, directory: str) -> None:
-        policy = self.accelerator.unwrap_model(self.policy)
-        policy.save_pretrained(directory)
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _full_state_dicts(self) -> tuple[dict | None, dict | None]:
+        """Under DeepSpeed, the full (policy, value) weights gathered from all ranks; else (None, None).
+
+        Every process must call this (ZeRO-3 gathers shards collectively)."""
+        if not self._deepspeed:
+            return None, None
+        full = self.accelerator.get_state_dict(self.model)
+        policy = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+        value = {k.removeprefix("value.classifier."): v for k, v in full.items() if k.startswith("value.classifier.")}
+        return policy, value
+
+    def _write_models(self, directory: str, state_dicts: tuple[dict | None, dict | None] = (None, None)) -> None:
+        policy_state, value_state = state_dicts
+        self.policy.save_pretrained(directory, state_dict=policy_state)
         self.tokenizer.save_pretrained(directory)
         value_dir = os.path.join(directory, VALUE_MODEL_DIR)
-        self.accelerator.unwrap_model(self.value_scorer).classifier.save_pretrained(value_dir)
+        self.value_scorer.classifier.save_pretrained(value_dir, state_dict=value_state)
         self.tokenizer.save_pretrained(value_dir)
+
+    def _gathered(self):
+        """Under DeepSpeed ZeRO-3, make the partitioned policy and value weights whole for no-grad use."""
+        if not self._deepspeed or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.accelerator.unwrap_model(self.model).parameters()))
 
     def save_checkpoint(self) -> str | None:
         """Everything needed to continue exactly: models, optimizer, scheduler, KL coefficient, RNG, counters."""
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([_rng_state()])  # one per process, so each continues its own stream
+        state_dicts = self._full_state_dicts()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
 
         def write(directory: str) -> None:
-            self._write_models(directory)
-            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+            self._write_models(directory, state_dicts)
+            if not self._deepspeed:  # DeepSpeed shards optimizer state across ranks; see load_checkpoint
+                torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-            torch.save(_rng_state(), os.path.join(directory, "rng_state.pt"))
+            torch.save(rng_states, os.path.join(directory, "rng_state.pt"))
             state = {
                 "update": self.update,
                 "episodes": self.episodes,
@@ -420,13 +478,22 @@ class PPOTrainer:
 
         with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
             state = json.load(f)
-        load_weights_into(self.accelerator.unwrap_model(self.policy), path)
-        load_weights_into(
-            self.accelerator.unwrap_model(self.value_scorer).classifier, os.path.join(path, VALUE_MODEL_DIR)
-        )
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+        load_weights_into(self.policy, path)
+        load_weights_into(self.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
+        optimizer_file = os.path.join(path, "optimizer.pt")
+        if os.path.isfile(optimizer_file) and not self._deepspeed:
+            self.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
+        else:
+            logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-        _set_rng_state(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False))
+        rng_states = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
+        if len(rng_states) != self.accelerator.num_processes:
+            logger.warning(
+                "checkpoint was written by %d processes, resuming with %d: random streams restart",
+                len(rng_states),
+                self.accelerator.num_processes,
+            )
+        _set_rng_state(rng_states[self.accelerator.process_index % len(rng_states)])
         self.update, self.episodes = state["update"], state["episodes"]
         self.kl_controller.value = state["kl_coef"]
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
@@ -460,6 +527,15 @@ class PPOTrainer:
         reduced = self.accelerator.reduce(values, reduction="mean").tolist()
         return dict(zip(keys, reduced))
 
+    def _stop_requested(self) -> bool:
+        """True when any process got SIGINT/SIGTERM, so that all processes stop after the same update."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and not self._stop_signal:
+            self._stop_signal = "a signal on another process"
+        return bool(flag.item() > 0)
+
     def _check_finite(self, metrics: dict[str, float]) -> None:
         for name in ("rewards/mean", "kl_divergence", "loss", "loss/value"):
             if not math.isfinite(metrics[name]):
@@ -475,7 +551,7 @@ class PPOTrainer:
         if self.observed:
             yield
             return
-        base = self.accelerator.unwrap_model(self.policy)
+        base = self.policy
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         checkpointing_on = getattr(base, "is_activation_checkpointing", None)
         if checkpointing_on is None:
