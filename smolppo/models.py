@@ -33,7 +33,7 @@ def _load(loader, path: str, flag: str, **kwargs):
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; {SMOKE_HINT.format(flag=flag)}"
         ) from exc
