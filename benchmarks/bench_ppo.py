@@ -24,15 +24,10 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from smolppo.smoke import POLICY_SHAPE  # noqa: E402
+
 SHAPES = {
-    "tiny": dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "tiny": POLICY_SHAPE,
     "smollm2-135m": dict(
         vocab_size=49152,
         hidden_size=576,

@@ -97,16 +97,23 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+# The smoke policy's Llama shape (the benchmark's "tiny" shape too).
+POLICY_SHAPE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def _llama_config(tokenizer, **overrides):
     from transformers import LlamaConfig
 
     base = dict(
+        POLICY_SHAPE,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

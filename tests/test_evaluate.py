@@ -55,31 +55,20 @@ def _check_report(report, num_prompts, num_completions):
 
 def test_evaluates_smoke_model_on_unseen_prompts_reproducibly(smoke_run, tmp_path):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    result = _evaluate(
-        "--model-path",
-        str(smoke_run),
-        "--num-prompts",
-        "5",
-        "--num-completions",
-        "3",
-        "--max-new-tokens",
-        "12",
-        "--output",
-        str(first),
-    )
-    assert "mean" in result.stdout and str(smoke_run)[-20:] in result.stdout
-    _evaluate(
-        "--model-path",
-        str(smoke_run),
-        "--num-prompts",
-        "5",
-        "--num-completions",
-        "3",
-        "--max-new-tokens",
-        "12",
-        "--output",
-        str(second),
-    )
+    for output in (first, second):
+        result = _evaluate(
+            "--model-path",
+            str(smoke_run),
+            "--num-prompts",
+            "5",
+            "--num-completions",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--output",
+            str(output),
+        )
+        assert "mean" in result.stdout and str(smoke_run)[-20:] in result.stdout
     report = json.loads(first.read_text())
     _check_report(report, 5, 3)
     # The reward model and data come from the run's summary; training used rows 0..95.
