@@ -35,7 +35,9 @@ def main() -> int:
     frame.to_csv(csv, index=False)
     for tag in empty:
         logger.warning("no '%s' scalar in %s: its panel is empty", tag, ", ".join(runs))
-    logger.info("wrote %s (%d runs) and %s (%d rows)", output, len(runs), csv, len(frame))
+    logger.info(
+        "wrote %s (%d run%s) and %s (%d rows)", output, len(runs), "" if len(runs) == 1 else "s", csv, len(frame)
+    )
     return 0
 
 
