@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from config import DEFAULT_DATASET, DEFAULT_REWARD_MODEL, PPOConfig
-from smolppo.checkpointing import STATE_FILE
+from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
 from smolppo.data import load_rows, render_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
@@ -34,7 +34,6 @@ from smolppo.scoring import TokenScorer, sequence_rewards
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "run_summary.json"
 RANKS = ("BEST", "MEDIUM", "WORST")
 
 
@@ -91,9 +90,9 @@ def training_config_for(model_path: str) -> dict | None:
     if not os.path.isdir(model_path):
         return None
     candidates = [
-        os.path.join(model_path, SUMMARY_FILE),
+        os.path.join(model_path, RUN_SUMMARY_FILE),
         os.path.join(model_path, STATE_FILE),
-        os.path.join(os.path.dirname(os.path.abspath(model_path)), SUMMARY_FILE),
+        os.path.join(os.path.dirname(os.path.abspath(model_path)), RUN_SUMMARY_FILE),
     ]
     for path in candidates:
         if os.path.isfile(path):

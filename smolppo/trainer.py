@@ -49,7 +49,7 @@ from smolppo.tracking import MetricsWriter, StageTimer, peak_memory_bytes, run_e
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"
-SUMMARY_FILE = "run_summary.json"
+SUMMARY_FILE = checkpointing.RUN_SUMMARY_FILE
 
 
 class TrainingDiverged(UserError):
