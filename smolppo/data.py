@@ -159,9 +159,6 @@ class PromptSampler:
         per_process = self.global_batch // self.num_processes
         return chunk[self.process_index * per_process : (self.process_index + 1) * per_process]
 
-    def epoch_of(self, update: int) -> int:
-        return update // self.updates_per_epoch
-
 
 def preference_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
     """Token ids of ``prompt + chosen + EOS`` and ``prompt + rejected + EOS`` for each row, laid out exactly as

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -218,17 +219,15 @@ def load_weights_into(model: nn.Module, directory: str) -> None:
         )
 
 
+@dataclass
 class PPOModels:
     """The tokenizer and the four networks of a PPO run, loaded from the paths in the config."""
 
-    def __init__(self, tokenizer, policy, ref_policy, value_model, reward_model, policy_path: str, reward_path: str):
-        self.tokenizer = tokenizer
-        self.policy = policy
-        self.ref_policy = ref_policy
-        self.value_model = value_model
-        self.reward_model = reward_model
-        self.policy_path = policy_path
-        self.reward_path = reward_path
+    tokenizer: object
+    policy: nn.Module
+    ref_policy: nn.Module | None
+    value_model: nn.Module
+    reward_model: nn.Module
 
 
 def load_reward_tokenizer(path: str):
@@ -262,4 +261,4 @@ def load_ppo_models(config) -> PPOModels:
                 f"{name} has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens; "
                 "they were not trained together"
             )
-    return PPOModels(tokenizer, policy, ref_policy, value_model, reward_model, policy_path, reward_path)
+    return PPOModels(tokenizer, policy, ref_policy, value_model, reward_model)
