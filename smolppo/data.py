@@ -91,6 +91,12 @@ def render_prompt(tokenizer, system: str, question: str) -> str:
     return text.lstrip()
 
 
+def row_prompt(tokenizer, row: dict) -> tuple[str, list[int]]:
+    """Prompt text of an ORCA row (system + question) and its token ids; the template holds the special tokens."""
+    text = render_prompt(tokenizer, str(row.get("system", "")), str(row["question"]))
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class PromptSet:
     """Tokenised prompts ready for rollouts, with what filtering removed."""
@@ -105,8 +111,7 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
     """Render and tokenise `rows`; drop (and count) prompts longer than `max_prompt_length` tokens."""
     ids, texts, too_long = [], [], 0
     for row in rows:
-        text = render_prompt(tokenizer, str(row.get("system", "")), str(row["question"]))
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        text, tokens = row_prompt(tokenizer, row)
         if len(tokens) > max_prompt_length:
             too_long += 1
             continue
@@ -124,13 +129,23 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids, attention_mask)`` so all sequences end at the same column."""
+    return _pad(sequences, pad_id, left=True)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(input_ids, attention_mask)`` so all sequences start at column 0."""
+    return _pad(sequences, pad_id, left=False)
+
+
+def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         if seq:
-            input_ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, width - len(seq) :] = 1
+            columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+            input_ids[i, columns] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, columns] = 1
     return input_ids, attention_mask
 
 
@@ -166,9 +181,7 @@ def preference_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list
     pairs, dropped = [], 0
     eos = tokenizer.eos_token_id
     for row in rows:
-        prompt = tokenizer(
-            render_prompt(tokenizer, str(row.get("system", "")), str(row["question"])), add_special_tokens=False
-        )["input_ids"]
+        _, prompt = row_prompt(tokenizer, row)
         chosen = prompt + tokenizer(str(row["chosen"]), add_special_tokens=False)["input_ids"] + [eos]
         rejected = prompt + tokenizer(str(row["rejected"]), add_special_tokens=False)["input_ids"] + [eos]
         if max(len(chosen), len(rejected)) > max_length:

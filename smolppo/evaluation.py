@@ -17,7 +17,7 @@ import torch
 
 from config import DEFAULT_DATASET, DEFAULT_REWARD_MODEL, PPOConfig
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
-from smolppo.data import load_rows, render_prompt
+from smolppo.data import load_rows, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
     check_tokenizers_agree,
@@ -141,13 +141,7 @@ def select_prompt_rows(cfg, plan: EvalPlan, tokenizer) -> list[tuple[int, dict]]
     fitting = [
         (i, row)
         for i, row in enumerate(rows)
-        if i >= plan.skip_rows
-        and len(
-            tokenizer(
-                render_prompt(tokenizer, str(row.get("system", "")), str(row["question"])), add_special_tokens=False
-            )["input_ids"]
-        )
-        <= cfg.max_prompt_length
+        if i >= plan.skip_rows and len(row_prompt(tokenizer, row)[1]) <= cfg.max_prompt_length
     ]
     if not fitting:
         raise UserError(f"no unseen prompt fits --max-prompt-length {cfg.max_prompt_length}; raise it")
@@ -201,8 +195,7 @@ def generate_and_score(cfg, model, tokenizer, reward_scorer, prompt_rows, device
 
     eos_ids = eos_token_ids(tokenizer, model)
     gen_config = sampling_config(tokenizer, eos_ids, cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p)
-    prompts = [render_prompt(tokenizer, str(row.get("system", "")), str(row["question"])) for _, row in prompt_rows]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompts, prompt_ids = zip(*(row_prompt(tokenizer, row) for _, row in prompt_rows))
     per_batch = max(1, cfg.batch_size // cfg.num_completions)
     n = cfg.num_completions
     rewards = np.zeros((len(prompts), n))

@@ -18,7 +18,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from smolppo.data import load_rows, preference_pairs
+from smolppo.data import load_rows, preference_pairs, right_pad
 from smolppo.errors import UserError
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
 from smolppo.scoring import TokenScorer
@@ -50,16 +50,6 @@ def split_pairs(pairs: list[dict], test_size: float, seed: int) -> tuple[list[di
     if held_out >= len(pairs):
         raise UserError(f"only {len(pairs)} usable pairs: too few to hold out a test split; use more data")
     return [pairs[i] for i in order[held_out:]], [pairs[i] for i in order[:held_out]]
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
