@@ -43,6 +43,14 @@ class CommonConfig:
         default=DEFAULT_REWARD_MODEL,
         metadata=_help("Reward model (1-output sequence classifier): hub id, local directory or checkpoint-N."),
     )
+    reward_template: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "How the reward model reads a response: 'chat' (its tokenizer's chat template, as RewardTrainer "
+            "trains), 'plain' (prompt + response + EOS), or a Jinja template string/file. Default: chat, or what "
+            "train_reward_model.py recorded."
+        ),
+    )
     # Data
     dataset: str = field(
         default=DEFAULT_DATASET,
@@ -117,6 +125,20 @@ class CommonConfig:
 class PPOConfig(CommonConfig):
     """Everything `train_ppo.py` needs. Defaults follow the project specification."""
 
+    value_model: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Value model to start from. Default: the reward model when it shares the policy's vocabulary, else "
+            "the policy with a new 1-output head."
+        ),
+    )
+    reward_check_pairs: int = field(
+        default=64,
+        metadata=_help("Held-out chosen/rejected pairs the reward model is checked on before training (0: skip)."),
+    )
+    min_reward_accuracy: Optional[float] = field(
+        default=None, metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this.")
+    )
     # Batches (per process)
     rollout_batch_size: int = field(default=64, metadata=_help("Prompts generated for in one PPO update."))
     mini_batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step within an update."))
@@ -167,6 +189,10 @@ class PPOConfig(CommonConfig):
         _positive(self, "horizon", "max_new_tokens", "sample_logging_steps")
         if self.max_updates is not None and self.max_updates <= 0:
             raise ValueError(f"max_updates must be a positive integer, got {self.max_updates}")
+        if not (isinstance(self.reward_check_pairs, int) and self.reward_check_pairs >= 0):
+            raise ValueError(f"reward_check_pairs must be an integer >= 0, got {self.reward_check_pairs!r}")
+        if self.min_reward_accuracy is not None and not 0.0 <= self.min_reward_accuracy <= 1.0:
+            raise ValueError(f"min_reward_accuracy must be in [0, 1], got {self.min_reward_accuracy}")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size "
@@ -327,6 +353,10 @@ class EvalConfig:
     reward_model: Optional[str] = field(
         default=None,
         metadata=_help("Reward model; default: the one the training run used, else the training default."),
+    )
+    reward_template: Optional[str] = field(
+        default=None,
+        metadata=_help("How the reward model reads a response (chat, plain or Jinja); default: the training run's."),
     )
     dataset: Optional[str] = field(
         default=None, metadata=_help("Prompt source; default: the training run's dataset, after its training rows.")

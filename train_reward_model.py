@@ -37,9 +37,9 @@ def main() -> int:
     summary = train_reward_model(config, resume_from=resume_from)
     heldout = summary["heldout"]
     logger.info(
-        "held-out pairwise accuracy %.3f, mean margin %.3f on %d pairs; model in %s",
+        "held-out pairwise accuracy %.3f, margin %+.3f on %d pairs; model in %s",
         heldout["pairwise_accuracy"],
-        heldout["mean_margin"],
+        heldout["margin"],
         heldout["num_pairs"],
         config.output_dir,
     )

@@ -72,6 +72,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     from smolppo import smoke
     from smolppo.data import PromptSet
     from smolppo.models import apply_lora, load_tokenizer
+    from smolppo.rewards import RewardReader
     from smolppo.trainer import PPOTrainer
 
     device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,7 +118,8 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     for _ in range(bench.rollout_batch_size * total):
         length = int(torch.randint(bench.prompt_length // 2, bench.prompt_length + 1, (1,), generator=generator))
         prompts.append(torch.randint(3, shape["vocab_size"], (length,), generator=generator).tolist())
-    prompt_set = PromptSet(prompts, [""] * len(prompts), len(prompts), 0)
+    texts = tokenizer.batch_decode(prompts)
+    prompt_set = PromptSet(prompts, texts, [("", text) for text in texts], len(prompts), 0)
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if bench.bf16 else "no",
@@ -128,7 +130,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         tokenizer,
         policy.to(device),
         value.to(device),
-        reward.to(device),
+        RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size),
         prompt_set,
         ref_policy=ref,
         accelerator=accelerator,

@@ -91,9 +91,14 @@ def render_prompt(tokenizer, system: str, question: str) -> str:
     return text.lstrip()
 
 
+def row_conversation(row: dict) -> tuple[str, str]:
+    """``(system, question)`` of an ORCA row; a missing or null system prompt is empty."""
+    return str(row.get("system") or ""), str(row["question"])
+
+
 def row_prompt(tokenizer, row: dict) -> tuple[str, list[int]]:
     """Prompt text of an ORCA row (system + question) and its token ids; the template holds the special tokens."""
-    text = render_prompt(tokenizer, str(row.get("system", "")), str(row["question"]))
+    text = render_prompt(tokenizer, *row_conversation(row))
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -103,13 +108,14 @@ class PromptSet:
 
     input_ids: list[list[int]]
     texts: list[str]
+    conversations: list[tuple[str, str]]  # (system, question) of each prompt, for the reward model
     num_rows: int
     num_too_long: int
 
 
 def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str = "dataset") -> PromptSet:
     """Render and tokenise `rows`; drop (and count) prompts longer than `max_prompt_length` tokens."""
-    ids, texts, too_long = [], [], 0
+    ids, texts, conversations, too_long = [], [], [], 0
     for row in rows:
         text, tokens = row_prompt(tokenizer, row)
         if len(tokens) > max_prompt_length:
@@ -117,6 +123,7 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
             continue
         ids.append(tokens)
         texts.append(text)
+        conversations.append(row_conversation(row))
     if too_long:
         logger.info("dropped %d of %d prompts longer than %d tokens", too_long, len(rows), max_prompt_length)
     if not ids:
@@ -124,7 +131,7 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
             f"no prompt of {source} fits max_prompt_length={max_prompt_length} tokens "
             f"({too_long} of {len(rows)} were longer); raise --max-prompt-length"
         )
-    return PromptSet(ids, texts, len(rows), too_long)
+    return PromptSet(ids, texts, conversations, len(rows), too_long)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,23 +180,3 @@ class PromptSampler:
         chunk = self._order[step * self.global_batch : (step + 1) * self.global_batch]
         per_process = self.global_batch // self.num_processes
         return chunk[self.process_index * per_process : (self.process_index + 1) * per_process]
-
-
-def preference_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Token ids of ``prompt + chosen + EOS`` and ``prompt + rejected + EOS`` for each row, laid out exactly as
-    PPO shows sequences to the reward model. Returns ``(pairs, number dropped for exceeding max_length)``."""
-    pairs, dropped = [], 0
-    eos = tokenizer.eos_token_id
-    for row in rows:
-        _, prompt = row_prompt(tokenizer, row)
-        chosen = prompt + tokenizer(str(row["chosen"]), add_special_tokens=False)["input_ids"] + [eos]
-        rejected = prompt + tokenizer(str(row["rejected"]), add_special_tokens=False)["input_ids"] + [eos]
-        if max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-            continue
-        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected})
-    if dropped:
-        logger.info("dropped %d of %d pairs longer than %d tokens", dropped, len(rows), max_length)
-    if not pairs:
-        raise UserError(f"no preference pair fits max_length={max_length} tokens; raise --max-length")
-    return pairs, dropped

@@ -1,7 +1,7 @@
 """Sample completions for unseen prompts, score them with the reward model, rank, summarise and compare models.
 
-Generation and scoring reuse the trainer's code (`smolppo.rollout`, `smolppo.scoring`), so a reward here means
-exactly what `rewards/mean` meant during training.
+Generation and scoring reuse the trainer's code (`smolppo.rollout`, `smolppo.rewards`), so a reward here means
+exactly what `rewards/mean` meant during training: the reward model's own reading of the conversation.
 """
 
 from __future__ import annotations
@@ -17,20 +17,11 @@ import torch
 
 from config import DEFAULT_DATASET, DEFAULT_REWARD_MODEL, PPOConfig
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
-from smolppo.data import load_rows, row_prompt
+from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
-from smolppo.models import (
-    check_tokenizers_agree,
-    eos_token_ids,
-    load_causal_lm,
-    load_reward_tokenizer,
-    load_sequence_classifier,
-    load_tokenizer,
-    resolve_model_path,
-)
+from smolppo.models import eos_token_ids, load_causal_lm, load_reward_reader, load_tokenizer, resolve_model_path
 from smolppo.paths import looks_like_local_path
-from smolppo.rollout import generate_rollout, sampling_config
-from smolppo.scoring import TokenScorer, sequence_rewards
+from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +101,7 @@ def training_config_for(model_path: str) -> dict | None:
 @dataclass
 class EvalPlan:
     reward_model: str
+    reward_template: str | None
     dataset: str
     skip_rows: int
 
@@ -127,7 +119,8 @@ def resolve_plan(cfg, training: dict | None) -> EvalPlan:
         skip = PPOConfig.num_samples
     else:
         skip = 0
-    return EvalPlan(reward_model, dataset, skip)
+    reward_template = cfg.reward_template or (training.get("reward_template") if not cfg.reward_model else None)
+    return EvalPlan(reward_model, reward_template, dataset, skip)
 
 
 def select_prompt_rows(cfg, plan: EvalPlan, tokenizer) -> list[tuple[int, dict]]:
@@ -182,14 +175,9 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
     return model, load_tokenizer(tokenizer_dir, "model-path"), path
 
 
-def load_reward_for_eval(name: str, device: torch.device):
-    path = resolve_model_path(name, "reward-model")
-    return TokenScorer(load_sequence_classifier(path, "reward-model")).to(device).eval(), path
-
-
 # ---------------------------------------------------------------------- generation and scoring
 @torch.no_grad()
-def generate_and_score(cfg, model, tokenizer, reward_scorer, prompt_rows, device, progress=True) -> dict:
+def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progress=True) -> dict:
     """Completions, rewards and ranks for every prompt; returns a JSON-ready dict for one model."""
     from tqdm.auto import tqdm
 
@@ -208,14 +196,15 @@ def generate_and_score(cfg, model, tokenizer, reward_scorer, prompt_rows, device
         group = list(range(start, min(start + per_batch, len(prompts))))
         batch = [prompt_ids[i] for i in group for _ in range(n)]
         rollout = generate_rollout(model, batch, tokenizer, eos_ids, gen_config)
-        scores = sequence_rewards(reward_scorer, rollout).float().cpu().numpy()
+        responses = response_texts(tokenizer, rollout)
+        conversations = [row_conversation(prompt_rows[i][1]) for i in group for _ in range(n)]
+        scores = reward.score(conversations, responses).numpy()
         for k, i in enumerate(group):
             for j in range(n):
                 row = k * n + j
-                length = int(rollout.response_lengths[row])
-                rewards[i, j], lengths[i, j] = scores[row], length
+                rewards[i, j], lengths[i, j] = scores[row], int(rollout.response_lengths[row])
                 ended[i, j] = bool(rollout.ended_with_eos[row])
-                texts[i].append(tokenizer.decode(rollout.responses[row, :length], skip_special_tokens=True))
+                texts[i].append(responses[row])
         bar.update(len(group))
     bar.close()
     completions = []
@@ -248,17 +237,18 @@ def evaluate(cfg) -> dict:
     first_local = next((n for n in cfg.model_path if looks_like_local_path(n)), None)
     training = training_config_for(first_local) if first_local else None
     plan = resolve_plan(cfg, training)
-    reward_scorer, reward_path = load_reward_for_eval(plan.reward_model, device)
-    reward_tokenizer = load_reward_tokenizer(reward_path)
+    reward = None
     prompt_rows = None
     results = []
     for name in names:
         model, tokenizer, path = load_policy_for_eval(name, device)
-        check_tokenizers_agree(tokenizer, reward_tokenizer, path, reward_path)
+        if reward is None:
+            reward = load_reward_reader(plan.reward_model, plan.reward_template, tokenizer, cfg.batch_size)
+            reward.model.to(device)
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)
-        result = generate_and_score(cfg, model, tokenizer, reward_scorer, prompt_rows, device)
+        result = generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device)
         results.append({"name": name, "path": path, **result})
         del model
     base = results[0]
@@ -275,7 +265,8 @@ def evaluate(cfg) -> dict:
     return {
         "settings": {
             **asdict(cfg),
-            "resolved_reward_model": reward_path,
+            "resolved_reward_model": reward.model.name_or_path,
+            "resolved_reward_template": reward.template_name,
             "resolved_dataset": plan.dataset,
             "skipped_rows": plan.skip_rows,
         },

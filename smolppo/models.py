@@ -16,6 +16,7 @@ from torch import nn
 
 from smolppo.errors import UserError
 from smolppo.paths import looks_like_local_path, resolve_smoke_path
+from smolppo.rewards import RewardReader, recorded_template
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,6 @@ def load_tokenizer(path: str, flag: str = "policy-model"):
     return tokenizer
 
 
-def check_tokenizers_agree(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str) -> None:
-    """The reward model reads the policy's token ids, so both vocabularies must be identical."""
-    if reward_tokenizer is None:
-        return
-    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        raise UserError(
-            f"tokenizers of policy {policy_path!r} and reward model {reward_path!r} differ "
-            f"({len(policy_tokenizer)} vs {len(reward_tokenizer)} tokens); the reward model must be trained from "
-            "the policy's tokenizer (see train_reward_model.py)"
-        )
-
-
 def _config_without_dropout(path: str, flag: str, **overrides):
     """The model config with every dropout probability set to 0: PPO's log-probs must be deterministic."""
     from transformers import AutoConfig
@@ -92,11 +81,13 @@ def load_causal_lm(path: str, flag: str = "policy-model"):
     return model
 
 
-def load_sequence_classifier(path: str, flag: str = "reward-model"):
-    """A sequence classifier with exactly one output (a reward model, or a value model initialised from one)."""
+def load_sequence_classifier(path: str, flag: str = "reward-model", **overrides):
+    """A sequence classifier with exactly one output (a reward model, or a value model initialised from one).
+
+    `overrides` (e.g. ``num_labels=1``) turn another checkpoint, such as the policy, into a fresh classifier."""
     from transformers import AutoModelForSequenceClassification
 
-    config = _config_without_dropout(path, flag)
+    config = _config_without_dropout(path, flag, **overrides)
     if getattr(config, "num_labels", 1) != 1:
         raise UserError(
             f"{flag.replace('-', ' ')} {path!r} has {config.num_labels} outputs; a reward model must be a sequence "
@@ -221,44 +212,80 @@ def load_weights_into(model: nn.Module, directory: str) -> None:
 
 @dataclass
 class PPOModels:
-    """The tokenizer and the four networks of a PPO run, loaded from the paths in the config."""
+    """The policy tokenizer, the three trained/frozen networks of a PPO run and the reward reader."""
 
     tokenizer: object
     policy: nn.Module
     ref_policy: nn.Module | None
     value_model: nn.Module
-    reward_model: nn.Module
+    reward: RewardReader
 
 
-def load_reward_tokenizer(path: str):
-    """The reward model's tokenizer if its directory has one (RewardTrainer saves it), else None."""
+def load_reward_tokenizer(path: str, fallback):
+    """The reward model's own tokenizer (RewardTrainer saves it beside the weights), else `fallback`."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        logger.warning("no tokenizer found with reward model %s; assuming it uses the policy's", path)
-        return None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        logger.warning("no tokenizer found with reward model %s; reading it with the policy's tokenizer", path)
+        return fallback
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batch_size: int = 16) -> RewardReader:
+    """The reward model with its own tokenizer, read as it was trained (see `smolppo.rewards`)."""
+    path = resolve_model_path(name, "reward-model")
+    model = load_sequence_classifier(path, "reward-model")
+    tokenizer = load_reward_tokenizer(path, fallback_tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < len(tokenizer):
+        raise UserError(
+            f"reward model {path!r} has {vocab} token embeddings but its tokenizer has {len(tokenizer)} tokens; "
+            "save the tokenizer it was trained with beside it"
+        )
+    return RewardReader(model, tokenizer, template or recorded_template(path), batch_size=batch_size, name=path)
+
+
+def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardReader):
+    """The value model reads the policy's token ids: ``--value-model``, else the reward model when it shares the
+    policy's vocabulary, else the policy's body with a fresh 1-output head."""
+    if config.value_model:
+        path = resolve_model_path(config.value_model, "value-model")
+        model = load_sequence_classifier(path, "value-model")
+    elif reward.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+        model = load_sequence_classifier(reward.model.name_or_path, "reward-model")
+    else:
+        logger.info("reward model has another vocabulary: value model = policy body + a new 1-output head")
+        model = load_sequence_classifier(
+            policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < len(policy_tokenizer):
+        raise UserError(
+            f"value model has {vocab} token embeddings but the policy tokenizer has {len(policy_tokenizer)} tokens; "
+            "pass --value-model with a classifier trained from the policy's tokenizer"
+        )
+    return model
 
 
 def load_ppo_models(config) -> PPOModels:
-    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward model and value model."""
+    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader and value model."""
     policy_path = resolve_model_path(config.policy_model, "policy-model")
-    reward_path = resolve_model_path(config.reward_model, "reward-model")
     tokenizer = load_tokenizer(policy_path, "policy-model")
-    check_tokenizers_agree(tokenizer, load_reward_tokenizer(reward_path), policy_path, reward_path)
+    reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
     policy = load_causal_lm(policy_path, "policy-model")
+    vocab = policy.get_input_embeddings().num_embeddings
+    if vocab < len(tokenizer):
+        raise UserError(
+            f"policy has {vocab} token embeddings but its tokenizer has {len(tokenizer)} tokens; "
+            "they were not trained together"
+        )
+    value_model = load_value_model(config, policy_path, tokenizer, reward)
     if config.use_lora:
         policy, ref_policy = apply_lora(policy, config), None
     else:
         ref_policy = load_causal_lm(policy_path, "policy-model")
-    reward_model = load_sequence_classifier(reward_path, "reward-model")
-    value_model = load_sequence_classifier(reward_path, "reward-model")
-    for name, model in (("reward model", reward_model), ("policy", policy)):
-        vocab = model.get_input_embeddings().num_embeddings
-        if vocab < len(tokenizer):
-            raise UserError(
-                f"{name} has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens; "
-                "they were not trained together"
-            )
-    return PPOModels(tokenizer, policy, ref_policy, value_model, reward_model)
+    return PPOModels(tokenizer, policy, ref_policy, value_model, reward)

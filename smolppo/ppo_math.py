@@ -88,6 +88,7 @@ class PolicyLossStats:
     loss: torch.Tensor
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
+    max_ratio_deviation: torch.Tensor  # max |ratio - 1| over valid tokens
 
 
 def clipped_policy_loss(
@@ -105,7 +106,8 @@ def clipped_policy_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = 0.5 * masked_mean(log_ratio.pow(2), mask)
-    return PolicyLossStats(loss, clip_fraction, approx_kl)
+        max_ratio_deviation = ((ratio - 1.0).abs() * mask).max() if mask.numel() else ratio.new_zeros(())
+    return PolicyLossStats(loss, clip_fraction, approx_kl, max_ratio_deviation)
 
 
 def clipped_value_loss(

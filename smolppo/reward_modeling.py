@@ -1,9 +1,10 @@
-"""Training the reward model with `trl`'s `RewardTrainer`, and measuring it the way PPO will use it.
+"""Training the reward model with `trl`'s `RewardTrainer`, and measuring it the way PPO will read it.
 
-Pairs are tokenised as PPO presents sequences (chat-template prompt + answer + EOS). The classifier's own
-pooling reads the rightmost token that is not ``pad_token_id``; when pad == EOS (SmolLM2) that would skip
-the final EOS, so the reward model is given a distinct pad id and therefore scores the last real token,
-the same token `smolppo.scoring` reads during PPO.
+Each pair is tokenised by `smolppo.rewards.RewardReader.render`: the conversation (system, question, answer)
+through the chat template (``--reward-template``), exactly as `RewardTrainer` renders conversational data, so
+the trained model is read by PPO and evaluation with the code that made its training data. The model keeps the
+tokenizer's pad id (SmolLM2: pad == EOS): its own pooling, used in training and when reading it, then scores the
+last token that is not padding (the newline after the final ``<|im_end|>`` in ChatML).
 """
 
 from __future__ import annotations
@@ -18,28 +19,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from smolppo.data import load_rows, preference_pairs, right_pad
+from smolppo.data import load_rows, row_conversation
 from smolppo.errors import UserError
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
-from smolppo.scoring import TokenScorer
+from smolppo.rewards import PLAIN, REWARD_SUMMARY_FILE, RewardReader, pairwise_check
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "reward_model_summary.json"
-
-
-def distinct_pad_id(tokenizer) -> int:
-    """A special token id other than EOS to pad with, so that padding never hides a real EOS."""
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return tokenizer.pad_token_id
-    for token_id in tokenizer.all_special_ids:
-        if token_id != eos:
-            return token_id
-    raise UserError(
-        "the tokenizer has no special token besides EOS to pad with; the reward model would score the token "
-        "before EOS. Use a tokenizer with an unk/bos/pad token"
-    )
+SUMMARY_FILE = REWARD_SUMMARY_FILE
+PAIR_COLUMNS = ("system", "question", "chosen", "rejected")
 
 
 def split_pairs(pairs: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -52,50 +40,40 @@ def split_pairs(pairs: list[dict], test_size: float, seed: int) -> tuple[list[di
     return [pairs[i] for i in order[held_out:]], [pairs[i] for i in order[:held_out]]
 
 
-@torch.no_grad()
-def last_token_scores(scorer: TokenScorer, sequences: list[list[int]], pad_id: int, batch_size: int = 32):
-    """Reward of each sequence read at its last real token (found from lengths, not from pad ids)."""
-    device = next(scorer.parameters()).device
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        ids, mask = right_pad(chunk, pad_id)
-        positions = (mask.sum(1) - 1)[:, None]
-        position_ids = torch.arange(ids.shape[1]).expand_as(ids)
-        out.append(scorer(ids.to(device), mask.to(device), position_ids.to(device), positions.to(device))[:, 0])
-    return torch.cat(out).cpu()
+def tokenise_pairs(rows: list[dict], reader: RewardReader, max_length: int) -> tuple[list[dict], int]:
+    """``chosen_ids``/``rejected_ids`` of each row as the reward model will read them; returns ``(pairs, number
+    dropped for exceeding max_length)``. Each pair keeps its row for the held-out metrics."""
+    pairs, dropped = [], 0
+    for row in rows:
+        system, question = row_conversation(row)
+        chosen = reader.render(system, question, str(row["chosen"]))
+        rejected = reader.render(system, question, str(row["rejected"]))
+        if max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+            continue
+        pairs.append({"chosen_ids": chosen, "rejected_ids": rejected, "row": row})
+    if dropped:
+        logger.info("dropped %d of %d pairs longer than %d tokens", dropped, len(rows), max_length)
+    if not pairs:
+        raise UserError(f"no preference pair fits max_length={max_length} tokens; raise --max-length")
+    return pairs, dropped
 
 
-def pairwise_metrics(classifier, pairs: list[dict], pad_id: int, batch_size: int = 32) -> dict:
-    """Held-out accuracy (chosen scored above rejected) and mean margin, measured as PPO reads rewards."""
-    scorer = TokenScorer(classifier).eval()
-    chosen = last_token_scores(scorer, [p["chosen_ids"] for p in pairs], pad_id, batch_size)
-    rejected = last_token_scores(scorer, [p["rejected_ids"] for p in pairs], pad_id, batch_size)
-    margin = chosen - rejected
-    return {
-        "pairwise_accuracy": float((margin > 0).float().mean()),
-        "mean_margin": float(margin.mean()),
-        "num_pairs": len(pairs),
-    }
-
-
-def build_reward_datasets(config, tokenizer):
+def build_reward_datasets(config, reader: RewardReader):
     """Train and held-out pairs from the first `num_samples` rows, plus the number dropped for length."""
-    rows = load_rows(config.dataset, config.dataset_split, columns=("system", "question", "chosen", "rejected"))
-    pairs, dropped = preference_pairs(rows[: config.num_samples], tokenizer, config.max_length)
+    rows = load_rows(config.dataset, config.dataset_split, columns=PAIR_COLUMNS)
+    pairs, dropped = tokenise_pairs(rows[: config.num_samples], reader, config.max_length)
     train, test = split_pairs(pairs, config.test_size, config.seed)
     return train, test, dropped
 
 
 def load_reward_init(config):
-    """Tokenizer (with a pad id distinct from EOS) and a 1-output classifier initialised from the policy."""
+    """Tokenizer and a 1-output classifier initialised from the policy (pad id = the tokenizer's)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(config.policy_model, "policy-model")
     tokenizer = load_tokenizer(path, "policy-model")
-    pad_id = distinct_pad_id(tokenizer)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
-    model_config = AutoConfig.from_pretrained(path, num_labels=1, pad_token_id=pad_id)
+    model_config = AutoConfig.from_pretrained(path, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config, dtype=torch.float32)
     return tokenizer, model, path
 
@@ -113,7 +91,8 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
     set_seed(config.seed)
     started = time.time()
     tokenizer, model, policy_path = load_reward_init(config)
-    train, test, dropped = build_reward_datasets(config, tokenizer)
+    reader = RewardReader(model, tokenizer, config.reward_template, config.per_device_eval_batch_size, policy_path)
+    train, test, dropped = build_reward_datasets(config, reader)
     peft_config = lora_config_for(config, model, "SEQ_CLS") if config.use_lora else None
     args = RewardConfig(
         output_dir=config.output_dir,
@@ -147,8 +126,8 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
     trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(test),
+        train_dataset=Dataset.from_list([_ids_only(p) for p in train]),
+        eval_dataset=Dataset.from_list([_ids_only(p) for p in test]),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[TensorBoardCallback(SummaryWriter(log_dir))],
@@ -157,10 +136,12 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
     final = trainer.model
     if hasattr(final, "merge_and_unload"):
         final = final.merge_and_unload()
-    final.config.pad_token_id = tokenizer.pad_token_id
     final.save_pretrained(config.output_dir)
+    if reader.template is not None:
+        tokenizer.chat_template = reader.template  # a custom template becomes the one "chat" reads back
     tokenizer.save_pretrained(config.output_dir)
-    metrics = pairwise_metrics(final.eval(), test, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    final_reader = RewardReader(final.eval(), tokenizer, config.reward_template, config.per_device_eval_batch_size)
+    metrics = asdict(pairwise_check(final_reader, [p["row"] for p in test]))
     writer = SummaryWriter(log_dir)
     for name, value in metrics.items():
         writer.add_scalar(f"heldout/{name}", value, trainer.state.global_step)
@@ -172,6 +153,7 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
         "dropped_too_long": dropped,
         "steps": trainer.state.global_step,
         "policy_model": policy_path,
+        "reward_template": PLAIN if reader.template is None else "chat",  # custom templates are saved as the chat one
         "config": asdict(config),
         "wall_time_s": round(time.time() - started, 2),
         "environment": run_environment(),
@@ -180,3 +162,7 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
     with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _ids_only(pair: dict) -> dict:
+    return {"chosen_ids": pair["chosen_ids"], "rejected_ids": pair["rejected_ids"]}

@@ -7,11 +7,13 @@ after is padding, even where the pad id equals the EOS id (as in SmolLM2).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 
 from smolppo.data import left_pad
+from smolppo.errors import UserError
 
 
 @dataclass
@@ -108,7 +110,7 @@ def build_rollout(
 def sampling_config(
     tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float = 1.0, do_sample: bool = True
 ):
-    """A generation config built from scratch, so no model default (top_k=50, repetition penalty...) leaks in."""
+    """A generation config built from scratch; `generate_rollout` keeps the model's own defaults out of it."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -123,14 +125,45 @@ def sampling_config(
     )
 
 
+@contextmanager
+def model_generation_defaults_off(model):
+    """`generate` fills every field our config leaves unset from ``model.generation_config`` (a checkpoint's
+    repetition_penalty, min_p, no_repeat_ngram_size, ...). Swap in a blank one so only our settings apply."""
+    from transformers import GenerationConfig
+
+    owners = [m for m in (model, getattr(model, "get_base_model", lambda: None)()) if m is not None]
+    saved = [m.generation_config for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, config in zip(owners, saved):
+            m.generation_config = config
+
+
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_config):
+    """`model.generate` with `generation_config` alone: nothing from the model's own generation config."""
+    with model_generation_defaults_off(model):
+        return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+
+
 @torch.no_grad()
 def generate_rollout(model, prompts: list[list[int]], tokenizer, eos_ids: list[int], generation_config) -> Rollout:
     """Sample one response per prompt with `model` (an unwrapped causal LM in eval mode)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
-    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    output = sample(model, prompt_ids, prompt_mask, generation_config)
     responses = output[:, prompt_ids.shape[1] :]
     return build_rollout(prompt_ids, prompt_mask, responses, eos_ids, tokenizer.pad_token_id)
+
+
+def response_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """Each response as text, without its EOS and special tokens: what a reward model reads."""
+    lengths = rollout.response_lengths.tolist()
+    return tokenizer.batch_decode(
+        [row[:length].tolist() for row, length in zip(rollout.responses, lengths)], skip_special_tokens=True
+    )
 
 
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -146,16 +179,42 @@ def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
 
 
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
-    """Logits at the positions that predict each response token: columns ``P-1 .. P+R-2``."""
+    """fp32 logits at the positions that predict each response token: columns ``P-1 .. P+R-2``.
+
+    The transformer body runs in whatever precision autocast chooses; the LM head always runs in fp32 (autocast
+    off), so log-probs and the PPO ratio do not carry bf16 rounding of the largest matmul.
+    """
     width = rollout.responses.shape[1]
-    output = model(
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = body(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         position_ids=rollout.position_ids,
-        logits_to_keep=width + 1,
         use_cache=False,
-    )
-    return output.logits[:, :-1]
+    ).last_hidden_state[:, -(width + 1) : -1]
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = causal_lm.get_output_embeddings()(hidden.float())
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def check_logits_reproduced(model) -> None:
+    """`response_logits` splits body and head: make sure that equals the model's own logits for this architecture."""
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 7, device=device)[None] % model.get_input_embeddings().num_embeddings
+    mask = torch.ones_like(ids)
+    rollout = build_rollout(ids[:, :3], mask[:, :3], ids[:, 3:], eos_ids=[-1], pad_id=0)
+    with torch.no_grad():
+        ours = response_logits(model, rollout)
+        theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 2:5].float()
+    if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
+        raise UserError(
+            f"{type(model).__name__} post-processes its logits in a way smolppo does not reproduce; "
+            "please report the architecture"
+        )
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:

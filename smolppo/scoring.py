@@ -1,8 +1,8 @@
-"""Reward and value heads on prompt+response sequences. The trainer and the evaluation script share this code.
+"""Value predictions on the policy's prompt+response sequences.
 
-A sequence classifier is run as body + head: the head is applied to the hidden states we choose, so the
-reward is read at the last *real* token (found from the masks, never from pad ids) and the value model
-yields one value per response position.
+The value model is a 1-output sequence classifier run as body + head: the head is applied to the hidden state
+before each response token, giving one value per response position. (Rewards are read differently, by the
+reward model's own forward on text: see `smolppo.rewards`.)
 """
 
 from __future__ import annotations
@@ -39,18 +39,7 @@ def value_positions(rollout: Rollout) -> torch.Tensor:
     return cols.expand(len(rollout), -1)
 
 
-def last_token_positions(rollout: Rollout) -> torch.Tensor:
-    """Column of the last real token of each sequence (the last prompt token if the response is empty)."""
-    return (rollout.context_length + rollout.response_lengths - 1)[:, None]
-
-
 def token_values(value_scorer: nn.Module, rollout: Rollout) -> torch.Tensor:
     """Value predictions ``[B, R]`` for each response position (zero past the response)."""
     values = value_scorer(rollout.input_ids, rollout.attention_mask, rollout.position_ids, value_positions(rollout))
     return values * rollout.response_mask
-
-
-def sequence_rewards(reward_scorer: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """Reward model score ``[B]`` of each prompt+response, read at its last real token."""
-    positions = last_token_positions(rollout)
-    return reward_scorer(rollout.input_ids, rollout.attention_mask, rollout.position_ids, positions)[:, 0]

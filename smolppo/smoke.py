@@ -27,7 +27,7 @@ from smolppo.paths import ASSETS_DIR, REPO_DIR
 
 logger = logging.getLogger(__name__)
 
-SMOKE_VERSION = "1"
+SMOKE_VERSION = "2"
 TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tiny_tokenizer")
 SMOKE_DATA = os.path.join(ASSETS_DIR, "orca_smoke.jsonl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -177,6 +177,6 @@ def _build_reward(out_dir: str) -> None:
         layer.self_attn.v_proj.weight[0, 0] = 1.0
         layer.self_attn.o_proj.weight[0, 0] = 1.0
         assert head_dim > 0
-        model.score.weight[0, 0] = 3.0
+        model.score.weight[0, 0] = 30.0
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -33,17 +33,20 @@ from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import use_cpu
 from smolppo.errors import UserError
 from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
+from smolppo.rewards import PairwiseCheck, RewardReader
 from smolppo.rollout import (
     Rollout,
+    check_logits_reproduced,
     generate_rollout,
     pad_response_width,
     response_logits,
     response_logprobs,
+    response_texts,
     sampling_config,
     selective_log_softmax,
     trim_padding,
 )
-from smolppo.scoring import TokenScorer, sequence_rewards, token_values, value_positions
+from smolppo.scoring import TokenScorer, token_values, value_positions
 from smolppo.tracking import MetricsWriter, StageTimer, peak_memory_bytes, run_environment
 
 logger = logging.getLogger(__name__)
@@ -104,10 +107,12 @@ class PolicyAndValue(nn.Module):
 
 
 class PPOTrainer:
-    """PPO for a causal LM against a reward model, with a value model initialised from the reward model.
+    """PPO for a causal LM against a reward model, with a value model trained alongside the policy.
 
     `policy` may be a PEFT model (LoRA); then `ref_policy` is None and the reference is the same network
-    with its adapters disabled. `value_model` and `reward_model` are 1-output sequence classifiers.
+    with its adapters disabled. `value_model` is a 1-output sequence classifier over the policy's tokens;
+    `reward` reads the reward model on the response text (see `smolppo.rewards`). `reward_check` is the
+    start-up pairwise check, logged at step 0 and kept in the run summary.
     """
 
     def __init__(
@@ -116,10 +121,11 @@ class PPOTrainer:
         tokenizer,
         policy,
         value_model,
-        reward_model,
+        reward: RewardReader,
         prompts: PromptSet,
         ref_policy=None,
         accelerator: Accelerator | None = None,
+        reward_check: PairwiseCheck | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -142,6 +148,7 @@ class PPOTrainer:
         self.generation_config = sampling_config(tokenizer, self.eos_ids, config.max_new_tokens, config.temperature)
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("ref_policy is required unless the policy is a PEFT (LoRA) model")
+        check_logits_reproduced(policy)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
             enable_gradient_checkpointing(value_model)
@@ -166,7 +173,9 @@ class PPOTrainer:
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.reward_scorer = TokenScorer(reward_model).to(acc.device).eval().requires_grad_(False)
+        self.reward = reward
+        reward.model.to(acc.device)
+        self.reward_check = reward_check
         self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
         if config.adaptive_kl:
             self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
@@ -174,7 +183,7 @@ class PPOTrainer:
             self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
         self.resolved_paths = {
             "policy_model": _absolute(self.policy.name_or_path),
-            "reward_model": _absolute(reward_model.name_or_path),
+            "reward_model": _absolute(reward.model.name_or_path),
         }
         self.update = 0
         self.episodes = 0
@@ -201,10 +210,11 @@ class PPOTrainer:
             return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> torch.Tensor:
-        """Stage 2: reward model score ``[B]`` at each sequence's last real token."""
+    def score(self, rollout: Rollout, conversations: list[tuple[str, str]]) -> torch.Tensor:
+        """Stage 2: reward model score ``[B]`` of each (system, question) prompt with its decoded response."""
         with self.timer.stage("reward"), self.accelerator.autocast():
-            scores = self._in_chunks(lambda chunk: sequence_rewards(self.reward_scorer, chunk), rollout)
+            texts = response_texts(self.tokenizer, rollout)
+            scores = self.reward.score(conversations, texts).to(rollout.input_ids.device)
         if self.config.missing_eos_score is not None:
             scores = torch.where(
                 rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
@@ -255,7 +265,9 @@ class PPOTrainer:
                     stats = self._train_micro_batch(batch)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(value)
-        return {key: float(np.mean(values)) for key, values in totals.items()}
+        result = {key: float(np.mean(values)) for key, values in totals.items()}
+        result["first_ratio_deviation"] = totals["max_ratio_deviation"][0]
+        return result
 
     def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
         cfg, acc, rollout = self.config, self.accelerator, batch.rollout
@@ -285,6 +297,7 @@ class PPOTrainer:
             value_loss=value_loss.item(),
             clip_fraction=policy.clip_fraction.item(),
             approx_kl=policy.approx_kl.item(),
+            max_ratio_deviation=policy.max_ratio_deviation.item(),
             value_clip_fraction=value_clip.item(),
             entropy=entropy.item(),
         )
@@ -293,9 +306,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one update
     def step(self) -> dict[str, float]:
         """Run one full PPO update (stages 1-5) and return its metrics."""
-        prompts = [self.prompts.input_ids[i] for i in self.sampler.indices(self.update)]
-        rollout = self.rollout(prompts)
-        scores = self.score(rollout)
+        indices = self.sampler.indices(self.update)
+        rollout = self.rollout([self.prompts.input_ids[i] for i in indices])
+        scores = self.score(rollout, [self.prompts.conversations[i] for i in indices])
         exp = self.advantages(rollout, scores, *self.kl(rollout))
         with self.timer.stage("update"):
             train_stats = self.optimise(exp)
@@ -313,6 +326,7 @@ class PPOTrainer:
                 "loss/value": train_stats["value_loss"],
                 "policy/clip_fraction": train_stats["clip_fraction"],
                 "policy/approx_kl": train_stats["approx_kl"],
+                "policy/first_ratio_deviation": train_stats["first_ratio_deviation"],
                 "policy/entropy": train_stats["entropy"],
                 "value/clip_fraction": train_stats["value_clip_fraction"],
                 "grad_norm": train_stats.get("grad_norm", float("nan")),
@@ -358,6 +372,11 @@ class PPOTrainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             checkpointing.remove_stale_staging(cfg.output_dir)
             self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), purge_step=self.update + 1)
+            if self.reward_check is not None and self.update == 0:
+                check = self.reward_check
+                self.writer.scalars(
+                    {"reward_model/pairwise_accuracy": check.pairwise_accuracy, "reward_model/margin": check.margin}, 0
+                )
         from tqdm.auto import tqdm
 
         progress = tqdm(
@@ -547,7 +566,8 @@ class PPOTrainer:
 
     @contextmanager
     def _observe_precision(self):
-        """On the first update forward, record the dtype the LM head computes in and whether checkpointing is on."""
+        """On the first update forward, record the dtype of the body's matmuls and of the LM head (always fp32),
+        and whether activation checkpointing is on."""
         if self.observed:
             yield
             return
@@ -558,14 +578,22 @@ class PPOTrainer:
             checkpointing_on = base.is_gradient_checkpointing
         self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
 
-        def record(module, inputs, output):
-            self.observed.setdefault("update_matmul_dtype", str(output.dtype))
+        def recorder(key):
+            def record(module, inputs, output):
+                self.observed.setdefault(key, str(output.dtype))
 
-        handle = base.get_output_embeddings().register_forward_hook(record)
+            return record
+
+        body_linear = next(m for m in getattr(base, base.base_model_prefix).modules() if isinstance(m, nn.Linear))
+        handles = [
+            body_linear.register_forward_hook(recorder("update_matmul_dtype")),
+            base.get_output_embeddings().register_forward_hook(recorder("lm_head_dtype")),
+        ]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def _remember_samples(self, exp: Experience) -> None:
         count = min(self.config.num_logged_samples, len(exp.rollout))
@@ -596,6 +624,8 @@ class PPOTrainer:
             "wall_time_s": round(wall_time, 2),
             "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
             "final_metrics": metrics,
+            "reward_model_check": asdict(self.reward_check) if self.reward_check else None,
+            "reward_template": self.reward.template_name,
             "kl_coef": self.kl_controller.value,
             "observed": self.observed,
             "environment": run_environment(),

@@ -7,10 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from smolppo.reward_modeling import distinct_pad_id, last_token_scores, split_pairs
-from smolppo.scoring import TokenScorer
+from smolppo.reward_modeling import split_pairs
 from tests.conftest import run_script
 
 
@@ -26,38 +24,37 @@ def test_held_out_accuracy_clearly_above_chance(reward_run):
     summary = json.loads((reward_run / "reward_model_summary.json").read_text())
     assert summary["heldout"]["num_pairs"] >= 20
     assert summary["heldout"]["pairwise_accuracy"] >= 0.8
-    assert summary["heldout"]["mean_margin"] > 0
+    assert summary["heldout"]["margin"] > 0
+    assert summary["reward_template"] == "chat"
     acc = EventAccumulator(str(reward_run / "logs"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert "heldout/pairwise_accuracy" in tags and "heldout/mean_margin" in tags
+    assert "heldout/pairwise_accuracy" in tags and "heldout/margin" in tags
     assert acc.Scalars("heldout/pairwise_accuracy")[-1].value == summary["heldout"]["pairwise_accuracy"]
     assert len([d for d in os.listdir(reward_run) if d.startswith("checkpoint-")]) == 1  # save_total_limit=1
 
 
-def test_saved_model_scores_the_last_real_token(reward_run):
-    """The classifier's own pooling (what RewardTrainer trains) reads the same token PPO reads: the final EOS."""
+def test_saved_model_is_read_by_its_own_forward(reward_run):
+    """PPO's reading of the saved model is the model's own forward on the chat-rendered conversation."""
+    from smolppo.models import load_reward_reader, load_tokenizer
+    from smolppo.smoke import load_smoke_rows
+
     model = AutoModelForSequenceClassification.from_pretrained(reward_run).eval()
     tokenizer = AutoTokenizer.from_pretrained(reward_run)
     assert model.config.num_labels == 1
-    assert model.config.pad_token_id != tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    sequences = [[40, 41, 42, eos], [50, 51, eos], [60, 61, 62, 63, 64, 65, eos]]
-    batch = DataCollatorForPreference(pad_token_id=model.config.pad_token_id)(
-        [{"chosen_ids": sequences[0], "rejected_ids": sequences[1]}, {"chosen_ids": sequences[2], "rejected_ids": [7]}]
-    )
+    assert model.config.pad_token_id == tokenizer.eos_token_id  # kept as RewardTrainer leaves it (SmolLM2-style)
+    reader = load_reward_reader(str(reward_run), None, load_tokenizer(str(reward_run)))
+    rows = load_smoke_rows()[:5]
+    ours = reader.score([(r["system"], r["question"]) for r in rows], [r["chosen"] for r in rows])
     with torch.no_grad():
-        pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-        ours = last_token_scores(TokenScorer(model), sequences, model.config.pad_token_id)
-        # and reading before the EOS would give something else
-        before_eos = last_token_scores(TokenScorer(model), [s[:-1] for s in sequences], model.config.pad_token_id)
-    torch.testing.assert_close(pooled[[0, 2, 1]], ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(ours, before_eos)
-
-
-def test_pad_is_distinct_from_eos(tokenizer):
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SmolLM2-style tokenizer
-    assert distinct_pad_id(tokenizer) != tokenizer.eos_token_id
+        for row, score in zip(rows, ours):
+            conversation = [{"role": "system", "content": row["system"]}] if row["system"] else []
+            conversation += [
+                {"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": row["chosen"]},
+            ]
+            inputs = tokenizer.apply_chat_template(conversation, return_dict=True, return_tensors="pt")
+            torch.testing.assert_close(model(**inputs).logits[0, 0], score, atol=1e-4, rtol=1e-4)
 
 
 def test_split_is_seeded_and_disjoint():

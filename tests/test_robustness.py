@@ -182,17 +182,6 @@ def test_non_finite_reward_stops_without_saving_nan(tmp_path, smoke_paths):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def _bad_tokenizer_reward(tmp_path, smoke_paths):
-    from smolppo.smoke import build_tokenizer
-
-    path = tmp_path / "other_tokenizer_reward"
-    shutil.copytree(smoke_paths["reward"], path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (path / name).unlink(missing_ok=True)
-    build_tokenizer(str(path), vocab_size=300)
-    return str(path)
-
-
 def _bad_columns_file(tmp_path, smoke_paths):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "hi", "answer": "yo"}) + "\n")
@@ -205,7 +194,7 @@ BAD_INPUTS = {
         "policy model './missing/policy' does not exist",
     ),
     "reward not a 1-output classifier": (lambda t, s: ["--reward-model", s["policy"]], "has 2 outputs"),
-    "tokenizers disagree": (lambda t, s: ["--reward-model", _bad_tokenizer_reward(t, s)], "tokenizers of policy"),
+    "reward template": (lambda t, s: ["--reward-template", "chatml"], "--reward-template 'chatml' is not chat"),
     "dataset columns": (lambda t, s: ["--dataset", _bad_columns_file(t, s)], "lacks column(s) ['system', 'question']"),
     "all prompts too long": (lambda t, s: ["--max-prompt-length", "5"], "raise --max-prompt-length"),
     "batch sizes": (lambda t, s: ["--mini-batch-size", "5"], "must be a multiple of mini_batch_size"),

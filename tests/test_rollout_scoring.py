@@ -13,7 +13,7 @@ from smolppo.rollout import (
     sampling_config,
     selective_log_softmax,
 )
-from smolppo.scoring import TokenScorer, sequence_rewards, token_values
+from smolppo.scoring import TokenScorer, token_values
 
 EOS = 2
 
@@ -66,23 +66,30 @@ def test_logprobs_do_not_depend_on_left_padding(smoke_paths, tokenizer):
     assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_reward_is_read_at_last_real_token(smoke_paths, tokenizer):
-    """Same scores as the model's own pooling on each unpadded sequence, whatever the padding."""
-    reward_model = load_sequence_classifier(smoke_paths["reward"]).eval()
-    scorer = TokenScorer(reward_model)
-    eos = tokenizer.eos_token_id
-    prompts = [[40, 41, 42, 43, 44], [50, 51]]
-    responses = [[60, 61, eos], [70, 71, 72, 73, 74]]  # one ended with EOS (== pad), one truncated
-    rollout = _rollout_for(prompts, responses, tokenizer)
+def test_rollout_samples_only_with_temperature_whatever_the_model_generation_config_says(smoke_paths, tokenizer):
+    """A checkpoint's repetition_penalty / min_p / no_repeat_ngram_size must not reshape what the rollout samples:
+    the distribution generate() actually sampled from equals log_softmax(logits / T), the recorded log-probs."""
+    from smolppo.rollout import sample
+
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    policy.generation_config.repetition_penalty = 3.0
+    policy.generation_config.min_p = 0.3
+    policy.generation_config.no_repeat_ngram_size = 2
+    policy.generation_config.top_k = 5
+    eos = [tokenizer.eos_token_id]
+    config = sampling_config(tokenizer, eos, max_new_tokens=10, temperature=0.7)
+    config.output_scores, config.return_dict_in_generate = True, True
+    prompt_ids, prompt_mask = left_pad([[40, 41, 42, 40, 41], [50, 51]], tokenizer.pad_token_id)
+    torch.manual_seed(0)
     with torch.no_grad():
-        ours = sequence_rewards(scorer, rollout)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            ids = torch.tensor([p + r])
-            # The model's own pooling would treat a trailing EOS as padding, so read its per-token scores.
-            hidden = reward_model.model(input_ids=ids).last_hidden_state
-            expected = reward_model.score(hidden)[0, -1, 0]
-            assert_close(ours[i], expected, atol=1e-5, rtol=1e-5)
-    assert ours[0] != ours[1]
+        output = sample(policy, prompt_ids, prompt_mask, config)
+        rollout = build_rollout(prompt_ids, prompt_mask, output.sequences[:, 5:], eos, tokenizer.pad_token_id)
+        sampled_from = torch.log_softmax(torch.stack(output.scores, 1).float(), -1)
+        sampled_from = sampled_from.gather(-1, rollout.responses[..., None]).squeeze(-1) * rollout.response_mask
+        recorded = response_logprobs(policy, rollout, 0.7)
+    assert rollout.response_mask.sum() >= 10
+    assert_close(sampled_from, recorded, atol=1e-5, rtol=1e-5)
+    assert policy.generation_config.repetition_penalty == 3.0  # the model's own config is left as it was
 
 
 def test_values_cover_response_positions_only(smoke_paths, tokenizer):

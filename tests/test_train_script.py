@@ -64,7 +64,12 @@ def test_smoke_run_checkpoints_and_summary(smoke_run):
     assert summary["status"] == "finished" and summary["updates"] == 40 and summary["episodes"] == 640
     assert summary["config"]["reward_model"] == "smoke:reward"
     assert summary["environment"]["torch"] and summary["peak_memory_bytes"] > 0
-    assert summary["observed"] == {"gradient_checkpointing_active": False, "update_matmul_dtype": "torch.float32"}
+    assert summary["observed"] == {
+        "gradient_checkpointing_active": False,
+        "update_matmul_dtype": "torch.float32",
+        "lm_head_dtype": "torch.float32",
+    }
+    assert summary["reward_model_check"]["pairwise_accuracy"] >= 0.9 and summary["reward_template"] == "chat"
     assert set(KEY_SCALARS) <= set(summary["final_metrics"])
 
 
@@ -88,7 +93,11 @@ def test_lora_run_with_bf16_and_checkpointing_writes_an_adapter(lora_run):
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     assert any("lora_" in n for n, _ in model.named_parameters())
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["observed"] == {"gradient_checkpointing_active": True, "update_matmul_dtype": "torch.bfloat16"}
+    assert summary["observed"] == {
+        "gradient_checkpointing_active": True,
+        "update_matmul_dtype": "torch.bfloat16",
+        "lm_head_dtype": "torch.float32",
+    }
 
 
 def test_missing_reward_model_is_one_clear_line(tmp_path):

@@ -27,9 +27,9 @@ def make_trainer(tmp_path, *flags):
 
 
 def experience(trainer):
-    prompts = [trainer.prompts.input_ids[i] for i in trainer.sampler.indices(trainer.update)]
-    rollout = trainer.rollout(prompts)
-    scores = trainer.score(rollout)
+    indices = trainer.sampler.indices(trainer.update)
+    rollout = trainer.rollout([trainer.prompts.input_ids[i] for i in indices])
+    scores = trainer.score(rollout, [trainer.prompts.conversations[i] for i in indices])
     return trainer.advantages(rollout, scores, *trainer.kl(rollout))
 
 
@@ -53,7 +53,8 @@ def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
     # Before any update the rollout policy is the reference: the log-ratio (k1 KL) is zero.
     torch.testing.assert_close(exp.old_logprobs, exp.ref_logprobs)
     stats = trainer.optimise(exp)
-    # In the first minibatch the new policy equals the rollout policy, so not every token is clipped.
+    # In the first micro-batch the new policy is the rollout policy: the ratio is 1 on every token (fp32).
+    assert stats["first_ratio_deviation"] <= 1e-6
     assert 0.0 <= stats["clip_fraction"] < 1.0
     for key, value in trainer.ref_policy.state_dict().items():
         torch.testing.assert_close(value, ref_before[key])
@@ -107,6 +108,8 @@ def test_bf16_autocast_takes_effect(tmp_path):
     trainer = make_trainer(tmp_path, "--bf16")
     metrics = trainer.step()
     assert trainer.observed["update_matmul_dtype"] == "torch.bfloat16"
+    assert trainer.observed["lm_head_dtype"] == "torch.float32"  # log-probs come from an fp32 head
+    assert metrics["policy/first_ratio_deviation"] < 1e-3
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # fp32 master weights
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl_divergence"])
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -1,0 +1,171 @@
+"""Reading a reward model exactly as it was trained. PPO, evaluation and reward-model training all use this.
+
+A response is scored as text, not as the policy's token ids: the conversation
+``[system (if any), user = question, assistant = response]`` is rendered with the *reward model's* tokenizer
+and chat template, exactly as trl's `RewardTrainer` renders conversational training pairs, tokenised by that
+tokenizer, right-padded with the reward model's own pad id, and passed through the model's own forward, so the
+score comes from the model's own pooling (the last token that is not ``config.pad_token_id``). A reward model
+with a different tokenizer, vocabulary or chat template than the policy therefore works unchanged.
+
+Reward models trained on other layouts are read with ``reward_template``:
+
+* ``chat`` (default): the reward tokenizer's own chat template;
+* ``plain``: the prompt text (rendered as PPO shows it) followed by the response and the EOS token, tokenised
+  as `RewardTrainer` tokenises non-conversational text;
+* anything else: a Jinja chat template, given inline or as the path of a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from smolppo.data import render_prompt, right_pad, row_conversation
+from smolppo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CHAT, PLAIN = "chat", "plain"
+REWARD_SUMMARY_FILE = "reward_model_summary.json"
+TEMPLATE_FIX = "pass --reward-template plain (prompt + response + EOS) or --reward-template FILE.jinja"
+
+
+def conversation(system: str, question: str, response: str) -> list[dict]:
+    """The messages a reward model reads for one response (the system turn only when there is one)."""
+    system = (system or "").strip()
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+
+
+def recorded_template(path: str) -> str | None:
+    """The ``reward_template`` that train_reward_model.py trained the model at `path` with, if it says so."""
+    import json
+
+    for directory in (path, os.path.dirname(os.path.abspath(path))):
+        summary = os.path.join(directory, REWARD_SUMMARY_FILE)
+        if os.path.isfile(summary):
+            try:
+                with open(summary, encoding="utf-8") as f:
+                    return json.load(f).get("reward_template")
+            except (OSError, ValueError, AttributeError):
+                return None
+    return None
+
+
+def resolve_template(template: str | None, tokenizer, model_name: str) -> str | None:
+    """The Jinja template to render with (None for ``plain``), failing with one line when there is none."""
+    template = template or CHAT
+    if template == PLAIN:
+        return None
+    if template == CHAT:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"reward model {model_name!r} has no chat template to render the conversation with; {TEMPLATE_FIX}"
+            )
+        return tokenizer.chat_template
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template:
+        raise UserError(f"--reward-template {template!r} is not chat, plain, a Jinja template or an existing file")
+    return template
+
+
+class RewardReader:
+    """Scores ``(system, question, response text)`` triples with a sequence classifier, as it was trained."""
+
+    def __init__(self, model, tokenizer, template: str | None = None, batch_size: int = 16, name: str = "reward"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template_name = template or CHAT
+        self.template = resolve_template(template, tokenizer, name)
+        self.batch_size = batch_size
+        self.pad_id = model.config.pad_token_id
+        if self.pad_id is None and tokenizer.pad_token_id is not None:
+            logger.warning("reward model %s has no pad_token_id: sequences are scored one at a time", name)
+
+    def render(self, system: str, question: str, response: str) -> list[int]:
+        """Token ids of one conversation, as `RewardTrainer` tokenises a training pair."""
+        if self.template is None:
+            text = render_prompt(self.tokenizer, system, question) + response
+            if not text.endswith(self.tokenizer.eos_token):
+                text += self.tokenizer.eos_token
+            return self.tokenizer(text)["input_ids"]
+        messages = conversation(system, question, response)
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"the reward template renders a conversation as nothing; {TEMPLATE_FIX}")
+        return ids
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        """The model's own output for each token sequence, ``[N]`` float32 on the CPU."""
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        batch_size = self.batch_size if self.pad_id is not None else 1
+        scores = torch.empty(len(sequences), dtype=torch.float32)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                ids, mask = right_pad([sequences[i] for i in chunk], self.pad_id if self.pad_id is not None else 0)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                scores[chunk] = logits[:, 0].float().cpu()
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def score(self, prompts: list[tuple[str, str]], responses: list[str]) -> torch.Tensor:
+        """Scores ``[N]`` of each ``(system, question)`` prompt with its response text."""
+        return self.score_ids([self.render(s, q, r) for (s, q), r in zip(prompts, responses)])
+
+
+@dataclass
+class PairwiseCheck:
+    pairwise_accuracy: float
+    margin: float
+    num_pairs: int
+
+
+def pairwise_check(reader: RewardReader, rows: list[dict]) -> PairwiseCheck:
+    """Share of ORCA rows whose ``chosen`` answer the reward model scores above ``rejected``, and the mean margin."""
+    prompts = [row_conversation(row) for row in rows]
+    chosen = reader.score(prompts, [str(row["chosen"]) for row in rows])
+    rejected = reader.score(prompts, [str(row["rejected"]) for row in rows])
+    margin = chosen - rejected
+    return PairwiseCheck(float((margin > 0).float().mean()), float(margin.mean()), len(rows))
+
+
+def check_reward_model(reader: RewardReader, rows: list[dict], min_accuracy: float | None) -> PairwiseCheck | None:
+    """Start-up check on held-out chosen/rejected rows: log it, warn below 0.6, refuse below `min_accuracy`."""
+    if not rows:
+        logger.info("reward-model check skipped: no held-out rows with chosen/rejected answers")
+        return None
+    check = pairwise_check(reader, rows)
+    logger.info(
+        "reward-model check: chosen beats rejected on %.1f%% of %d held-out pairs, mean margin %+.3f",
+        100 * check.pairwise_accuracy,
+        check.num_pairs,
+        check.margin,
+    )
+    if check.pairwise_accuracy < 0.6:
+        logger.warning(
+            "the reward model ranks chosen above rejected on only %.0f%% of %d held-out pairs: it is probably not "
+            "being read as it was trained (conversation format %r, or the token it pools at). If it was trained on "
+            "another layout, %s; if it is simply weak, expect PPO to optimise noise",
+            100 * check.pairwise_accuracy,
+            check.num_pairs,
+            reader.template_name,
+            TEMPLATE_FIX,
+        )
+    if min_accuracy is not None and check.pairwise_accuracy < min_accuracy:
+        raise UserError(
+            f"reward model pairwise accuracy {check.pairwise_accuracy:.3f} on {check.num_pairs} held-out pairs is "
+            f"below --min-reward-accuracy {min_accuracy}; fix --reward-template or --reward-model, or lower the bar"
+        )
+    return check
