@@ -107,6 +107,7 @@ class CommonConfig:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        _finite(self)
         _positive(self, "num_samples", "max_prompt_length", "lora_r", "lora_alpha", "num_train_epochs")
         _positive(self, "logging_steps", "save_steps", "save_total_limit")
         if not self.learning_rate > 0:
@@ -138,6 +139,13 @@ class PPOConfig(CommonConfig):
     )
     min_reward_accuracy: Optional[float] = field(
         default=None, metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this.")
+    )
+    allow_config_change: bool = field(
+        default=False,
+        metadata=_help("On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json)."),
+    )
+    discard_newer_checkpoints: bool = field(
+        default=False, metadata=_help("Resume from an older checkpoint and delete the checkpoints after it.")
     )
     # Batches (per process)
     rollout_batch_size: int = field(default=64, metadata=_help("Prompts generated for in one PPO update."))
@@ -268,6 +276,14 @@ class Schedule:
     warmup_updates: int
 
 
+def _finite(cfg) -> None:
+    """Every float setting must be a real number: inf and nan pass `> 0` checks but wreck training."""
+    for name in cfg.__dataclass_fields__:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 def _positive(cfg, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -385,6 +401,7 @@ class EvalConfig:
     debug: bool = field(default=False, metadata=_help("Show full tracebacks instead of one-line errors."))
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive(self, "num_prompts", "max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples")
         if self.num_completions < 2:
             raise ValueError(f"num_completions must be at least 2 to rank BEST/WORST, got {self.num_completions}")

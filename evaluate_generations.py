@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from config import EvalConfig
 from smolppo.cli import parse_config, run_main
@@ -25,11 +24,11 @@ logger = logging.getLogger("evaluate_generations")
 def main() -> int:
     config = parse_config(EvalConfig)
 
-    from smolppo.evaluation import default_output_path, evaluate, format_table
+    from smolppo.evaluation import check_output_writable, default_output_path, evaluate, format_table
 
-    report = evaluate(config)
     output = default_output_path(config)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    check_output_writable(output)
+    report = evaluate(config)
     with open(output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     print(format_table(report))

@@ -15,6 +15,7 @@ import os
 
 from config import PlotConfig
 from smolppo.cli import parse_config, run_main
+from smolppo.errors import UserError
 
 logger = logging.getLogger("plot_training_progress")
 
@@ -31,6 +32,11 @@ def main() -> int:
     base_dir = os.path.dirname(first) if os.path.basename(first) == "logs" else first
     output = config.output or os.path.join(base_dir, "training_progress.png")
     csv = config.csv or os.path.join(os.path.dirname(os.path.abspath(output)), "training_scalars.csv")
+    for path in (output, csv):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the directory of {path!r}: {exc.strerror}; choose another path") from exc
     figure.savefig(output, dpi=120)
     frame.to_csv(csv, index=False)
     for tag in empty:

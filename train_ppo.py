@@ -26,25 +26,30 @@ def main() -> int:
     config = parse_config(PPOConfig, presets=PRESET_VALUES)
 
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
-    from smolppo.checkpointing import check_output_dir, clear_output_dir
+    from smolppo import output_dir
     from smolppo.distributed import use_cpu
     from smolppo.paths import resolve_smoke_path
-    from smolppo.pipeline import build_ppo_trainer
-    from smolppo.trainer import SUMMARY_FILE
+    from smolppo.pipeline import build_ppo_trainer, check_output_dir_for, plan_resume
 
     state = PartialState(cpu=use_cpu())  # one process, or one of several under `accelerate launch`
-    resume_from = check_output_dir(
-        config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
-    )
-    with state.main_process_first():  # smoke models are built once, by the main process
-        for name in (config.policy_model, config.reward_model, config.dataset):
-            resolve_smoke_path(name)
-    trainer = build_ppo_trainer(config)
-    if config.overwrite_output_dir and not resume_from and state.is_main_process:
-        clear_output_dir(config.output_dir)
-    state.wait_for_everyone()
-    summary = trainer.train(resume_from=resume_from)
+    resume_from = check_output_dir_for(config)
+    with output_dir.run_lock(config.output_dir, enabled=state.is_main_process):
+        plan = plan_resume(config, resume_from, deepspeed=state.distributed_type == DistributedType.DEEPSPEED)
+        with state.main_process_first():  # smoke models are built once, by the main process
+            for name in (config.policy_model, config.reward_model, config.dataset):
+                resolve_smoke_path(name)
+        trainer = build_ppo_trainer(config)
+        trainer.config_changes = plan.changes
+        if state.is_main_process:
+            if config.overwrite_output_dir and not plan.checkpoint:
+                output_dir.clear(config.output_dir)
+            for path in plan.discard:
+                logger.warning("discarding %s (newer than the checkpoint resumed from)", path)
+                output_dir.remove_entry(path)
+        state.wait_for_everyone()
+        summary = trainer.train(resume_from=plan.checkpoint)
     summary_metrics = summary["final_metrics"]
     if state.is_main_process:
         logger.info(

@@ -26,15 +26,28 @@ logger = logging.getLogger("train_reward_model")
 def main() -> int:
     config = parse_config(RewardModelConfig, presets=REWARD_PRESET_VALUES)
 
-    from smolppo.checkpointing import check_output_dir, clear_output_dir
+    from smolppo import output_dir
+    from smolppo.checkpointing import check_output_dir, latest_checkpoint
     from smolppo.reward_modeling import SUMMARY_FILE, train_reward_model
 
     resume_from = check_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
     )
-    if config.overwrite_output_dir and not resume_from:
-        clear_output_dir(config.output_dir)
-    summary = train_reward_model(config, resume_from=resume_from)
+    clear = config.overwrite_output_dir and not resume_from
+    if clear:
+        output_dir.check_overwrite(config.output_dir, {"policy-model": config.policy_model, "dataset": config.dataset})
+    with output_dir.run_lock(config.output_dir):
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(config.output_dir)
+        summary = train_reward_model(config, resume_from=resume_from, clear_output=clear)
+    if summary["status"] == "interrupted":
+        logger.warning(
+            "stopped by %s after step %d; checkpoint saved. Resume with: python train_reward_model.py <same flags> "
+            "--resume-from-checkpoint latest",
+            summary["signal"],
+            summary["steps"],
+        )
+        return 130
     heldout = summary["heldout"]
     logger.info(
         "held-out pairwise accuracy %.3f, margin %+.3f on %d pairs; model in %s",

@@ -1,8 +1,9 @@
-"""Checkpoint directories: atomic writes, discovery of the newest complete one, rotation.
+"""Checkpoint directories: atomic writes, validation, discovery of the newest usable one, rotation, resume rules.
 
-A checkpoint is written into a hidden temporary directory and renamed into place only when complete, so
-a crash mid-save never leaves a ``checkpoint-N`` that resume could pick. Rotation runs after the rename and
-only ever removes older checkpoints.
+A checkpoint is written into a hidden staging directory and renamed into place only when complete, so a
+crash mid-save never leaves a ``checkpoint-N`` that resume could pick. Rotation runs after the rename, only
+ever removes older checkpoints, and renames each before deleting it. A damaged newest checkpoint is passed
+over (saying so) for the previous complete one.
 """
 
 from __future__ import annotations
@@ -14,12 +15,38 @@ import re
 import shutil
 from collections.abc import Callable
 
+from smolppo.errors import UserError
+from smolppo.output_dir import STAGING_PREFIX, remove_entry
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 RUN_SUMMARY_FILE = "run_summary.json"  # written by a PPO run when it ends (finished or interrupted)
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+# Config fields that may differ when resuming: they change bookkeeping or the run's length, not its numbers.
+RESUME_FREE_FIELDS = {
+    "preset",
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "allow_config_change",
+    "discard_newer_checkpoints",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "num_logged_samples",
+    "sample_logging_steps",
+    "debug",
+    "max_updates",
+    "num_train_epochs",
+    "max_steps",
+    "reward_check_pairs",
+    "min_reward_accuracy",
+    "eval_steps",
+}
+RESUME_FIXED_FIELDS = {"use_lora", "lora_r", "lora_target_modules"}  # the saved weights' shapes depend on them
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -44,12 +71,11 @@ def save_checkpoint(output_dir: str, step: int, write: Callable[[str], None], sa
     """Call ``write(tmp_dir)``, then rename it to ``checkpoint-<step>`` and rotate old checkpoints."""
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    staging = os.path.join(output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    staging = os.path.join(output_dir, f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     write(staging)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    remove_entry(final)
     os.replace(staging, final)
     rotate_checkpoints(output_dir, save_total_limit)
     return final
@@ -60,16 +86,112 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int) -> None:
     checkpoints = list_checkpoints(output_dir)
     for _, path in checkpoints[: max(0, len(checkpoints) - max(1, save_total_limit))]:
         logger.info("removing old checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_entry(path)
 
 
-def remove_stale_staging(output_dir: str) -> None:
-    """Remove half-written checkpoint directories left by a crash."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith(f".tmp-{CHECKPOINT_PREFIX}"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
+    """Why the PPO checkpoint at `path` cannot be resumed from, or None when it looks complete."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["update"]), state["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is missing or unreadable"
+    required = ["scheduler.pt", "rng_state.pt", os.path.join("value_model", "model.safetensors")]
+    if needs_optimizer:
+        required.append("optimizer.pt")
+    weights = "adapter_model.safetensors" if state["config"].get("use_lora") else "model.safetensors"
+    for name in [weights, *required]:
+        if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(os.path.join(path, name), framework="pt") as f:
+                    f.keys()
+            except Exception:  # noqa: BLE001 - any parse failure means a damaged file
+                return f"{name} is damaged"
+    return None
+
+
+def resolve_resume(output_dir: str, resume_from: str, needs_optimizer: bool = True) -> str:
+    """The checkpoint to resume from: 'latest' = the newest usable one (damaged newer ones are named and skipped)."""
+    if resume_from != "latest":
+        problem = checkpoint_problem(resume_from, needs_optimizer) if os.path.isdir(resume_from) else "no such dir"
+        if problem:
+            raise UserError(
+                f"cannot resume from {resume_from!r}: {problem}; pass another checkpoint-N directory or 'latest'"
+            )
+        return resume_from
+    checkpoints = list_checkpoints(output_dir)
+    for _, path in reversed(checkpoints):
+        problem = checkpoint_problem(path, needs_optimizer)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, problem)
+    raise UserError(
+        f"no usable checkpoint in {output_dir!r} to resume from; drop --resume-from-checkpoint to start a new run"
+    )
+
+
+def newer_checkpoints(output_dir: str, path: str) -> list[str]:
+    """Checkpoints in `output_dir` after the one at `path` (a branch point when resuming from `path`)."""
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not match or os.path.realpath(os.path.dirname(os.path.normpath(path))) != os.path.realpath(output_dir):
+        return []
+    step = int(match.group(1))
+    return [p for s, p in list_checkpoints(output_dir) if s > step]
+
+
+def recorded_config(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)["config"]
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """``(field, old, new)`` for every field that changes the run's numbers between a checkpoint and now."""
+    return [
+        (key, old.get(key), value)
+        for key, value in sorted(new.items())
+        if key not in RESUME_FREE_FIELDS and key in old and old[key] != value
+    ]
+
+
+def check_resume_config(path: str, config: dict, allow_changes: bool) -> list[tuple[str, object, object]]:
+    """Refuse a resume whose flags differ from the checkpoint's, unless `allow_changes`; return the changes."""
+    changes = config_changes(recorded_config(path), config)
+    described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    fixed = [k for k, _, _ in changes if k in RESUME_FIXED_FIELDS]
+    if fixed:
+        raise UserError(
+            f"cannot resume {path!r} with other {', '.join(fixed)} ({described}): its saved weights have another "
+            "shape; resume with the checkpoint's settings"
+        )
+    if changes and not allow_changes:
+        raise UserError(
+            f"resuming {path!r} with changed settings ({described}); resume with the checkpoint's settings, or pass "
+            "--allow-config-change to apply the new ones (recorded in run_summary.json)"
+        )
+    for key, old, new in changes:
+        logger.warning("resume applies a changed setting: %s %r -> %r", key, old, new)
+    return changes
+
+
+def read_summary(output_dir: str, summary_file: str) -> dict | None:
+    path = os.path.join(output_dir, summary_file)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("not an object")
+        return summary
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{path!r} is unreadable ({exc}); move it away to start over, or resume with --resume-from-checkpoint"
+        ) from exc
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume_from: str | None, summary_file: str) -> str | None:
@@ -77,50 +199,31 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from: str | None, 
 
     A finished or interrupted run is never replaced unless the user asks (``--overwrite-output-dir``).
     """
-    from smolppo.errors import UserError
+    from smolppo.output_dir import check_collisions, check_writable
 
+    check_writable(output_dir)
+    if not overwrite or resume_from:
+        check_collisions(output_dir)
     if resume_from:
-        path = latest_checkpoint(output_dir) if resume_from == "latest" else resume_from
-        if path is None:
+        if resume_from == "latest" and not list_checkpoints(output_dir):
             raise UserError(
                 f"no complete checkpoint in {output_dir!r} to resume from; drop "
                 "--resume-from-checkpoint to start a new run"
             )
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise UserError(
-                f"{path!r} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N directory or 'latest'"
-            )
-        return path
+        return resume_from
     if overwrite:
         return None
-    summary = os.path.join(output_dir, summary_file)
-    finished = False
-    if os.path.isfile(summary):
-        with open(summary, encoding="utf-8") as f:
-            finished = json.load(f).get("status") == "finished"
-    if finished:
+    summary = read_summary(output_dir, summary_file)
+    if summary is not None and summary.get("status") == "finished":
         raise UserError(
             f"{output_dir!r} already holds a finished run; pass --overwrite-output-dir to replace it "
             "or choose another --output-dir"
         )
     checkpoints = list_checkpoints(output_dir)
-    if checkpoints or os.path.isfile(summary):
+    if checkpoints or summary is not None:
         where = os.path.basename(checkpoints[-1][1]) if checkpoints else "no checkpoint yet"
         raise UserError(
             f"{output_dir!r} holds an unfinished run ({where}); continue it with --resume-from-checkpoint latest, "
             "or pass --overwrite-output-dir to start over"
         )
     return None
-
-
-def clear_output_dir(output_dir: str) -> None:
-    """Remove a previous run's files, for ``--overwrite-output-dir`` (called only once loading has succeeded)."""
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
-        return
-    logger.warning("--overwrite-output-dir: removing the previous run's files in %s", output_dir)
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -46,10 +47,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, presets
                 loaded = yaml.safe_load(f) or {}
             except yaml.YAMLError as exc:
                 raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
-        known = {f.replace("-", "_") for f in config_cls.__dataclass_fields__} | {"env"}
-        unknown = sorted(k for k in loaded if k.replace("-", "_") not in known)
-        if unknown:
-            raise UserError(f"config file {config_path!r} has unknown keys {unknown}; see --help for valid names")
+        check_yaml_values(config_cls, config_path, loaded)
     try:
         (config,) = parser.parse_args_and_config(args)
     except ValueError as exc:
@@ -57,9 +55,49 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, presets
     return config
 
 
+def check_yaml_values(config_cls, config_path: str, loaded) -> None:
+    """One line for a YAML file that is not a mapping of known fields to values of the right shape."""
+    if not isinstance(loaded, dict):
+        raise UserError(
+            f"config file {config_path!r} must be a mapping of field: value, got a {type(loaded).__name__}"
+        )
+    fields = {name.replace("-", "_"): f for name, f in config_cls.__dataclass_fields__.items()}
+    unknown = sorted(str(k) for k in loaded if str(k).replace("-", "_") not in fields and k != "env")
+    if unknown:
+        raise UserError(f"config file {config_path!r} has unknown keys {unknown}; see --help for valid names")
+    for key, value in loaded.items():
+        if key == "env":
+            continue
+        kind = str(fields[str(key).replace("-", "_")].type)
+        if value is None and "Optional" not in kind:
+            raise UserError(f"config file {config_path!r}: {key} has no value; give one or remove the line")
+        if isinstance(value, (list, dict)) and not kind.startswith(("list", "dict")):
+            raise UserError(
+                f"config file {config_path!r}: {key} must be a single value, got a {type(value).__name__}"
+            )
+
+
 def wants_debug(args: Sequence[str] | None = None) -> bool:
     args = sys.argv[1:] if args is None else args
     return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def termination_signals() -> list:
+    """SIGTERM everywhere, and Ctrl-Break (SIGBREAK) on Windows: both are handled like SIGTERM."""
+    return [signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+
+
+def stop_at_once_on_termination() -> None:
+    """Before training starts nothing needs saving: SIGTERM stops like Ctrl-C (one line, exit 130)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in termination_signals():
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread, or not settable here
+            pass
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -73,12 +111,13 @@ def run_main(main: Callable[[], int | None]) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "tensorboard", "matplotlib"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "tensorboard", "matplotlib", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     debug = wants_debug()
+    stop_at_once_on_termination()
     try:
         code = main()
     except UserError as exc:

@@ -93,7 +93,8 @@ def render_prompt(tokenizer, system: str, question: str) -> str:
 
 def row_conversation(row: dict) -> tuple[str, str]:
     """``(system, question)`` of an ORCA row; a missing or null system prompt is empty."""
-    return str(row.get("system") or ""), str(row["question"])
+    question = row.get("question")
+    return str(row.get("system") or ""), "" if question is None or question != question else str(question)
 
 
 def row_prompt(tokenizer, row: dict) -> tuple[str, list[int]]:
@@ -115,8 +116,11 @@ class PromptSet:
 
 def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str = "dataset") -> PromptSet:
     """Render and tokenise `rows`; drop (and count) prompts longer than `max_prompt_length` tokens."""
-    ids, texts, conversations, too_long = [], [], [], 0
+    ids, texts, conversations, too_long, empty = [], [], [], 0, 0
     for row in rows:
+        if not row_conversation(row)[1].strip():
+            empty += 1
+            continue
         text, tokens = row_prompt(tokenizer, row)
         if len(tokens) > max_prompt_length:
             too_long += 1
@@ -126,7 +130,11 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
         conversations.append(row_conversation(row))
     if too_long:
         logger.info("dropped %d of %d prompts longer than %d tokens", too_long, len(rows), max_prompt_length)
+    if empty:
+        logger.warning("dropped %d of %d rows of %s whose question is empty or null", empty, len(rows), source)
     if not ids:
+        if empty == len(rows):
+            raise UserError(f"every question in {source} is empty or null; check the dataset's question column")
         raise UserError(
             f"no prompt of {source} fits max_prompt_length={max_prompt_length} tokens "
             f"({too_long} of {len(rows)} were longer); raise --max-prompt-length"

@@ -25,16 +25,17 @@ from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
 logger = logging.getLogger(__name__)
 
-RANKS = ("BEST", "MEDIUM", "WORST")
+RANKS = ("BEST", "MEDIUM", "WORST", "TIE")
 
 
 # ---------------------------------------------------------------------- pure statistics
 def rank_labels(rewards: list[float]) -> list[str]:
-    """BEST for the highest reward, WORST for the lowest (first one on ties), MEDIUM for the rest."""
-    best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
-    if best == worst:  # all equal
-        worst = len(rewards) - 1 if best == 0 else 0
-    return ["BEST" if i == best else "WORST" if i == worst else "MEDIUM" for i in range(len(rewards))]
+    """BEST for the highest reward, WORST for the lowest, MEDIUM in between. Equal rewards share a label, and
+    when every completion of a prompt has the same reward they are all TIE."""
+    high, low = max(rewards), min(rewards)
+    if high == low:
+        return ["TIE"] * len(rewards)
+    return ["BEST" if r == high else "WORST" if r == low else "MEDIUM" for r in rewards]
 
 
 def summarise(rewards: np.ndarray, lengths: np.ndarray, ended: np.ndarray) -> dict:
@@ -87,9 +88,13 @@ def training_config_for(model_path: str) -> dict | None:
     ]
     for path in candidates:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                recorded = json.load(f)
-            config = recorded.get("config")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    recorded = json.load(f)
+                config = recorded.get("config")
+            except (OSError, ValueError, AttributeError):
+                logger.warning("%s is unreadable; not using it to find the run's reward model and data", path)
+                continue
             if config:
                 reward_path = recorded.get("resolved_paths", {}).get("reward_model")
                 if reward_path and os.path.isdir(reward_path):
@@ -209,9 +214,11 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
     bar.close()
     completions = []
     for i, (row_index, _) in enumerate(prompt_rows):
-        for j, rank in enumerate(rank_labels(rewards[i].tolist())):
+        prompt_rewards = rewards[i].tolist()
+        for j, rank in enumerate(rank_labels(prompt_rewards)):
             completions.append(
                 {
+                    "tied": prompt_rewards.count(prompt_rewards[j]) > 1,
                     "prompt_index": i,
                     "dataset_row": row_index,
                     "completion_index": j,
@@ -280,6 +287,19 @@ def evaluate(cfg) -> dict:
         ],
         "comparisons": comparisons,
     }
+
+
+def check_output_writable(path: str) -> None:
+    """One line before any generation when the JSON report could not be written at the end."""
+    if os.path.isdir(path):
+        raise UserError(f"--output {path!r} is a directory; give a file name such as {path}/evaluation.json")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the directory of --output {path!r}: {exc.strerror}") from exc
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--output {path!r} is not writable; choose another path")
 
 
 def default_output_path(cfg) -> str:

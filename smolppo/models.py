@@ -32,9 +32,11 @@ def resolve_model_path(name: str, flag: str) -> str:
 
 
 def _load(loader, path: str, flag: str, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return loader(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; {SMOKE_HINT.format(flag=flag)}"
@@ -85,6 +87,7 @@ def load_sequence_classifier(path: str, flag: str = "reward-model", **overrides)
     """A sequence classifier with exactly one output (a reward model, or a value model initialised from one).
 
     `overrides` (e.g. ``num_labels=1``) turn another checkpoint, such as the policy, into a fresh classifier."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     config = _config_without_dropout(path, flag, **overrides)
@@ -100,7 +103,7 @@ def load_sequence_classifier(path: str, flag: str = "reward-model", **overrides)
             f"{flag.replace('-', ' ')} {path!r} is not a sequence-classification model "
             f"({type(config).__name__}); a reward model must be one with num_labels=1"
         ) from exc
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise UserError(f"could not load {flag.replace('-', ' ')} {path!r}: {str(exc).splitlines()[0]}") from exc
     disable_dropout(model)
     score_head(model)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+from smolppo import checkpointing, output_dir
 from smolppo.data import PromptSet, build_prompts, load_rows
+from smolppo.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("chosen", "rejected")
 
@@ -10,6 +18,14 @@ PAIR_COLUMNS = ("chosen", "rejected")
 def load_training_prompts(config, tokenizer, rows: list[dict] | None = None) -> PromptSet:
     """The first `num_samples` rows of the dataset, rendered and filtered by length."""
     rows = load_rows(config.dataset, config.dataset_split) if rows is None else rows
+    if config.num_samples > len(rows):
+        logger.warning(
+            "num_samples=%d but %s has only %d rows: training on all of them, none are left unseen for the "
+            "reward-model check or evaluation",
+            config.num_samples,
+            config.dataset,
+            len(rows),
+        )
     return build_prompts(rows[: config.num_samples], tokenizer, config.max_prompt_length, source=config.dataset)
 
 
@@ -47,3 +63,44 @@ def build_ppo_trainer(config, accelerator=None):
         accelerator=accelerator,
         reward_check=reward_check,
     )
+
+
+def check_output_dir_for(config) -> str | None:
+    """Refuse, before anything is loaded or written, what would replace or delete something by mistake."""
+    resume_from = checkpointing.check_output_dir(
+        config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, checkpointing.RUN_SUMMARY_FILE
+    )
+    if config.overwrite_output_dir and not resume_from:
+        inputs = {
+            "policy-model": config.policy_model,
+            "reward-model": config.reward_model,
+            "value-model": config.value_model,
+            "dataset": config.dataset,
+        }
+        output_dir.check_overwrite(config.output_dir, inputs)
+    return resume_from
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: str | None = None
+    changes: list = field(default_factory=list)
+    discard: list = field(default_factory=list)
+
+
+def plan_resume(config, resume_from: str | None, deepspeed: bool) -> ResumePlan:
+    """The usable checkpoint, the settings that differ from it (refused unless allowed), newer checkpoints to drop."""
+    if not resume_from:
+        return ResumePlan()
+    needs_optimizer = not deepspeed
+    path = checkpointing.resolve_resume(config.output_dir, resume_from, needs_optimizer)
+    changes = checkpointing.check_resume_config(path, asdict(config), config.allow_config_change)
+    newer = checkpointing.newer_checkpoints(config.output_dir, path)
+    usable = [p for p in newer if checkpointing.checkpoint_problem(p, needs_optimizer) is None]
+    if usable and not config.discard_newer_checkpoints:  # damaged newer ones were passed over: they go anyway
+        names = ", ".join(os.path.basename(p) for p in usable)
+        raise UserError(
+            f"{path!r} is not the newest checkpoint ({names} came after it): resuming from it starts a branch. "
+            "Pass --discard-newer-checkpoints to drop the newer ones, or resume from 'latest'"
+        )
+    return ResumePlan(path, changes, newer)

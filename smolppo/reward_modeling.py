@@ -9,16 +9,18 @@ last token that is not padding (the newline after the final ``<|im_end|>`` in Ch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from smolppo import output_dir
+from smolppo.cli import termination_signals
 from smolppo.data import load_rows, row_conversation
 from smolppo.errors import UserError
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
@@ -78,8 +80,48 @@ def load_reward_init(config):
     return tokenizer, model, path
 
 
-def train_reward_model(config, resume_from: str | None = None) -> dict:
-    """Train with `RewardTrainer`, save the (merged) model and tokenizer, return and write the summary."""
+class StopOnSignal:
+    """A `TrainerCallback`: Ctrl-C / SIGTERM (Ctrl-Break on Windows) finishes the current step, saves a
+    checkpoint and stops training; a second signal stops at once."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after this step, then stopping (again to stop now)",
+                       self.signal_name)  # fmt: skip
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, *termination_signals()):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):
+                pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_name:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def train_reward_model(config, resume_from: str | None = None, clear_output: bool = False) -> dict:
+    """Train with `RewardTrainer`, save the (merged) model and tokenizer, return and write the summary.
+
+    With `clear_output` (``--overwrite-output-dir``), the previous run's files are removed only once the model
+    and data have loaded."""
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers import set_seed
@@ -93,6 +135,8 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
     tokenizer, model, policy_path = load_reward_init(config)
     reader = RewardReader(model, tokenizer, config.reward_template, config.per_device_eval_batch_size, policy_path)
     train, test, dropped = build_reward_datasets(config, reader)
+    if clear_output:
+        output_dir.clear(config.output_dir)
     peft_config = lora_config_for(config, model, "SEQ_CLS") if config.use_lora else None
     args = RewardConfig(
         output_dir=config.output_dir,
@@ -123,6 +167,7 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
         use_cpu=not torch.cuda.is_available(),
     )
     log_dir = os.path.join(config.output_dir, "logs")
+    stopper = StopOnSignal()
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -130,16 +175,23 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
         eval_dataset=Dataset.from_list([_ids_only(p) for p in test]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[TensorBoardCallback(SummaryWriter(log_dir))],
+        callbacks=[TensorBoardCallback(SummaryWriter(log_dir)), stopper],
     )
+    card = os.path.join(config.output_dir, "README.md")
+    card_existed = os.path.exists(card)
     trainer.train(resume_from_checkpoint=resume_from)
+    if not card_existed and os.path.isfile(card):
+        output_dir.record(config.output_dir, ["README.md"])  # the model card RewardTrainer writes on save
+    if stopper.signal_name:
+        return {"status": "interrupted", "signal": stopper.signal_name, "steps": trainer.state.global_step}
     final = trainer.model
     if hasattr(final, "merge_and_unload"):
         final = final.merge_and_unload()
-    final.save_pretrained(config.output_dir)
     if reader.template is not None:
         tokenizer.chat_template = reader.template  # a custom template becomes the one "chat" reads back
-    tokenizer.save_pretrained(config.output_dir)
+    with output_dir.publishing(config.output_dir) as staging:
+        final.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     final_reader = RewardReader(final.eval(), tokenizer, config.reward_template, config.per_device_eval_batch_size)
     metrics = asdict(pairwise_check(final_reader, [p["row"] for p in test]))
     writer = SummaryWriter(log_dir)
@@ -159,8 +211,7 @@ def train_reward_model(config, resume_from: str | None = None) -> dict:
         "environment": run_environment(),
         "train_loss": float(np.mean([e["loss"] for e in trainer.state.log_history if "loss" in e] or [float("nan")])),
     }
-    with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    output_dir.write_json_atomically(os.path.join(config.output_dir, SUMMARY_FILE), summary)
     return summary
 
 

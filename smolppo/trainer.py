@@ -28,7 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from smolppo import checkpointing, ppo_math
+from smolppo import checkpointing, output_dir, ppo_math
+from smolppo.cli import termination_signals
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import use_cpu
 from smolppo.errors import UserError
@@ -136,7 +137,10 @@ class PPOTrainer:
             mixed_precision="bf16" if config.bf16 else "no",
         )
         acc = self.accelerator
-        self.schedule = config.schedule(len(prompts.input_ids), acc.num_processes)
+        try:
+            self.schedule = config.schedule(len(prompts.input_ids), acc.num_processes)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
         self.sampler = PromptSampler(
             len(prompts.input_ids),
             self.schedule.global_rollout_batch,
@@ -187,6 +191,8 @@ class PPOTrainer:
         }
         self.update = 0
         self.episodes = 0
+        self.last_metrics: dict = {}
+        self.config_changes: list = []  # settings changed on resume with --allow-config-change
         self.observed: dict = {}
         self.timer = StageTimer(acc.device)
         self.last_samples: list[dict] = []
@@ -340,6 +346,7 @@ class PPOTrainer:
         self.update += 1
         self.episodes += self.schedule.global_rollout_batch
         metrics["episodes"] = float(self.episodes)
+        self.last_metrics = metrics
         self._remember_samples(exp)
         return metrics
 
@@ -370,7 +377,7 @@ class PPOTrainer:
         previous_handlers = self._install_signal_handlers()
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            checkpointing.remove_stale_staging(cfg.output_dir)
+            output_dir.remove_leftovers(cfg.output_dir)
             self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), purge_step=self.update + 1)
             if self.reward_check is not None and self.update == 0:
                 check = self.reward_check
@@ -386,7 +393,7 @@ class PPOTrainer:
             unit="update",
             disable=not acc.is_main_process,
         )
-        metrics: dict = {}
+        metrics: dict = dict(self.last_metrics)
         status = "finished"
         try:
             while self.update < self.schedule.total_updates:
@@ -418,21 +425,21 @@ class PPOTrainer:
             self.save_model()
         summary = self._summary(status, metrics, time.time() - started)
         if acc.is_main_process:
-            with open(os.path.join(cfg.output_dir, SUMMARY_FILE), "w") as f:
-                json.dump(summary, f, indent=2)
+            output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if self.writer:
                 self.writer.samples(self.last_samples, self.update)
                 self.writer.close()
         return summary
 
     # ------------------------------------------------------------------ saving and resuming
-    def save_model(self, output_dir: str | None = None) -> None:
-        """Final policy (full weights or LoRA adapter) + tokenizer in `output_dir`, value model beside it."""
-        output_dir = output_dir or self.config.output_dir
+    def save_model(self, target: str | None = None) -> None:
+        """Final policy (full weights or LoRA adapter) + tokenizer in `target`, value model beside it."""
+        target = target or self.config.output_dir
         self.accelerator.wait_for_everyone()
         state_dicts = self._full_state_dicts()
         if self.accelerator.is_main_process:
-            self._write_models(output_dir, state_dicts)
+            with output_dir.publishing(target) as staging:  # staged, then moved in; never over the user's files
+                self._write_models(staging, state_dicts)
 
     @property
     def _deepspeed(self) -> bool:
@@ -485,6 +492,7 @@ class PPOTrainer:
                 "update": self.update,
                 "episodes": self.episodes,
                 "kl_coef": self.kl_controller.value,
+                "last_metrics": self.last_metrics,
                 "config": asdict(self.config),
             }
             with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
@@ -493,18 +501,30 @@ class PPOTrainer:
         return checkpointing.save_checkpoint(self.config.output_dir, self.update, write, self.config.save_total_limit)
 
     def load_checkpoint(self, path: str) -> None:
+        """Restore everything `save_checkpoint` wrote; a damaged file is one line naming it."""
+        try:
+            self._load_checkpoint(path)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch/safetensors/json report damage in many types
+            raise UserError(
+                f"checkpoint {path!r} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); resume "
+                "from an earlier checkpoint-N"
+            ) from exc
+
+    def _load_checkpoint(self, path: str) -> None:
         from smolppo.models import load_weights_into
 
         with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
             state = json.load(f)
         load_weights_into(self.policy, path)
         load_weights_into(self.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
-        optimizer_file = os.path.join(path, "optimizer.pt")
-        if os.path.isfile(optimizer_file) and not self._deepspeed:
-            self.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
-        else:
+        if self._deepspeed:
             logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
+        else:
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        self._apply_configured_learning_rate()
         rng_states = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
         if len(rng_states) != self.accelerator.num_processes:
             logger.warning(
@@ -515,7 +535,18 @@ class PPOTrainer:
         _set_rng_state(rng_states[self.accelerator.process_index % len(rng_states)])
         self.update, self.episodes = state["update"], state["episodes"]
         self.kl_controller.value = state["kl_coef"]
+        self.last_metrics = state.get("last_metrics", {})
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
+
+    def _apply_configured_learning_rate(self) -> None:
+        """A scheduler's saved state brings back the old peak learning rate; use this run's (a no-op when equal),
+        so that a resume with --allow-config-change --learning-rate X really trains at X."""
+        scheduler = self.lr_scheduler
+        scheduler.base_lrs = [self.config.learning_rate for _ in scheduler.base_lrs]
+        if hasattr(scheduler, "lr_lambdas"):
+            for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ helpers
     def _in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:
@@ -625,6 +656,9 @@ class PPOTrainer:
             "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
             "final_metrics": metrics,
             "reward_model_check": asdict(self.reward_check) if self.reward_check else None,
+            "config_changes_on_resume": [
+                {"field": key, "checkpoint": old, "now": new} for key, old, new in self.config_changes
+            ],
             "reward_template": self.reward.template_name,
             "kl_coef": self.kl_controller.value,
             "observed": self.observed,
@@ -642,7 +676,7 @@ class PPOTrainer:
             )
 
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *termination_signals()):
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not in the main thread

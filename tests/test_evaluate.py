@@ -12,8 +12,9 @@ from tests.conftest import run_script
 
 def test_rank_labels():
     assert rank_labels([0.1, 0.9, 0.5, 0.3]) == ["WORST", "BEST", "MEDIUM", "MEDIUM"]
-    assert rank_labels([1.0, 1.0]) == ["BEST", "WORST"]
-    assert sorted(rank_labels([2.0, 2.0, 2.0])) == ["BEST", "MEDIUM", "WORST"]
+    assert rank_labels([1.0, 1.0]) == ["TIE", "TIE"]
+    assert rank_labels([2.0, 2.0, 2.0, 2.0]) == ["TIE"] * 4  # equal rewards are ties, never BEST/WORST
+    assert rank_labels([3.0, 1.0, 3.0, 2.0]) == ["BEST", "WORST", "BEST", "MEDIUM"]
 
 
 def test_summarise_hand_computed():
@@ -47,10 +48,15 @@ def _check_report(report, num_prompts, num_completions):
         assert len(completions) == num_prompts * num_completions
         assert all(math.isfinite(c["reward"]) for c in completions)
         for p in range(num_prompts):
-            ranks = [c["rank"] for c in completions if c["prompt_index"] == p]
-            assert ranks.count("BEST") == 1 and ranks.count("WORST") == 1
-            best = max(c["reward"] for c in completions if c["prompt_index"] == p)
-            assert [c["reward"] for c in completions if c["prompt_index"] == p and c["rank"] == "BEST"] == [best]
+            own = [c for c in completions if c["prompt_index"] == p]
+            rewards = [c["reward"] for c in own]
+            if len(set(rewards)) == 1:
+                assert all(c["rank"] == "TIE" and c["tied"] for c in own)
+                continue
+            for c in own:
+                high, low = max(rewards), min(rewards)
+                expected = "BEST" if c["reward"] == high else "WORST" if c["reward"] == low else "MEDIUM"
+                assert c["rank"] == expected and c["tied"] == (rewards.count(c["reward"]) > 1)
 
 
 def test_evaluates_smoke_model_on_unseen_prompts_reproducibly(smoke_run, tmp_path):

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from smolppo import checkpointing
+from smolppo import checkpointing, output_dir
 from tests.conftest import REPO, run_script
 
 SMOKE = ("--preset", "smoke")
+POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (Windows uses Ctrl-Break)")
 
 
 def _train(out, *args):
@@ -86,6 +87,8 @@ def _wait_for_training(out, proc, timeout=60):
     raise AssertionError("training did not start")
 
 
+@pytest.mark.soak
+@POSIX_ONLY
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, sig):
     out = tmp_path / "run"
@@ -107,6 +110,8 @@ def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, sig):
     assert json.loads((out / "run_summary.json").read_text())["updates"] == step + 2
 
 
+@pytest.mark.soak
+@POSIX_ONLY
 def test_second_interrupt_stops_at_once(tmp_path):
     import threading
 
@@ -160,7 +165,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
         checkpointing.save_checkpoint(str(tmp_path), 10, crash, save_total_limit=1)
     assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("checkpoint-5")
     assert not (tmp_path / "checkpoint-10").exists()
-    checkpointing.remove_stale_staging(str(tmp_path))
+    output_dir.remove_leftovers(str(tmp_path))
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     checkpointing.save_checkpoint(str(tmp_path), 15, write, save_total_limit=1)
     assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [15]
@@ -211,7 +216,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, smoke_paths, case):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     before = _snapshot(out)
-    result = _train(out, "--overwrite-output-dir", *make_args(tmp_path, smoke_paths))
+    result = _train(out, *make_args(tmp_path, smoke_paths))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -225,6 +230,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- memory
+@pytest.mark.soak
 def test_resident_memory_is_flat_over_many_updates(tmp_path):
     from accelerate.state import AcceleratorState
 
