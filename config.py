@@ -22,6 +22,7 @@ DEFAULT_POLICY_MODEL = "HuggingFaceTB/smollm2-135M-SFT-Only"
 DEFAULT_REWARD_MODEL = "../reward_model_on_orca_dataset/reward_model_orca_output/checkpoint-2160"
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
 PRESETS = ("smoke",)
+KL_HORIZON_FRACTION = 20  # default horizon = the run's total episodes / this
 
 
 def _help(text: str, **extra) -> dict:
@@ -126,6 +127,23 @@ class CommonConfig:
 class PPOConfig(CommonConfig):
     """Everything `train_ppo.py` needs. Defaults follow the project specification."""
 
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "Peak learning rate of AdamW for policy and value model. Default: full_learning_rate, or "
+            "lora_learning_rate with --use-lora."
+        ),
+    )
+    full_learning_rate: float = field(
+        default=5e-6, metadata=_help("Peak learning rate of a full fine-tune when --learning-rate is not given.")
+    )
+    lora_learning_rate: float = field(
+        default=5e-5,
+        metadata=_help(
+            "Peak learning rate with --use-lora when --learning-rate is not given (10x the full fine-tune's: "
+            "adapters start at zero and change few parameters, see README)."
+        ),
+    )
     value_model: Optional[str] = field(
         default=None,
         metadata=_help(
@@ -167,7 +185,13 @@ class PPOConfig(CommonConfig):
         default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
     )
     target: float = field(default=6.0, metadata=_help("Target KL (nats per response) for the adaptive controller."))
-    horizon: int = field(default=10_000, metadata=_help("Adaptive KL horizon, in episodes."))
+    horizon: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Adaptive KL horizon, in episodes. Default: the episodes of num_train_epochs / 20, so the coefficient "
+            "can move about e^4 = 55x over a run (a fixed 10000 can move it only ~2x in a default run)."
+        ),
+    )
     kl_estimator: str = field(
         default="k1", metadata=_help("Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative).")
     )
@@ -192,9 +216,13 @@ class PPOConfig(CommonConfig):
     sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
 
     def __post_init__(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = self.lora_learning_rate if self.use_lora else self.full_learning_rate
         super().__post_init__()
         _positive(self, "rollout_batch_size", "mini_batch_size", "per_device_train_batch_size", "ppo_epochs")
-        _positive(self, "horizon", "max_new_tokens", "sample_logging_steps")
+        _positive(self, "max_new_tokens", "sample_logging_steps")
+        if self.horizon is not None:
+            _positive(self, "horizon")
         if self.max_updates is not None and self.max_updates <= 0:
             raise ValueError(f"max_updates must be a positive integer, got {self.max_updates}")
         if not (isinstance(self.reward_check_pairs, int) and self.reward_check_pairs >= 0):
@@ -256,7 +284,10 @@ class PPOConfig(CommonConfig):
         if self.max_updates is not None:
             total = min(total, self.max_updates)
         minibatches = self.rollout_batch_size // self.mini_batch_size
+        planned = updates_per_epoch * self.num_train_epochs * global_batch  # not max_updates: same on resume
+        horizon = self.horizon or max(1, round(planned / KL_HORIZON_FRACTION))
         return Schedule(
+            kl_horizon=horizon,
             global_rollout_batch=global_batch,
             updates_per_epoch=updates_per_epoch,
             total_updates=total,
@@ -269,6 +300,7 @@ class PPOConfig(CommonConfig):
 class Schedule:
     """Step counts derived from the config and the data; computed only by `PPOConfig.schedule`."""
 
+    kl_horizon: int
     global_rollout_batch: int
     updates_per_epoch: int
     total_updates: int
@@ -338,12 +370,13 @@ PRESET_VALUES: dict[str, dict] = {
         "ppo_epochs": 2,
         "num_train_epochs": 8,
         "max_new_tokens": 12,
-        "learning_rate": 3e-3,
+        "full_learning_rate": 3e-3,
+        "lora_learning_rate": 3e-3,  # the output head carries an adapter here, so no 10x (see README)
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],
         "warmup_ratio": 0.0,
         "lr_scheduler_type": "constant",
         "temperature": 1.0,
         "init_kl_coef": 0.02,
-        "horizon": 1000,
         "gradient_checkpointing": False,
         "save_steps": 10,
         "sample_logging_steps": 5,

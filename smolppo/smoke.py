@@ -3,7 +3,7 @@
 * ``smoke:tokenizer`` - a byte-level BPE tokenizer trained on the shipped rows, committed under ``assets/``
   (ChatML template; pad == EOS == ``<|im_end|>`` as in SmolLM2, so the pad/EOS handling is exercised).
 * ``smoke:orca`` - ``assets/orca_smoke.jsonl``: 128 rows written for this project in the ORCA schema.
-* ``smoke:policy`` - a randomly initialised 2-layer Llama causal LM.
+* ``smoke:policy`` - a randomly initialised 2-layer Llama causal LM (untied output head).
 * ``smoke:reward`` - a 1-layer Llama sequence classifier whose weights are set by hand so that its score is
   an average "preference" of the tokens it reads: tokens that occur mostly in the shipped ``chosen`` answers
   score +1, those mostly in ``rejected`` ones -1. A policy can learn to raise it within a few dozen updates.
@@ -27,7 +27,7 @@ from smolppo.paths import ASSETS_DIR, REPO_DIR
 
 logger = logging.getLogger(__name__)
 
-SMOKE_VERSION = "2"
+SMOKE_VERSION = "3"
 TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tiny_tokenizer")
 SMOKE_DATA = os.path.join(ASSETS_DIR, "orca_smoke.jsonl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -71,8 +71,10 @@ def load_smoke_rows() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def build_tokenizer(out_dir: str, vocab_size: int = 320) -> None:
-    """Train the committed byte-level BPE tokenizer on the shipped rows (run once; output is in git)."""
+def build_tokenizer(out_dir: str, vocab_size: int = 320, chat_template: str = CHATML_TEMPLATE) -> None:
+    """Train the committed byte-level BPE tokenizer on the shipped rows (run once; output is in git).
+
+    Tests build variants of it (another size, another chat template) the same way."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,7 +89,7 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out_dir)
 
 
@@ -129,7 +131,9 @@ def _build_policy(out_dir: str) -> None:
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_llama_config(tokenizer))
+    # Untied output head: on a 64-wide random model, LoRA on attention alone barely moves the logits (their
+    # range is bounded by the tiny embedding norm after the final RMSNorm), so the LoRA smoke run adapts lm_head.
+    model = LlamaForCausalLM(_llama_config(tokenizer, tie_word_embeddings=False))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)

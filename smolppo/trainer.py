@@ -92,6 +92,16 @@ class Experience:
         )
 
 
+@dataclass
+class MicroBatchLoss:
+    loss: torch.Tensor
+    policy: ppo_math.PolicyLossStats
+    value: torch.Tensor
+    value_clip: torch.Tensor
+    logits: torch.Tensor  # tempered
+    values: torch.Tensor
+
+
 class PolicyAndValue(nn.Module):
     """Policy and value model as one module, so one `prepare` covers both (DDP, DeepSpeed)."""
 
@@ -182,7 +192,9 @@ class PPOTrainer:
         self.reward_check = reward_check
         self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
         if config.adaptive_kl:
-            self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            self.kl_controller = ppo_math.AdaptiveKLController(
+                config.init_kl_coef, config.target, self.schedule.kl_horizon
+            )
         else:
             self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
         self.resolved_paths = {
@@ -275,10 +287,11 @@ class PPOTrainer:
         result["first_ratio_deviation"] = totals["max_ratio_deviation"][0]
         return result
 
-    def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
-        cfg, acc, rollout = self.config, self.accelerator, batch.rollout
+    def micro_batch_loss(self, batch: Experience) -> MicroBatchLoss:
+        """Forward one micro-batch through policy and value model and build the PPO loss (no backward)."""
+        cfg, rollout = self.config, batch.rollout
         mask = rollout.response_mask
-        with acc.autocast(), self._observe_precision():
+        with self.accelerator.autocast(), self._observe_precision():
             logits, values = self.model(rollout)
             logits = logits / cfg.temperature
         logprobs = selective_log_softmax(logits, rollout.responses)
@@ -287,7 +300,12 @@ class PPOTrainer:
             values, batch.old_values, batch.returns, mask, cfg.cliprange_value
         )
         loss = policy.loss + cfg.vf_coef * value_loss
-        acc.backward(loss)
+        return MicroBatchLoss(loss, policy, value_loss, value_clip, logits, values)
+
+    def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
+        cfg, acc, mask = self.config, self.accelerator, batch.rollout.response_mask
+        parts = self.micro_batch_loss(batch)
+        acc.backward(parts.loss)
         stats = {}
         if acc.sync_gradients:
             grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
@@ -296,15 +314,15 @@ class PPOTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()), mask)
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(parts.logits.detach()), mask)
         stats.update(
-            loss=loss.item(),
-            policy_loss=policy.loss.item(),
-            value_loss=value_loss.item(),
-            clip_fraction=policy.clip_fraction.item(),
-            approx_kl=policy.approx_kl.item(),
-            max_ratio_deviation=policy.max_ratio_deviation.item(),
-            value_clip_fraction=value_clip.item(),
+            loss=parts.loss.item(),
+            policy_loss=parts.policy.loss.item(),
+            value_loss=parts.value.item(),
+            clip_fraction=parts.policy.clip_fraction.item(),
+            approx_kl=parts.policy.approx_kl.item(),
+            max_ratio_deviation=parts.policy.max_ratio_deviation.item(),
+            value_clip_fraction=parts.value_clip.item(),
             entropy=entropy.item(),
         )
         return stats
@@ -492,6 +510,7 @@ class PPOTrainer:
                 "update": self.update,
                 "episodes": self.episodes,
                 "kl_coef": self.kl_controller.value,
+                "kl_horizon": getattr(self.kl_controller, "horizon", None),
                 "last_metrics": self.last_metrics,
                 "config": asdict(self.config),
             }
@@ -535,6 +554,8 @@ class PPOTrainer:
         _set_rng_state(rng_states[self.accelerator.process_index % len(rng_states)])
         self.update, self.episodes = state["update"], state["episodes"]
         self.kl_controller.value = state["kl_coef"]
+        if state.get("kl_horizon") and hasattr(self.kl_controller, "horizon") and self.config.horizon is None:
+            self.kl_controller.horizon = state["kl_horizon"]  # the run keeps its controller when resumed
         self.last_metrics = state.get("last_metrics", {})
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
 

@@ -109,3 +109,21 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
 def test_too_few_prompts_for_one_batch():
     with pytest.raises(ValueError, match="fewer than one rollout batch"):
         parse().schedule(num_prompts=10)
+
+
+def test_lora_gets_its_own_learning_rate_unless_one_is_given():
+    assert parse().learning_rate == 5e-6
+    assert parse("--use-lora").learning_rate == 5e-5  # 10x: adapters start at zero
+    assert parse("--use-lora", "--learning-rate", "1e-4").learning_rate == 1e-4  # explicit wins
+    assert parse("--preset", "smoke").learning_rate == 3e-3
+    assert parse("--preset", "smoke", "--use-lora").learning_rate == 3e-3  # adapter on the output head: no 10x
+
+
+def test_kl_horizon_follows_the_run_length_unless_set():
+    cfg = parse()
+    schedule = cfg.schedule(10_000)
+    assert schedule.kl_horizon == round(schedule.total_updates * 64 / 20)  # 468 updates x 64 episodes / 20
+    assert parse("--horizon", "10000").schedule(10_000).kl_horizon == 10_000
+    smoke = parse("--preset", "smoke").schedule(95)
+    assert smoke.kl_horizon == 40 * 16 // 20
+    assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 32  # same when resumed

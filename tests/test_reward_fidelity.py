@@ -10,8 +10,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from smolppo import smoke
 from smolppo.models import load_reward_reader
-from smolppo.smoke import SPECIAL_TOKENS, load_smoke_rows
+from smolppo.smoke import load_smoke_rows
 from tests.conftest import run_script
 
 SMOLLM2_TEMPLATE = (
@@ -29,20 +30,7 @@ def conversation(row, answer):
 
 def build_tokenizer(out_dir):
     """A byte-level BPE of another size than the policy's (400 vs 320 tokens), SmolLM2 conventions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [row[k] for row in load_smoke_rows() for k in ("system", "question", "chosen", "rejected")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    fast.chat_template = SMOLLM2_TEMPLATE
-    fast.save_pretrained(out_dir)
+    smoke.build_tokenizer(str(out_dir), vocab_size=400, chat_template=SMOLLM2_TEMPLATE)
     return AutoTokenizer.from_pretrained(out_dir)
 
 

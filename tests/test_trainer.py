@@ -45,6 +45,15 @@ def test_reward_rises_on_a_learnable_task(tmp_path):
     assert history[-1]["objective/kl_coef"] != pytest.approx(0.02)  # the adaptive controller acted
 
 
+def test_lora_learns_on_the_smoke_task(tmp_path):
+    trainer = make_trainer(tmp_path, "--use-lora")
+    assert trainer.config.learning_rate == 3e-3 and "lm_head" in trainer.config.lora_target_modules
+    history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
+    rewards = np.array([m["rewards/mean"] for m in history])
+    assert rewards[-8:].mean() > rewards[:8].mean() + 0.5, rewards.round(2)
+    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+
+
 def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
     trainer = make_trainer(tmp_path)
     ref_before = {k: v.clone() for k, v in trainer.ref_policy.state_dict().items()}
