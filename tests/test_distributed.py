@@ -57,6 +57,7 @@ def two_process_run(tmp_path_factory, smoke_cache):
     return out
 
 
+@pytest.mark.soak
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 def test_two_processes_write_one_set_of_outputs(two_process_run, smoke_run):
     out = two_process_run
@@ -72,6 +73,7 @@ def test_two_processes_write_one_set_of_outputs(two_process_run, smoke_run):
     assert [two[k] for k in (1, 2, 3, 4)] == [2 * one[k] for k in (1, 2, 3, 4)] == [32, 64, 96, 128]
 
 
+@pytest.mark.soak
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 def test_two_process_resume_matches_straight_run(two_process_run, tmp_path):
     halves = tmp_path / "halves"
