@@ -1,6 +1,6 @@
 """Fine-tune a causal LM with PPO against a trained reward model.
 
-Offline smoke run (tiny local models, CPU, about a minute):
+Offline smoke run (tiny local models, CPU, about 10 seconds):
     python train_ppo.py --preset smoke
 
 The real run (SmolLM2-135M-SFT policy, ORCA prompts, your reward model):
