@@ -22,7 +22,7 @@ DEFAULT_POLICY_MODEL = "HuggingFaceTB/smollm2-135M-SFT-Only"
 DEFAULT_REWARD_MODEL = "../reward_model_on_orca_dataset/reward_model_orca_output/checkpoint-2160"
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
 PRESETS = ("smoke",)
-KL_HORIZON_FRACTION = 20  # default horizon = the run's total episodes / this
+KL_HORIZON_FRACTION = 40  # default horizon = the episodes of num_train_epochs / this
 
 
 def _help(text: str, **extra) -> dict:
@@ -188,8 +188,8 @@ class PPOConfig(CommonConfig):
     horizon: Optional[int] = field(
         default=None,
         metadata=_help(
-            "Adaptive KL horizon, in episodes. Default: the episodes of num_train_epochs / 20, so the coefficient "
-            "can move about e^4 = 55x over a run (a fixed 10000 can move it only ~2x in a default run)."
+            "Adaptive KL horizon, in episodes. Default: the episodes of num_train_epochs / 40, so the coefficient "
+            "can move up to e^8 over a run, 0.2 x 40 / updates per update (a fixed 10000: only ~2x per run)."
         ),
     )
     kl_estimator: str = field(
@@ -376,7 +376,7 @@ PRESET_VALUES: dict[str, dict] = {
         "warmup_ratio": 0.0,
         "lr_scheduler_type": "constant",
         "temperature": 1.0,
-        "init_kl_coef": 0.02,
+        "init_kl_coef": 0.1,
         "gradient_checkpointing": False,
         "save_steps": 10,
         "sample_logging_steps": 5,

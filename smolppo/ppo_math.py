@@ -143,13 +143,21 @@ class AdaptiveKLController:
     """Ziegler et al. (2019): move the coefficient so the observed KL approaches `target`.
 
     ``error = clip(KL / target - 1, -0.2, 0.2)``; ``coef *= 1 + error * n_steps / horizon``.
+
+    Anti-windup: the coefficient is held at its initial value until the observed KL first reaches the target.
+    A fresh policy starts at KL 0, and the plain rule would spend those first updates lowering the coefficient,
+    which the rest of the run must then undo while the KL overshoots; afterwards the rule acts both ways.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = int(horizon)
+        self.engaged = False
 
     def update(self, observed_kl: float, n_steps: int) -> None:
+        self.engaged = self.engaged or observed_kl >= self.target
+        if not self.engaged:
+            return
         error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon

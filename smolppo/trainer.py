@@ -511,6 +511,7 @@ class PPOTrainer:
                 "episodes": self.episodes,
                 "kl_coef": self.kl_controller.value,
                 "kl_horizon": getattr(self.kl_controller, "horizon", None),
+                "kl_engaged": getattr(self.kl_controller, "engaged", None),
                 "last_metrics": self.last_metrics,
                 "config": asdict(self.config),
             }
@@ -556,6 +557,8 @@ class PPOTrainer:
         self.kl_controller.value = state["kl_coef"]
         if state.get("kl_horizon") and hasattr(self.kl_controller, "horizon") and self.config.horizon is None:
             self.kl_controller.horizon = state["kl_horizon"]  # the run keeps its controller when resumed
+        if state.get("kl_engaged") is not None and hasattr(self.kl_controller, "engaged"):
+            self.kl_controller.engaged = state["kl_engaged"]
         self.last_metrics = state.get("last_metrics", {})
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
 

@@ -122,8 +122,8 @@ def test_lora_gets_its_own_learning_rate_unless_one_is_given():
 def test_kl_horizon_follows_the_run_length_unless_set():
     cfg = parse()
     schedule = cfg.schedule(10_000)
-    assert schedule.kl_horizon == round(schedule.total_updates * 64 / 20)  # 468 updates x 64 episodes / 20
+    assert schedule.kl_horizon == round(schedule.total_updates * 64 / 40)  # 468 updates x 64 episodes / 40
     assert parse("--horizon", "10000").schedule(10_000).kl_horizon == 10_000
     smoke = parse("--preset", "smoke").schedule(95)
-    assert smoke.kl_horizon == 40 * 16 // 20
-    assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 32  # same when resumed
+    assert smoke.kl_horizon == 40 * 16 // 40
+    assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 16  # same when resumed

@@ -113,10 +113,14 @@ def test_adaptive_kl_controller_follows_ziegler():
     ctl.update(12.0, n_steps=256)  # error clipped to +0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
     ctl = ppo_math.AdaptiveKLController(0.1, target=6.0, horizon=1000)
-    ctl.update(5.4, n_steps=100)  # error -0.1
-    assert ctl.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 1000))
+    ctl.update(5.4, n_steps=100)  # below target before it was ever reached: held (anti-windup)
+    assert ctl.value == 0.1 and not ctl.engaged
+    ctl.update(7.2, n_steps=100)  # reached: error +0.2
+    assert ctl.engaged and ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(5.4, n_steps=100)  # error -0.1, now acted on
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)
     ctl.update(0.0, n_steps=100)  # error clipped to -0.2
-    assert ctl.value == pytest.approx(0.1 * 0.99 * 0.98)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99 * 0.98)
 
 
 def test_fixed_kl_controller_never_moves():

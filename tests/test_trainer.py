@@ -42,7 +42,9 @@ def test_reward_rises_on_a_learnable_task(tmp_path):
     assert rewards[-8:].mean() > rewards[:8].mean() + 0.5, rewards.round(2)
     assert all(math.isfinite(k) for k in kls)
     assert history[-1]["response/length_mean"] > 0
-    assert history[-1]["objective/kl_coef"] != pytest.approx(0.02)  # the adaptive controller acted
+    assert history[-1]["objective/kl_coef"] != pytest.approx(0.1)  # the adaptive controller acted
+    second_half_kl = np.mean(kls[20:])
+    assert 0.5 * 6.0 <= second_half_kl <= 1.5 * 6.0, second_half_kl  # held within +-50% of the target
 
 
 def test_lora_learns_on_the_smoke_task(tmp_path):
@@ -50,7 +52,8 @@ def test_lora_learns_on_the_smoke_task(tmp_path):
     assert trainer.config.learning_rate == 3e-3 and "lm_head" in trainer.config.lora_target_modules
     history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
     rewards = np.array([m["rewards/mean"] for m in history])
-    assert rewards[-8:].mean() > rewards[:8].mean() + 0.5, rewards.round(2)
+    assert rewards[-8:].mean() > rewards[:8].mean() + 0.3, rewards.round(2)
+    assert 3.0 <= np.mean([m["kl_divergence"] for m in history[20:]]) <= 9.0
     assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
 
 
