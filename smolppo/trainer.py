@@ -99,7 +99,6 @@ class MicroBatchLoss:
     value: torch.Tensor
     value_clip: torch.Tensor
     logits: torch.Tensor  # tempered
-    values: torch.Tensor
 
 
 class PolicyAndValue(nn.Module):
@@ -300,7 +299,7 @@ class PPOTrainer:
             values, batch.old_values, batch.returns, mask, cfg.cliprange_value
         )
         loss = policy.loss + cfg.vf_coef * value_loss
-        return MicroBatchLoss(loss, policy, value_loss, value_clip, logits, values)
+        return MicroBatchLoss(loss, policy, value_loss, value_clip, logits)
 
     def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
         cfg, acc, mask = self.config, self.accelerator, batch.rollout.response_mask
