@@ -224,6 +224,15 @@ class PPOModels:
     reward: RewardReader
 
 
+def check_embeddings(model, tokenizer, what: str, fix: str) -> None:
+    """One line when `tokenizer` has ids that `model` has no embedding for."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < len(tokenizer):
+        raise UserError(
+            f"{what} has {vocab} token embeddings but the tokenizer it reads has {len(tokenizer)} tokens; {fix}"
+        )
+
+
 def load_reward_tokenizer(path: str, fallback):
     """The reward model's own tokenizer (RewardTrainer saves it beside the weights), else `fallback`."""
     from transformers import AutoTokenizer
@@ -243,12 +252,7 @@ def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batc
     path = resolve_model_path(name, "reward-model")
     model = load_sequence_classifier(path, "reward-model")
     tokenizer = load_reward_tokenizer(path, fallback_tokenizer)
-    vocab = model.get_input_embeddings().num_embeddings
-    if vocab < len(tokenizer):
-        raise UserError(
-            f"reward model {path!r} has {vocab} token embeddings but its tokenizer has {len(tokenizer)} tokens; "
-            "save the tokenizer it was trained with beside it"
-        )
+    check_embeddings(model, tokenizer, f"reward model {path!r}", "save the tokenizer it was trained with beside it")
     return RewardReader(model, tokenizer, template or recorded_template(path), batch_size=batch_size, name=path)
 
 
@@ -265,12 +269,8 @@ def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardR
         model = load_sequence_classifier(
             policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
         )
-    vocab = model.get_input_embeddings().num_embeddings
-    if vocab < len(policy_tokenizer):
-        raise UserError(
-            f"value model has {vocab} token embeddings but the policy tokenizer has {len(policy_tokenizer)} tokens; "
-            "pass --value-model with a classifier trained from the policy's tokenizer"
-        )
+    fix = "pass --value-model with a classifier trained from the policy's tokenizer"
+    check_embeddings(model, policy_tokenizer, "value model", fix)
     return model
 
 
@@ -280,12 +280,7 @@ def load_ppo_models(config) -> PPOModels:
     tokenizer = load_tokenizer(policy_path, "policy-model")
     reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
     policy = load_causal_lm(policy_path, "policy-model")
-    vocab = policy.get_input_embeddings().num_embeddings
-    if vocab < len(tokenizer):
-        raise UserError(
-            f"policy has {vocab} token embeddings but its tokenizer has {len(tokenizer)} tokens; "
-            "they were not trained together"
-        )
+    check_embeddings(policy, tokenizer, "policy", "they were not trained together")
     value_model = load_value_model(config, policy_path, tokenizer, reward)
     if config.use_lora:
         policy, ref_policy = apply_lora(policy, config), None

@@ -101,10 +101,7 @@ def remove_entry(path: str) -> None:
     parent, name = os.path.split(path)
     trash = os.path.join(parent, f"{TRASH_PREFIX}{name}-{os.getpid()}-{time.time_ns()}")
     os.replace(path, trash)
-    if os.path.isdir(trash) and not os.path.islink(trash):
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.remove(trash)
+    _delete(trash)
 
 
 def remove_leftovers(output_dir: str) -> None:
@@ -113,8 +110,14 @@ def remove_leftovers(output_dir: str) -> None:
         return
     for name in os.listdir(output_dir):
         if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            _delete(os.path.join(output_dir, name))
+
+
+def _delete(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.remove(path)
 
 
 # ---------------------------------------------------------------------- checks before any work
