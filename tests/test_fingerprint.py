@@ -1,0 +1,74 @@
+"""The engine split changes no number: fixed-seed GAE runs reproduce the figures recorded before the split.
+
+`tests/data/gae_fingerprint.json` was written by this file's `__main__` at the commit before the split
+(full fine-tune and LoRA, smoke preset, 4 updates). Where the CPU kernels differ from the recording machine's,
+bit-level agreement cannot be expected, so the comparison is looser there and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FINGERPRINT = os.path.join(HERE, "data", "gae_fingerprint.json")
+KEYS = ("rewards/mean", "loss", "loss/policy", "loss/value", "kl_divergence", "advantage", "objective/kl_coef")
+UPDATES = 4
+
+
+def platform() -> dict:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def fingerprint(output_dir: str, *flags: str) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from smolppo.cli import parse_config
+    from smolppo.pipeline import build_ppo_trainer
+
+    try:
+        from smolppo.configs import PPOConfig, ppo_presets
+    except ImportError:  # before the split
+        from config import PRESET_VALUES as ppo_presets
+        from config import PPOConfig
+    presets = ppo_presets() if callable(ppo_presets) else ppo_presets
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", output_dir, *flags], presets)
+    trainer = build_ppo_trainer(config)
+    history = [trainer.step() for _ in range(UPDATES)]
+    checksum = sum(p.detach().double().abs().sum().item() for p in trainer.policy.parameters())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"metrics": [{k: m[k] for k in KEYS} for m in history], "policy_abs_sum": checksum}
+
+
+RUNS = {"full": (), "lora": ("--use-lora",)}
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_gae_defaults_reproduce_the_pre_split_fingerprint(tmp_path, smoke_cache, run):
+    with open(FINGERPRINT) as f:
+        recorded = json.load(f)
+    same_platform = recorded["platform"] == platform()
+    tolerance = 1e-6 if same_platform else 1e-3
+    now = fingerprint(str(tmp_path), *RUNS[run])
+    expected = recorded["runs"][run]
+    for update, (got, want) in enumerate(zip(now["metrics"], expected["metrics"]), start=1):
+        for key in KEYS:
+            assert got[key] == pytest.approx(want[key], abs=tolerance, rel=tolerance), (run, update, key)
+    assert now["policy_abs_sum"] == pytest.approx(expected["policy_abs_sum"], rel=tolerance)
+
+
+if __name__ == "__main__":  # python tests/test_fingerprint.py  (records the fingerprint; run only before the split)
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    os.environ.setdefault("SMOLPPO_SMOKE_DIR", tempfile.mkdtemp())
+    runs = {name: fingerprint(tempfile.mkdtemp(), *flags) for name, flags in RUNS.items()}
+    os.makedirs(os.path.dirname(FINGERPRINT), exist_ok=True)
+    with open(FINGERPRINT, "w") as f:
+        json.dump({"platform": platform(), "runs": runs}, f, indent=1)
