@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 
-from config import EvalConfig
 from smolppo.cli import parse_config, run_main
+from smolppo.configs import EvalConfig
 
 logger = logging.getLogger("evaluate_generations")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
-from config import PlotConfig
 from smolppo.cli import parse_config, run_main
+from smolppo.configs import PlotConfig
 from smolppo.errors import UserError
 
 logger = logging.getLogger("plot_training_progress")

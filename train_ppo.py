@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import logging
 
-from config import PRESET_VALUES, PPOConfig
 from smolppo.cli import parse_config, run_main
+from smolppo.configs import PPOConfig
 
 logger = logging.getLogger("train_ppo")
 
 
 def main() -> int:
-    config = parse_config(PPOConfig, presets=PRESET_VALUES)
+    config = parse_config(PPOConfig, recipes="train_ppo")
 
     from accelerate import PartialState
     from accelerate.utils import DistributedType

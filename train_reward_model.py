@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 
-from config import REWARD_PRESET_VALUES, RewardModelConfig
 from smolppo.cli import parse_config, run_main
+from smolppo.configs import RewardModelConfig
 
 logger = logging.getLogger("train_reward_model")
 
 
 def main() -> int:
-    config = parse_config(RewardModelConfig, presets=REWARD_PRESET_VALUES)
+    config = parse_config(RewardModelConfig, recipes="train_reward_model")
 
     from smolppo import output_dir
     from smolppo.checkpointing import check_output_dir, latest_checkpoint

@@ -27,32 +27,44 @@ def _option_value(args: list[str], name: str) -> str | None:
     return None
 
 
-def parse_config(config_cls: type[T], args: Sequence[str] | None = None, presets: dict | None = None) -> T:
-    """Build `config_cls` from defaults, a preset (``--preset``), a YAML file (``--config``) and CLI flags.
+def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes: str | None = None) -> T:
+    """Build `config_cls` from defaults, a recipe (``--preset NAME`` = ``recipes/<recipes>/NAME.yaml``), a YAML
+    file (``--config``) and CLI flags, in that order of precedence.
 
-    Raises `UserError` for values `__post_init__` rejects and for unknown YAML keys; argparse itself
+    Raises `UserError` for values `__post_init__` rejects, unknown presets and unknown YAML keys; argparse itself
     exits with status 2 and a usage line on malformed flags.
     """
+    from smolppo.configs import available_recipes, recipe_path
+
     args = list(sys.argv[1:] if args is None else args)
     parser = TrlParser(config_cls)
     preset = _option_value(args, "--preset")
-    if preset is not None and presets and preset in presets:
-        parser.set_defaults_with_config(**presets[preset])
+    if preset is not None:
+        names = available_recipes(recipes) if recipes else []
+        if preset not in names:
+            raise UserError(f"unknown preset {preset!r}; choose one of {names} (files in recipes/{recipes}/)")
+        parser.set_defaults_with_config(**load_yaml_config(config_cls, recipe_path(recipes, preset)))
     config_path = _option_value(args, "--config")
-    if config_path is not None and not os.path.isfile(config_path):
-        raise UserError(f"config file {config_path!r} does not exist; pass --config with the path of a YAML file")
     if config_path is not None:
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
-        check_yaml_values(config_cls, config_path, loaded)
+        load_yaml_config(config_cls, config_path)
     try:
         (config,) = parser.parse_args_and_config(args)
     except ValueError as exc:
         raise UserError(f"invalid configuration: {exc}") from exc
     return config
+
+
+def load_yaml_config(config_cls, config_path: str) -> dict:
+    """The checked contents of a YAML config or recipe file (one line for anything wrong with it)."""
+    if not os.path.isfile(config_path):
+        raise UserError(f"config file {config_path!r} does not exist; pass --config with the path of a YAML file")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
+    check_yaml_values(config_cls, config_path, loaded)
+    return loaded
 
 
 def check_yaml_values(config_cls, config_path: str, loaded) -> None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import DEFAULT_DATASET, DEFAULT_REWARD_MODEL, PPOConfig
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
+from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import eos_token_ids, load_causal_lm, load_reward_reader, load_tokenizer, resolve_model_path
@@ -121,7 +121,7 @@ def resolve_plan(cfg, training: dict | None) -> EvalPlan:
     elif training and dataset == training.get("dataset"):
         skip = int(training.get("num_samples", 0))
     elif dataset == DEFAULT_DATASET:
-        skip = PPOConfig.num_samples
+        skip = DEFAULT_NUM_SAMPLES
     else:
         skip = 0
     reward_template = cfg.reward_template or (training.get("reward_template") if not cfg.reward_model else None)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from smolppo.errors import UserError
-from smolppo.paths import looks_like_local_path, resolve_smoke_path
+from smolppo.paths import looks_like_local_path
 from smolppo.rewards import RewardReader, recorded_template
+from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ SMOKE_HINT = "point --{flag} at a local directory, or try the offline smoke pres
 
 def resolve_model_path(name: str, flag: str) -> str:
     """Map smoke names to paths and fail early, naming the flag, for local paths that do not exist."""
-    path = resolve_smoke_path(name)
+    path = resolve_smoke_name(name)
     if looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
         raise UserError(f"{flag.replace('-', ' ')} {path!r} does not exist; {SMOKE_HINT.format(flag=flag)}")
     return os.path.expanduser(path)

@@ -1,4 +1,4 @@
-"""Telling local paths from hub ids, and mapping the smoke preset's ``smoke:`` names to local files."""
+"""Where the project lives, and telling local paths from hub ids (no project imports: a leaf module)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import re
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 ASSETS_DIR = os.path.join(PACKAGE_DIR, "assets")
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
-SMOKE_PREFIX = "smoke:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -22,11 +21,3 @@ def looks_like_local_path(name: str) -> bool:
         return True
     return not _HUB_ID.match(name) or name.count("/") > 1
 
-
-def resolve_smoke_path(name: str) -> str:
-    """Map ``smoke:<what>`` to the local file or directory the smoke preset uses; other names pass through."""
-    if not name.startswith(SMOKE_PREFIX):
-        return name
-    from smolppo import smoke
-
-    return smoke.materialise(name[len(SMOKE_PREFIX) :])

@@ -37,6 +37,14 @@ CHATML_TEMPLATE = (
 )
 
 
+SMOKE_PREFIX = "smoke:"
+
+
+def resolve(name: str) -> str:
+    """Map ``smoke:<what>`` to the local file or directory the smoke preset uses; other names pass through."""
+    return materialise(name[len(SMOKE_PREFIX) :]) if name.startswith(SMOKE_PREFIX) else name
+
+
 def cache_dir() -> str:
     return os.environ.get("SMOLPPO_SMOKE_DIR", os.path.join(REPO_DIR, ".smoke_models"))
 

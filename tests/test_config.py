@@ -2,13 +2,13 @@
 
 import pytest
 
-from config import PRESET_VALUES, PPOConfig
 from smolppo.cli import parse_config
+from smolppo.configs import PPOConfig
 from smolppo.errors import UserError
 
 
 def parse(*args):
-    return parse_config(PPOConfig, list(args), presets=PRESET_VALUES)
+    return parse_config(PPOConfig, list(args), recipes="train_ppo")
 
 
 def test_spec_defaults():
@@ -16,7 +16,8 @@ def test_spec_defaults():
     assert cfg.policy_model == "HuggingFaceTB/smollm2-135M-SFT-Only"
     assert cfg.reward_model.endswith("reward_model_orca_output/checkpoint-2160")
     assert (cfg.ppo_epochs, cfg.init_kl_coef, cfg.target, cfg.gamma, cfg.lam) == (4, 0.05, 6.0, 1.0, 0.95)
-    assert (cfg.temperature, cfg.top_p, cfg.per_device_train_batch_size) == (0.7, 0.9, 4)
+    assert (cfg.temperature, cfg.per_device_train_batch_size) == (0.7, 4)
+    assert not hasattr(cfg, "top_p")  # evaluation has its own; rollouts sample the full distribution
     assert (cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.num_train_epochs) == (16, 32, 5e-6, 3)
     assert cfg.gradient_checkpointing and not cfg.bf16 and not cfg.use_lora
     assert (cfg.num_samples, cfg.save_total_limit, cfg.output_dir) == (10_000, 1, "./ppo_training_output")
@@ -51,7 +52,7 @@ def test_precedence_default_preset_yaml_cli(tmp_path):
     assert cfg.policy_model == "smoke:policy"  # preset
     assert cfg.max_new_tokens == 20  # YAML over preset
     assert cfg.learning_rate == 0.02  # CLI over YAML
-    assert cfg.ppo_epochs == PRESET_VALUES["smoke"]["ppo_epochs"]
+    assert cfg.ppo_epochs == 2
 
 
 def test_schedule_is_derived_in_one_place():
@@ -80,7 +81,16 @@ def test_schedule_is_derived_in_one_place():
     "args, message",
     [
         (["--learning-rate", "0"], "learning_rate must be > 0"),
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--advantage-estimator", "ppo2"], "advantage_estimator must be one of gae, grpo, rloo, reinforce_pp"),
+        (["--advantage-estimator", "grpo"], "set --samples-per-prompt to 2 or more"),
+        (["--reward-model", "none"], "no --reward-funcs were given"),
+        (["--reward-funcs", "r.py:f", "--reward-weights", "1"], "reward_weights has 1 values for 2 reward sources"),
+        (["--reward-funcs", "rewards.py"], "must be 'file.py:function' or 'module:function'"),
+        (["--advantage-estimator", "rloo", "--samples-per-prompt", "2", "--value-model", "x"], "has no value model"),
+        (
+            ["--rollout-batch-size", "10", "--samples-per-prompt", "3", "--mini-batch-size", "8"],
+            "rollout_batch_size x samples_per_prompt (30) must be a multiple of mini_batch_size (8)",
+        ),
         (["--rollout-top-p", "0.9"], "rollout_top_p=0.9 is refused"),
         (["--rollout-batch-size", "10", "--mini-batch-size", "4"], "must be a multiple of mini_batch_size"),
         (
@@ -90,7 +100,7 @@ def test_schedule_is_derived_in_one_place():
         (["--gradient-accumulation-steps", "3"], "gradient_accumulation_steps (3) must equal"),
         (["--kl-estimator", "k2"], "kl_estimator must be 'k1' or 'k3'"),
         (["--ppo-epochs", "0"], "ppo_epochs must be a positive integer"),
-        (["--preset", "huge"], "preset must be one of"),
+        (["--preset", "huge"], "unknown preset 'huge'; choose one of ['full', 'lora', 'rtx5090_bf16', 'smoke']"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_expectation(args, message):

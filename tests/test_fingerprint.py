@@ -28,17 +28,11 @@ def fingerprint(output_dir: str, *flags: str) -> dict:
     from accelerate.state import AcceleratorState
 
     from smolppo.cli import parse_config
+    from smolppo.configs import PPOConfig
     from smolppo.pipeline import build_ppo_trainer
 
-    try:
-        from smolppo.configs import PPOConfig, ppo_presets
-    except ImportError:  # before the split
-        from config import PRESET_VALUES as ppo_presets
-        from config import PPOConfig
-    presets = ppo_presets() if callable(ppo_presets) else ppo_presets
-
     AcceleratorState._reset_state(reset_partial_state=True)
-    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", output_dir, *flags], presets)
+    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", output_dir, *flags], "train_ppo")
     trainer = build_ppo_trainer(config)
     history = [trainer.step() for _ in range(UPDATES)]
     checksum = sum(p.detach().double().abs().sum().item() for p in trainer.policy.parameters())

@@ -234,12 +234,12 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_resident_memory_is_flat_over_many_updates(tmp_path):
     from accelerate.state import AcceleratorState
 
-    from config import PRESET_VALUES, PPOConfig
     from smolppo.cli import parse_config
+    from smolppo.configs import PPOConfig
     from smolppo.pipeline import build_ppo_trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    config = parse_config(PPOConfig, [*SMOKE, "--output-dir", str(tmp_path), "--max-updates", "200"], PRESET_VALUES)
+    config = parse_config(PPOConfig, [*SMOKE, "--output-dir", str(tmp_path), "--max-updates", "200"], "train_ppo")
     trainer = build_ppo_trainer(config)
     process = psutil.Process()
     for _ in range(15):  # warm-up: allocator pools, optimizer state

@@ -8,8 +8,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from config import PRESET_VALUES, PPOConfig
 from smolppo.cli import parse_config
+from smolppo.configs import PPOConfig
 from smolppo.pipeline import build_ppo_trainer
 from smolppo.rollout import response_logits
 
@@ -22,7 +22,7 @@ def fresh_accelerator_state():
 
 
 def make_trainer(tmp_path, *flags):
-    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags], PRESET_VALUES)
+    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags], "train_ppo")
     return build_ppo_trainer(config)
 
 

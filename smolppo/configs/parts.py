@@ -1,0 +1,154 @@
+"""Field groups the script configs are composed of, and the checks they share.
+
+Each group is a small dataclass with its own fields and a ``_check_<group>`` method; a script's config
+inherits the groups it needs (nothing else), and `ConfigBase.__post_init__` runs every group's check. So
+`train_reward_model.py` has no ``--reward-model`` and `evaluate_generations.py` no PPO defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+DEFAULT_POLICY_MODEL = "HuggingFaceTB/smollm2-135M-SFT-Only"
+DEFAULT_REWARD_MODEL = "../reward_model_on_orca_dataset/reward_model_orca_output/checkpoint-2160"
+DEFAULT_DATASET = "Intel/orca_dpo_pairs"
+DEFAULT_NUM_SAMPLES = 10_000
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def check_finite(cfg) -> None:
+    """Every float setting must be a real number: inf and nan pass `> 0` checks but wreck training."""
+    for name in cfg.__dataclass_fields__:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def check_positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_probability(cfg, name: str, low_open: bool = False, high_open: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+@dataclass
+class ConfigBase:
+    """Runs every ``_check_*`` method of the composed groups (in definition order) after construction."""
+
+    debug: bool = field(default=False, metadata=_help("Show full tracebacks instead of one-line errors."))
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        for cls in reversed(type(self).__mro__):
+            for name, method in vars(cls).items():
+                if name.startswith("_check_") and callable(method):
+                    method(self)
+
+
+@dataclass
+class PresetFields:
+    preset: Optional[str] = field(
+        default=None,
+        metadata=_help("Recipe applied before YAML/CLI values: a name in recipes/<script>/ (smoke, full, lora, ...)."),
+    )
+
+
+@dataclass
+class PolicyFields:
+    policy_model: str = field(
+        default=DEFAULT_POLICY_MODEL, metadata=_help("Policy (SFT) model: hub id or local directory.")
+    )
+
+
+@dataclass
+class DataFields:
+    dataset: str = field(
+        default=DEFAULT_DATASET,
+        metadata=_help("Prompt dataset: hub id or local .json/.jsonl/.parquet/.csv with system/question columns."),
+    )
+    dataset_split: str = field(default="train", metadata=_help("Dataset split to read (hub datasets only)."))
+    num_samples: int = field(
+        default=DEFAULT_NUM_SAMPLES,
+        metadata=_help("Use the first N rows of the dataset for training; the rest stay unseen."),
+    )
+
+    def _check_data(self) -> None:
+        check_positive(self, "num_samples")
+
+
+@dataclass
+class PrecisionFields:
+    bf16: bool = field(default=False, metadata=_help("bfloat16 autocast for forward passes (fp32 master weights)."))
+    gradient_checkpointing: bool = field(
+        default=True, metadata=_help("Recompute activations in backward to save memory (--no-gradient-checkpointing).")
+    )
+
+
+@dataclass
+class LoRAFields:
+    use_lora: bool = field(default=False, metadata=_help("Train LoRA adapters on the policy instead of all weights."))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank r."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling alpha."))
+    lora_dropout: float = field(
+        default=0.0, metadata=_help("LoRA dropout. PPO switches all dropout off so its ratio is exact.")
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata=_help("Names of the modules that get LoRA adapters."),
+    )
+
+    def _check_lora(self) -> None:
+        check_positive(self, "lora_r", "lora_alpha")
+        check_probability(self, "lora_dropout", high_open=True)
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module, e.g. q_proj v_proj")
+
+
+@dataclass
+class OptimizerFields:
+    lr_scheduler_type: str = field(
+        default="cosine", metadata=_help("Learning-rate schedule (any transformers scheduler name).")
+    )
+    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of all optimisation steps spent warming up."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the global gradient norm to this value."))
+    num_train_epochs: int = field(default=3, metadata=_help("Passes over the training prompts."))
+    seed: int = field(default=42, metadata=_help("Random seed for data order, sampling and initialisation."))
+
+    def _check_optimizer(self) -> None:
+        check_positive(self, "num_train_epochs")
+        check_probability(self, "warmup_ratio", high_open=True)
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class OutputFields:
+    output_dir: str = field(
+        default="./ppo_training_output", metadata=_help("Where the model, logs and checkpoints go.")
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Replace a finished or interrupted run in output_dir (its files are removed).")
+    )
+    logging_steps: int = field(default=1, metadata=_help("Write TensorBoard scalars every N updates."))
+    save_steps: int = field(default=50, metadata=_help("Write a checkpoint every N updates."))
+    save_total_limit: int = field(default=1, metadata=_help("Keep at most this many checkpoint-* directories."))
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata=_help("Continue a run from a checkpoint-N directory, or 'latest' in output_dir.")
+    )
+
+    def _check_output(self) -> None:
+        check_positive(self, "logging_steps", "save_steps", "save_total_limit")

@@ -1,0 +1,32 @@
+"""`plot_training_progress.py`'s configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from smolppo.configs.parts import ConfigBase, _help
+
+
+@dataclass
+class PlotConfig(ConfigBase):
+    """Everything `plot_training_progress.py` needs."""
+
+    log_dir: list[str] = field(
+        default_factory=lambda: ["./ppo_training_output/logs"],
+        metadata=_help("TensorBoard log dir(s) or a directory of runs; several are overlaid."),
+    )
+    output: Optional[str] = field(
+        default=None, metadata=_help("PNG path; default: training_progress.png beside the first log dir.")
+    )
+    csv: Optional[str] = field(
+        default=None, metadata=_help("CSV path for every scalar; default: training_scalars.csv beside the PNG.")
+    )
+    smooth: float = field(default=0.0, metadata=_help("Exponential smoothing weight in [0, 1); 0 plots raw values."))
+    title: str = field(default="PPO training progress", metadata=_help("Figure title."))
+
+    def _check_plot(self) -> None:
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
+        if not self.log_dir:
+            raise ValueError("log_dir needs at least one directory")

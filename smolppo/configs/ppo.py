@@ -1,0 +1,328 @@
+"""`train_ppo.py`'s configuration: one field per knob, composed from the shared groups in `parts`.
+
+Batch vocabulary (all counts are per process):
+
+* ``rollout_batch_size`` prompts are drawn per update, each sampled ``samples_per_prompt`` times;
+* those sequences are cut into mini-batches of ``mini_batch_size``, one optimizer step each;
+* a mini-batch is processed ``per_device_train_batch_size`` sequences at a time, so
+  ``gradient_accumulation_steps = mini_batch_size / per_device_train_batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from smolppo.configs.parts import (
+    DEFAULT_REWARD_MODEL,
+    ConfigBase,
+    DataFields,
+    LoRAFields,
+    OptimizerFields,
+    OutputFields,
+    PolicyFields,
+    PrecisionFields,
+    PresetFields,
+    _help,
+    check_positive,
+    check_probability,
+)
+
+KL_HORIZON_FRACTION = 40  # default horizon = the episodes of num_train_epochs / this
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
+NO_REWARD_MODEL = "none"
+
+
+@dataclass
+class RewardFields:
+    reward_model: str = field(
+        default=DEFAULT_REWARD_MODEL,
+        metadata=_help(
+            "Reward model (1-output sequence classifier): hub id, local directory or checkpoint-N; 'none' to "
+            "train on --reward-funcs alone."
+        ),
+    )
+    reward_template: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "How the reward model reads a response: 'chat' (its tokenizer's chat template, as RewardTrainer "
+            "trains), 'plain' (prompt + response + EOS), or a Jinja template string/file. Default: chat, or what "
+            "train_reward_model.py recorded."
+        ),
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Reward functions 'file.py:name' or 'module:name' (trl's signature: prompts, completions, dataset "
+            "columns as keyword arguments -> list of floats or None); added to the reward model's score."
+        ),
+    )
+    reward_weights: list[float] = field(
+        default_factory=list,
+        metadata=_help("Weight of each reward source: the reward model first (if used), then each function (1)."),
+    )
+    reward_check_pairs: int = field(
+        default=64,
+        metadata=_help("Held-out chosen/rejected pairs the reward model is checked on before training (0: skip)."),
+    )
+    min_reward_accuracy: Optional[float] = field(
+        default=None, metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this.")
+    )
+    missing_eos_score: Optional[float] = field(
+        default=None, metadata=_help("If set, responses that never emit EOS get this score instead of the reward.")
+    )
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model.strip().lower() != NO_REWARD_MODEL
+
+    def _check_rewards(self) -> None:
+        if not self.uses_reward_model and not self.reward_funcs:
+            raise ValueError("reward_model is 'none' but no --reward-funcs were given; give at least one reward")
+        sources = int(self.uses_reward_model) + len(self.reward_funcs)
+        if self.reward_weights and len(self.reward_weights) != sources:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {sources} reward sources (the reward "
+                "model first, if used, then each --reward-funcs entry)"
+            )
+        for spec in self.reward_funcs:
+            if ":" not in spec.replace(":\\", "").replace(":/", ""):
+                raise ValueError(f"reward_funcs entry {spec!r} must be 'file.py:function' or 'module:function'")
+        if not (isinstance(self.reward_check_pairs, int) and self.reward_check_pairs >= 0):
+            raise ValueError(f"reward_check_pairs must be an integer >= 0, got {self.reward_check_pairs!r}")
+        if self.min_reward_accuracy is not None:
+            check_probability(self, "min_reward_accuracy")
+
+
+@dataclass
+class AlgorithmFields:
+    advantage_estimator: str = field(
+        default="gae",
+        metadata=_help(
+            "gae (PPO with a value model), grpo (group-normalised rewards), rloo (leave-one-out baseline) or "
+            "reinforce_pp (REINFORCE++: whitened discounted returns); only gae loads a value model."
+        ),
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata=_help("Responses sampled per prompt in an update (grpo and rloo need at least 2).")
+    )
+    scale_rewards: bool = field(
+        default=True, metadata=_help("grpo: divide by the group's reward std (--no-scale-rewards: centre only).")
+    )
+    kl_in_loss: bool = field(
+        default=False,
+        metadata=_help("Add the KL to the reference as a loss term (k3, as GRPO does) instead of a reward penalty."),
+    )
+    ppo_epochs: int = field(default=4, metadata=_help("Optimisation passes over each rollout batch."))
+    init_kl_coef: float = field(default=0.05, metadata=_help("Initial coefficient of the per-token KL penalty."))
+    adaptive_kl: bool = field(
+        default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
+    )
+    target: float = field(default=6.0, metadata=_help("Target KL (nats per response) for the adaptive controller."))
+    horizon: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Adaptive KL horizon, in episodes. Default: the episodes of num_train_epochs / 40, so the coefficient "
+            "can move up to e^8 over a run, 0.2 x 40 / updates per update (a fixed 10000: only ~2x per run)."
+        ),
+    )
+    kl_estimator: str = field(
+        default="k1", metadata=_help("Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative).")
+    )
+    gamma: float = field(default=1.0, metadata=_help("Discount factor."))
+    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    cliprange: float = field(default=0.2, metadata=_help("Clip range epsilon of the policy ratio."))
+    cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the total loss (gae)."))
+    whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards before GAE."))
+
+    @property
+    def uses_value_model(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    def _check_algorithm(self) -> None:
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got "
+                f"{self.advantage_estimator!r}"
+            )
+        check_positive(self, "samples_per_prompt", "ppo_epochs")
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} compares responses to the same prompt: set "
+                f"--samples-per-prompt to 2 or more (got {self.samples_per_prompt})"
+            )
+        if self.horizon is not None:
+            check_positive(self, "horizon")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if not self.init_kl_coef >= 0:
+            raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        if not self.target > 0:
+            raise ValueError(f"target must be > 0, got {self.target}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if not (self.cliprange > 0 and self.cliprange_value > 0):
+            raise ValueError("cliprange and cliprange_value must be > 0")
+        if not self.vf_coef >= 0:
+            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
+
+
+@dataclass
+class PPOConfig(
+    AlgorithmFields,
+    OutputFields,
+    OptimizerFields,
+    LoRAFields,
+    PrecisionFields,
+    DataFields,
+    RewardFields,
+    PolicyFields,
+    PresetFields,
+    ConfigBase,
+):
+    """Everything `train_ppo.py` needs. Defaults follow the project specification."""
+
+    value_model: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Value model to start from (gae only). Default: the reward model when it shares the policy's "
+            "vocabulary, else the policy with a new 1-output head."
+        ),
+    )
+    max_prompt_length: int = field(
+        default=512, metadata=_help("Prompts longer than this many tokens are dropped (and counted), never cut.")
+    )
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "Peak learning rate of AdamW for policy and value model. Default: full_learning_rate, or "
+            "lora_learning_rate with --use-lora."
+        ),
+    )
+    full_learning_rate: float = field(
+        default=5e-6, metadata=_help("Peak learning rate of a full fine-tune when --learning-rate is not given.")
+    )
+    lora_learning_rate: float = field(
+        default=5e-5,
+        metadata=_help(
+            "Peak learning rate with --use-lora when --learning-rate is not given (10x the full fine-tune's: "
+            "adapters start at zero and change few parameters, see README)."
+        ),
+    )
+    allow_config_change: bool = field(
+        default=False,
+        metadata=_help("On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json)."),
+    )
+    discard_newer_checkpoints: bool = field(
+        default=False, metadata=_help("Resume from an older checkpoint and delete the checkpoints after it.")
+    )
+    # Batches (per process)
+    rollout_batch_size: int = field(default=64, metadata=_help("Prompts drawn for one update."))
+    mini_batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step within an update."))
+    per_device_train_batch_size: int = field(
+        default=4, metadata=_help("Sequences per forward/backward pass (micro-batch).")
+    )
+    gradient_accumulation_steps: Optional[int] = field(
+        default=None,
+        metadata=_help("Micro-batches per optimizer step; derived as mini_batch_size / per_device_train_batch_size."),
+    )
+    max_updates: Optional[int] = field(
+        default=None, metadata=_help("Stop after this many updates (default: num_train_epochs of prompts).")
+    )
+    # Generation
+    temperature: float = field(default=0.7, metadata=_help("Sampling temperature of the rollouts."))
+    rollout_top_p: float = field(
+        default=1.0, metadata=_help("Nucleus sampling during training rollouts; must stay 1.0 (see README).")
+    )
+    max_new_tokens: int = field(default=128, metadata=_help("Maximum tokens generated per response."))
+    # Logging
+    num_logged_samples: int = field(default=4, metadata=_help("Prompt/response/reward triples logged as text."))
+    sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = self.lora_learning_rate if self.use_lora else self.full_learning_rate
+        super().__post_init__()
+
+    def _check_ppo(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_positive(self, "max_prompt_length", "rollout_batch_size", "mini_batch_size")
+        check_positive(self, "per_device_train_batch_size", "max_new_tokens", "sample_logging_steps")
+        if self.max_updates is not None and self.max_updates <= 0:
+            raise ValueError(f"max_updates must be a positive integer, got {self.max_updates}")
+        sequences = self.rollout_batch_size * self.samples_per_prompt
+        if sequences % self.mini_batch_size:
+            raise ValueError(
+                f"rollout_batch_size x samples_per_prompt ({sequences}) must be a multiple of mini_batch_size "
+                f"({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.per_device_train_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of per_device_train_batch_size "
+                f"({self.per_device_train_batch_size})"
+            )
+        derived = self.mini_batch_size // self.per_device_train_batch_size
+        if self.gradient_accumulation_steps is None:
+            self.gradient_accumulation_steps = derived
+        elif self.gradient_accumulation_steps != derived:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must equal mini_batch_size / "
+                f"per_device_train_batch_size = {derived}; set mini_batch_size, or leave gradient_accumulation_steps "
+                "out"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.rollout_top_p != 1.0:
+            raise ValueError(
+                f"rollout_top_p={self.rollout_top_p} is refused: PPO's ratio needs the log-probs of the distribution "
+                "actually sampled, and nucleus truncation changes it per step. Keep rollout_top_p=1.0 (use "
+                "temperature to sharpen sampling); evaluate_generations.py has its own top_p"
+            )
+        if self.value_model and not self.uses_value_model:
+            raise ValueError(
+                f"value_model is set but advantage_estimator {self.advantage_estimator} has no value model; drop "
+                "--value-model or use --advantage-estimator gae"
+            )
+
+    def schedule(self, num_prompts: int, num_processes: int = 1) -> Schedule:
+        """Derived step counts for `num_prompts` training prompts spread over `num_processes` processes."""
+        global_batch = self.rollout_batch_size * num_processes
+        updates_per_epoch = num_prompts // global_batch
+        if updates_per_epoch == 0:
+            raise ValueError(
+                f"only {num_prompts} usable prompts, fewer than one rollout batch of {global_batch} "
+                f"(rollout_batch_size x processes); lower rollout_batch_size or use more data"
+            )
+        total = updates_per_epoch * self.num_train_epochs
+        if self.max_updates is not None:
+            total = min(total, self.max_updates)
+        episodes_per_update = global_batch * self.samples_per_prompt
+        minibatches = self.rollout_batch_size * self.samples_per_prompt // self.mini_batch_size
+        planned = updates_per_epoch * self.num_train_epochs * episodes_per_update  # not max_updates: same on resume
+        horizon = self.horizon or max(1, round(planned / KL_HORIZON_FRACTION))
+        return Schedule(
+            kl_horizon=horizon,
+            global_rollout_batch=global_batch,
+            episodes_per_update=episodes_per_update,
+            updates_per_epoch=updates_per_epoch,
+            total_updates=total,
+            optimizer_steps_per_update=self.ppo_epochs * minibatches,
+            warmup_updates=math.ceil(self.warmup_ratio * total),
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts derived from the config and the data; computed only by `PPOConfig.schedule`."""
+
+    kl_horizon: int
+    global_rollout_batch: int  # prompts per update, all processes
+    episodes_per_update: int  # sequences per update, all processes
+    updates_per_epoch: int
+    total_updates: int
+    optimizer_steps_per_update: int
+    warmup_updates: int
