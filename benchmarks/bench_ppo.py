@@ -8,7 +8,7 @@
 Models are built with random weights from the shape alone (no download); prompts are random token ids
 with lengths drawn in [prompt_length / 2, prompt_length]; responses run to `response_length` tokens (EOS
 suppressed) so every run does the same work. The same seed gives the same prompts and samples. Warm-up
-updates are excluded; figures are medians over the timed updates. It runs the real `PPOTrainer`.
+updates are excluded; figures are medians over the timed updates. It runs the real `Algorithm` and `Trainer`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ class BenchConfig:
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward."})
     ppo_epochs: int = field(default=4, metadata={"help": "PPO epochs per update."})
+    advantage_estimator: str = field(
+        default="gae", metadata={"help": "gae (with a value model), grpo, rloo or reinforce_pp (no value model)."}
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata={"help": "Responses per prompt (grpo/rloo: at least 2; default 4 for them)."}
+    )
     prompt_length: int = field(default=64, metadata={"help": "Longest prompt, in tokens."})
     response_length: int = field(default=32, metadata={"help": "Tokens generated per response."})
     warmup_updates: int = field(default=1, metadata={"help": "Updates run before timing starts."})
@@ -59,6 +65,8 @@ class BenchConfig:
     output: Optional[str] = field(default=None, metadata={"help": "Write the results as JSON here too."})
 
     def __post_init__(self):
+        if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt == 1:
+            self.samples_per_prompt = 4
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {self.shape!r}")
 
@@ -68,12 +76,14 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, set_seed
 
-    from config import PPOConfig
     from smolppo import smoke
+    from smolppo.algorithm import Algorithm
+    from smolppo.configs import PPOConfig
     from smolppo.data import PromptSet
     from smolppo.models import apply_lora, load_tokenizer
+    from smolppo.reward_sources import CombinedReward, RewardModelSource
     from smolppo.rewards import RewardReader
-    from smolppo.trainer import PPOTrainer
+    from smolppo.trainer import Trainer
 
     device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(smoke.TOKENIZER_DIR)
@@ -87,6 +97,8 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         mini_batch_size=bench.mini_batch_size,
         per_device_train_batch_size=bench.per_device_train_batch_size,
         ppo_epochs=bench.ppo_epochs,
+        advantage_estimator=bench.advantage_estimator,
+        samples_per_prompt=bench.samples_per_prompt,
         max_new_tokens=bench.response_length,
         max_prompt_length=bench.prompt_length,
         max_updates=total,
@@ -109,7 +121,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     )
     policy = LlamaForCausalLM(LlamaConfig(**shape))
     reward = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1))
-    value = copy.deepcopy(reward)
+    value = copy.deepcopy(reward).to(device) if config.uses_value_model else None
     ref = None if bench.use_lora else copy.deepcopy(policy)
     if bench.use_lora:
         policy = apply_lora(policy, config)
@@ -125,17 +137,19 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         mixed_precision="bf16" if bench.bf16 else "no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
-    trainer = PPOTrainer(
+    reader = RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size)
+    algorithm = Algorithm(
         config,
+        config.schedule(len(prompts)),
         tokenizer,
         policy.to(device),
-        value.to(device),
-        RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size),
-        prompt_set,
+        CombinedReward([RewardModelSource(reader)]),
+        accelerator,
         ref_policy=ref,
-        accelerator=accelerator,
+        value_model=value,
     )
-    trainer.generation_config.min_new_tokens = bench.response_length  # same work every run
+    algorithm.generation_config.min_new_tokens = bench.response_length  # same work every run
+    trainer = Trainer(config, algorithm, prompt_set)
     return trainer, device
 
 
@@ -154,12 +168,13 @@ def run(bench: BenchConfig) -> dict:
     stages = [k for k in timed[0] if k.startswith("time/")]
     median = {k.removeprefix("time/"): statistics.median(m[k] for m in timed) for k in stages}
     total = median["update_total"]
-    tokens = bench.rollout_batch_size * bench.response_length
+    episodes = bench.rollout_batch_size * bench.samples_per_prompt
+    tokens = episodes * bench.response_length
     return {
         "config": asdict(bench),
         "device": str(device),
         "environment": run_environment(),
-        "episodes_per_s": bench.rollout_batch_size / total,
+        "episodes_per_s": episodes / total,
         "generated_tokens_per_s": tokens / median["rollout"],
         "seconds_per_update": total,
         "stage_seconds": median,
@@ -177,6 +192,7 @@ def run(bench: BenchConfig) -> dict:
 def format_table(result: dict) -> str:
     rows = [
         f"shape {result['config']['shape']}  device {result['device']}  lora {result['config']['use_lora']}  "
+        f"estimator {result['config']['advantage_estimator']} x{result['config']['samples_per_prompt']}  "
         f"bf16 {result['config']['bf16']}  rollout {result['config']['rollout_batch_size']}  "
         f"prompt<={result['config']['prompt_length']}  response {result['config']['response_length']}",
         f"{'episodes/s':<28}{result['episodes_per_s']:>12.2f}",

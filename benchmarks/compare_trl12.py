@@ -122,7 +122,7 @@ def train_reward_model(model, tokenizer, out: str) -> None:
 def our_trainer(task: str, out: str, seed: int, updates: int, **overrides):
     from accelerate.state import AcceleratorState
 
-    from config import PPOConfig
+    from smolppo.configs import PPOConfig
     from smolppo.pipeline import build_ppo_trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -275,17 +275,19 @@ def diff(workdir: str) -> dict:
     import torch
 
     from smolppo import ppo_math
+    from smolppo.experience import Experience
 
     task = build_task(workdir)
     work = os.path.join(workdir, "diff")
     os.makedirs(work, exist_ok=True)
     trainer = our_trainer(task, os.path.join(work, "ours"), seed=0, updates=1, max_grad_norm=1e9)
+    algo = trainer.algorithm
     indices = trainer.sampler.indices(0)
     prompts = [trainer.prompts.input_ids[i] for i in indices]
-    pad = trainer.tokenizer.pad_token_id
+    pad = algo.tokenizer.pad_token_id
     for sample_seed in range(100):  # a rollout where no response samples the pad token (trl would cut it there)
         torch.manual_seed(sample_seed)
-        rollout = trainer.rollout(prompts)
+        rollout = algo.rollout(prompts)
         if not ((rollout.responses == pad) & rollout.response_mask.bool()).any():
             break
     torch.save({"prompts": prompts, "responses": rollout.responses.tolist()}, os.path.join(work, "rollout.pt"))
@@ -302,15 +304,19 @@ def diff(workdir: str) -> dict:
         return cap[key][inverse]
 
     mask = rollout.response_mask
-    old, ref, kl = trainer.kl(rollout)
-    conversations = [trainer.prompts.conversations[i] for i in indices]
-    our_scores = trainer.score(rollout, conversations)
+    old, ref, kl = algo.logprobs(rollout)
+    our_scores, _ = algo.rewards(rollout, trainer.prompts, indices)
     trl_scores = theirs("scores")
-    exp = trainer.advantages(rollout, trl_scores, old, ref, kl)  # their scores, to compare what follows
-    rewards = ppo_math.token_rewards(trl_scores, kl, trainer.kl_controller.value, mask)
+    values = algo.values(rollout)
+    advantages, raw, returns = algo.advantages(rollout, trl_scores, kl, values)  # their scores, for what follows
+    exp = Experience(rollout, trl_scores, old, ref, kl, advantages, raw, returns, values)
+    rewards = ppo_math.token_rewards(trl_scores, kl, algo.kl_controller.value, mask)
     report = {
-        "rollout": {"sample_seed": sample_seed, "ended_with_eos": int(rollout.ended_with_eos.sum()),
-                    "lengths": rollout.response_lengths.tolist()},
+        "rollout": {
+            "sample_seed": sample_seed,
+            "ended_with_eos": int(rollout.ended_with_eos.sum()),
+            "lengths": rollout.response_lengths.tolist(),
+        },
         "masks_equal": bool(((~theirs("padding_mask")).float() == mask).all()),
         "logprobs": _max_diff(old, theirs("logprobs"), mask),
         "ref_logprobs": _max_diff(ref, theirs("ref_logprobs"), mask),
@@ -322,11 +328,11 @@ def diff(workdir: str) -> dict:
         "returns (same scores)": _max_diff(exp.returns, theirs("returns"), mask),
     }
     # First optimizer step: our loss and gradients on the same batch.
-    trainer.model.train()
-    parts = trainer.micro_batch_loss(exp)
-    trainer.optimizer.zero_grad(set_to_none=True)
+    algo.model.train()
+    parts = algo.micro_batch_loss(exp)
+    algo.optimizer.zero_grad(set_to_none=True)
     parts.loss.backward()
-    our_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in trainer.model.named_parameters()}
+    our_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in algo.model.named_parameters()}
     report["loss"] = abs(float(parts.loss) - float(cap["loss"]))
     report["policy_loss"] = abs(float(parts.policy.loss) - float(cap["pg_loss"]))
     report["value_loss"] = abs(float(parts.value) - float(cap["vf_loss"]))
@@ -334,8 +340,8 @@ def diff(workdir: str) -> dict:
     report["gradients: worst relative L2 difference"] = worst
     report["gradients: worst tensor"] = name
     report["gradients: tensors compared"] = matched
-    trainer.optimizer.step()
-    after = dict(trainer.model.named_parameters())
+    algo.optimizer.step()
+    after = dict(algo.model.named_parameters())
     moved = [
         float((after[n.replace("value_model.", "value.classifier.", 1)].detach() - p).abs().max())
         for n, p in cap["params_after"].items()
@@ -343,7 +349,7 @@ def diff(workdir: str) -> dict:
     ]
     report["parameters after the first step: max abs difference"] = max(moved)
     with torch.no_grad():
-        second = trainer.micro_batch_loss(exp)
+        second = algo.micro_batch_loss(exp)
     report["value loss at the second step: ours"] = float(second.value)
     report["policy clip fraction at the second step: ours"] = float(second.policy.clip_fraction)
     report["trl value losses of the first update's steps"] = cap["vf_losses"]
@@ -409,7 +415,7 @@ def learn(workdir: str, seeds: list[int], updates: int, **overrides) -> dict:
                 "trl12_gain": quarter_gain(trl["rewards"]),
                 "ours_episodes_per_s": HYPER["batch"] * updates / ours_seconds,
                 "trl12_episodes_per_s": HYPER["batch"] * updates / trl["seconds"],
-                "ours_kl_last_quarter": statistics.mean(m["kl_divergence"] for m in history[-max(1, updates // 4):]),
+                "ours_kl_last_quarter": statistics.mean(m["kl_divergence"] for m in history[-max(1, updates // 4) :]),
             }
         )
         print(json.dumps(rows[-1]), flush=True)

@@ -97,7 +97,9 @@ def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
         int(state["update"]), state["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
-    required = ["scheduler.pt", "rng_state.pt", os.path.join("value_model", "model.safetensors")]
+    required = ["scheduler.pt", "rng_state.pt"]
+    if state["config"].get("advantage_estimator", "gae") == "gae":  # only PPO's GAE has a value model
+        required.append(os.path.join("value_model", "model.safetensors"))
     if needs_optimizer:
         required.append("optimizer.pt")
     weights = "adapter_model.safetensors" if state["config"].get("use_lora") else "model.safetensors"

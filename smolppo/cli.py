@@ -84,9 +84,7 @@ def check_yaml_values(config_cls, config_path: str, loaded) -> None:
         if value is None and "Optional" not in kind:
             raise UserError(f"config file {config_path!r}: {key} has no value; give one or remove the line")
         if isinstance(value, (list, dict)) and not kind.startswith(("list", "dict")):
-            raise UserError(
-                f"config file {config_path!r}: {key} must be a single value, got a {type(value).__name__}"
-            )
+            raise UserError(f"config file {config_path!r}: {key} must be a single value, got a {type(value).__name__}")
 
 
 def wants_debug(args: Sequence[str] | None = None) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -113,11 +113,12 @@ class PromptSet:
     conversations: list[tuple[str, str]]  # (system, question) of each prompt, for the reward model
     num_rows: int
     num_too_long: int
+    rows: list[dict] = field(default_factory=list)  # each prompt's dataset row, for reward functions
 
 
 def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str = "dataset") -> PromptSet:
     """Render and tokenise `rows`; drop (and count) prompts longer than `max_prompt_length` tokens."""
-    ids, texts, conversations, too_long, empty = [], [], [], 0, 0
+    ids, texts, conversations, kept, too_long, empty = [], [], [], [], 0, 0
     for row in rows:
         if not row_conversation(row)[1].strip():
             empty += 1
@@ -129,6 +130,7 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
         ids.append(tokens)
         texts.append(text)
         conversations.append(row_conversation(row))
+        kept.append(row)
     if too_long:
         logger.info("dropped %d of %d prompts longer than %d tokens", too_long, len(rows), max_prompt_length)
     if empty:
@@ -140,7 +142,7 @@ def build_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: s
             f"no prompt of {source} fits max_prompt_length={max_prompt_length} tokens "
             f"({too_long} of {len(rows)} were longer); raise --max-prompt-length"
         )
-    return PromptSet(ids, texts, conversations, len(rows), too_long)
+    return PromptSet(ids, texts, conversations, len(rows), too_long, kept)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

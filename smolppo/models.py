@@ -221,8 +221,8 @@ class PPOModels:
     tokenizer: object
     policy: nn.Module
     ref_policy: nn.Module | None
-    value_model: nn.Module
-    reward: RewardReader
+    value_model: nn.Module | None  # gae only
+    reward: RewardReader | None  # None with --reward-model none
 
 
 def check_embeddings(model, tokenizer, what: str, fix: str) -> None:
@@ -257,16 +257,17 @@ def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batc
     return RewardReader(model, tokenizer, template or recorded_template(path), batch_size=batch_size, name=path)
 
 
-def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardReader):
+def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardReader | None):
     """The value model reads the policy's token ids: ``--value-model``, else the reward model when it shares the
     policy's vocabulary, else the policy's body with a fresh 1-output head."""
     if config.value_model:
         path = resolve_model_path(config.value_model, "value-model")
         model = load_sequence_classifier(path, "value-model")
-    elif reward.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+    elif reward is not None and reward.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
         model = load_sequence_classifier(reward.model.name_or_path, "reward-model")
     else:
-        logger.info("reward model has another vocabulary: value model = policy body + a new 1-output head")
+        why = "no reward model" if reward is None else "reward model has another vocabulary"
+        logger.info("%s: value model = policy body + a new 1-output head", why)
         model = load_sequence_classifier(
             policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
         )
@@ -276,13 +277,16 @@ def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardR
 
 
 def load_ppo_models(config) -> PPOModels:
-    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader and value model."""
+    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader (when a reward model is used) and
+    value model (only for the gae estimator)."""
     policy_path = resolve_model_path(config.policy_model, "policy-model")
     tokenizer = load_tokenizer(policy_path, "policy-model")
-    reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
+    reward = None
+    if config.uses_reward_model:
+        reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
     policy = load_causal_lm(policy_path, "policy-model")
     check_embeddings(policy, tokenizer, "policy", "they were not trained together")
-    value_model = load_value_model(config, policy_path, tokenizer, reward)
+    value_model = load_value_model(config, policy_path, tokenizer, reward) if config.uses_value_model else None
     if config.use_lora:
         policy, ref_policy = apply_lora(policy, config), None
     else:

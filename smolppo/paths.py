@@ -20,4 +20,3 @@ def looks_like_local_path(name: str) -> bool:
     if os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet", ".csv"):
         return True
     return not _HUB_ID.match(name) or name.count("/") > 1
-

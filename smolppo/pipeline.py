@@ -38,31 +38,46 @@ def held_out_pairs(config, rows: list[dict]) -> list[dict]:
 
 
 def build_ppo_trainer(config, accelerator=None):
-    """Seed, load the models and the prompts, check the reward model, and assemble a `PPOTrainer`."""
+    """Seed, load the models, the prompts and the reward sources, check the reward model, and assemble the
+    algorithm and the job that runs it (a `smolppo.trainer.Trainer`)."""
+    from accelerate import Accelerator
     from transformers import set_seed
 
+    from smolppo.algorithm import Algorithm
+    from smolppo.distributed import use_cpu
     from smolppo.models import load_ppo_models
+    from smolppo.reward_sources import build_reward
     from smolppo.rewards import check_reward_model
-    from smolppo.trainer import PPOTrainer
+    from smolppo.trainer import Trainer
 
     set_seed(config.seed)
     models = load_ppo_models(config)
+    reward = build_reward(models.reward, config.reward_funcs, config.reward_weights)
     rows = load_rows(config.dataset, config.dataset_split)
     prompts = load_training_prompts(config, models.tokenizer, rows)
     reward_check = None
-    if config.reward_check_pairs:
+    if config.reward_check_pairs and models.reward is not None:
         reward_check = check_reward_model(models.reward, held_out_pairs(config, rows), config.min_reward_accuracy)
-    return PPOTrainer(
+    accelerator = accelerator or Accelerator(
+        cpu=use_cpu(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision="bf16" if config.bf16 else "no",
+    )
+    try:
+        schedule = config.schedule(len(prompts.input_ids), accelerator.num_processes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    algorithm = Algorithm(
         config,
+        schedule,
         models.tokenizer,
         models.policy,
-        models.value_model,
-        models.reward,
-        prompts,
+        reward,
+        accelerator,
         ref_policy=models.ref_policy,
-        accelerator=accelerator,
-        reward_check=reward_check,
+        value_model=models.value_model,
     )
+    return Trainer(config, algorithm, prompts, reward_check=reward_check)
 
 
 def check_output_dir_for(config) -> str | None:
@@ -73,7 +88,7 @@ def check_output_dir_for(config) -> str | None:
     if config.overwrite_output_dir and not resume_from:
         inputs = {
             "policy-model": config.policy_model,
-            "reward-model": config.reward_model,
+            "reward-model": config.reward_model if config.uses_reward_model else None,
             "value-model": config.value_model,
             "dataset": config.dataset,
         }

@@ -83,6 +83,37 @@ def gae_advantages(
     return advantages, (advantages + values) * mask
 
 
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` over each response's real tokens (0 after them)."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, scale: bool = True) -> torch.Tensor:
+    """Sequence-level advantages ``[B]`` from the scores of ``B / group_size`` groups of consecutive responses
+    to the same prompt.
+
+    ``grpo``: ``(r - mean_group) / (std_group + 1e-4)`` (unbiased std; centring only when not `scale`);
+    ``rloo``: ``r - mean of the other responses of the group`` = ``k / (k - 1) * (r - mean_group)``.
+    """
+    if group_size < 2 or len(scores) % group_size:
+        raise ValueError(f"{len(scores)} scores cannot form groups of {group_size} (need >= 2 per group)")
+    grouped = scores.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if estimator == "grpo":
+        advantages = centred / (grouped.std(1, keepdim=True) + 1e-4) if scale else centred
+    elif estimator == "rloo":
+        advantages = centred * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}; expected 'grpo' or 'rloo'")
+    return advantages.reshape(-1)
+
+
 @dataclass
 class PolicyLossStats:
     loss: torch.Tensor

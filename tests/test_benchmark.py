@@ -28,3 +28,14 @@ def test_benchmark_reports_throughput_stages_and_memory(tmp_path):
     assert abs(sum(v for k, v in stages.items() if k != "update_total") - stages["update_total"]) < 1e-6
     assert report["episodes_per_s"] > 0 and report["peak_memory_bytes"] > 0
     assert report["generated_tokens_per_s"] == 8 * 8 / stages["rollout"]
+
+
+def test_benchmark_without_a_critic_has_no_value_stage(tmp_path):
+    out = tmp_path / "bench.json"
+    flags = ["--timed-updates", "1", "--response-length", "8", "--prompt-length", "16", "--rollout-batch-size", "4"]
+    result = run_script("benchmarks/bench_ppo.py", *flags, "--advantage-estimator", "grpo", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["samples_per_prompt"] == 4  # grpo's default group
+    assert "values" not in report["stage_seconds"]
+    assert report["generated_tokens_per_s"] == 4 * 4 * 8 / report["stage_seconds"]["rollout"]

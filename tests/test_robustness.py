@@ -204,7 +204,7 @@ BAD_INPUTS = {
     "all prompts too long": (lambda t, s: ["--max-prompt-length", "5"], "raise --max-prompt-length"),
     "batch sizes": (lambda t, s: ["--mini-batch-size", "5"], "must be a multiple of mini_batch_size"),
     "learning rate": (lambda t, s: ["--learning-rate", "-1"], "learning_rate must be > 0"),
-    "top_p": (lambda t, s: ["--top-p", "0"], "top_p must be in (0, 1]"),
+    "estimator": (lambda t, s: ["--advantage-estimator", "grpo"], "set --samples-per-prompt to 2 or more"),
     "lora targets": (lambda t, s: ["--use-lora", "--lora-target-modules", "qkv"], "LoRA target modules ['qkv']"),
 }
 

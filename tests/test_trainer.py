@@ -27,10 +27,7 @@ def make_trainer(tmp_path, *flags):
 
 
 def experience(trainer):
-    indices = trainer.sampler.indices(trainer.update)
-    rollout = trainer.rollout([trainer.prompts.input_ids[i] for i in indices])
-    scores = trainer.score(rollout, [trainer.prompts.conversations[i] for i in indices])
-    return trainer.advantages(rollout, scores, *trainer.kl(rollout))
+    return trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(trainer.update))
 
 
 def test_reward_rises_on_a_learnable_task(tmp_path):
@@ -59,16 +56,16 @@ def test_lora_learns_on_the_smoke_task(tmp_path):
 
 def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
     trainer = make_trainer(tmp_path)
-    ref_before = {k: v.clone() for k, v in trainer.ref_policy.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.algorithm.ref_policy.state_dict().items()}
     policy_before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     exp = experience(trainer)
     # Before any update the rollout policy is the reference: the log-ratio (k1 KL) is zero.
     torch.testing.assert_close(exp.old_logprobs, exp.ref_logprobs)
-    stats = trainer.optimise(exp)
+    stats = trainer.algorithm.optimise(exp, 0)
     # In the first micro-batch the new policy is the rollout policy: the ratio is 1 on every token (fp32).
     assert stats["first_ratio_deviation"] <= 1e-6
     assert 0.0 <= stats["clip_fraction"] < 1.0
-    for key, value in trainer.ref_policy.state_dict().items():
+    for key, value in trainer.algorithm.ref_policy.state_dict().items():
         torch.testing.assert_close(value, ref_before[key])
     changed = [k for k, v in trainer.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
     assert changed
@@ -76,7 +73,7 @@ def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
 
 def test_lora_trains_only_adapters_and_reference_is_the_base(tmp_path):
     trainer = make_trainer(tmp_path, "--use-lora", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj")
-    assert trainer.ref_policy is None
+    assert trainer.algorithm.ref_policy is None
     trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     base_before = {n: p.clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
@@ -106,11 +103,11 @@ def _activation_bytes_saved_for_backward(trainer, exp):
 def test_gradient_checkpointing_cuts_saved_activations(tmp_path):
     without = make_trainer(tmp_path / "a")
     saved_without = _activation_bytes_saved_for_backward(without, experience(without))
-    without.optimise(experience(without))
+    without.algorithm.optimise(experience(without), 0)
     AcceleratorState._reset_state(reset_partial_state=True)
     with_gc = make_trainer(tmp_path / "b", "--gradient-checkpointing")
     saved_with = _activation_bytes_saved_for_backward(with_gc, experience(with_gc))
-    with_gc.optimise(experience(with_gc))
+    with_gc.algorithm.optimise(experience(with_gc), 0)
     assert saved_with * 3 < saved_without, (saved_with, saved_without)
     assert with_gc.observed["gradient_checkpointing_active"] is True
     assert without.observed["gradient_checkpointing_active"] is False

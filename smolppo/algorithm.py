@@ -1,0 +1,367 @@
+"""The algorithm: one update is ``make_experience`` (stages 1-5) then ``optimise`` (stage 6), read top to bottom.
+
+1. ``rollout``: sample ``samples_per_prompt`` responses per prompt with the current policy;
+2. ``rewards``: the reward sources (reward model and/or functions) score each decoded response;
+3. ``logprobs``: per-token log-probs under the rollout policy and the frozen reference, and the KL estimate;
+4. ``values``: the value model's prediction per response token (``gae`` only: the other estimators have no critic);
+5. ``advantages``: the chosen estimator (``gae``, ``grpo``, ``rloo``, ``reinforce_pp``) turns rewards into per-token
+   advantages; the KL to the reference is a per-token reward penalty, or a loss term with ``kl_in_loss``;
+6. ``optimise``: ``ppo_epochs`` passes of the clipped surrogate (+ value loss with a critic) over mini-batches.
+
+The ratio is new policy / rollout policy; the reference enters only through the KL. The formulas are in
+`smolppo.ppo_math`; the loop, checkpoints and logging around this are the job's (`smolppo.trainer`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from smolppo import ppo_math
+from smolppo.data import PromptSet
+from smolppo.experience import Experience, MicroBatchLoss, PolicyAndValue
+from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
+from smolppo.reward_sources import CombinedReward, RewardBatch
+from smolppo.rollout import (
+    Rollout,
+    check_logits_reproduced,
+    generate_rollout,
+    pad_response_width,
+    response_logprobs,
+    response_texts,
+    sampling_config,
+    selective_log_softmax,
+    trim_padding,
+)
+from smolppo.scoring import TokenScorer, token_values
+from smolppo.tracking import StageTimer
+
+
+class Algorithm:
+    """Clipped policy optimisation of a causal LM with a pluggable reward and advantage estimator.
+
+    `policy` may be a PEFT model (LoRA); then `ref_policy` is None and the reference is the same network with its
+    adapters disabled. `value_model` (a 1-output sequence classifier over the policy's tokens) is given exactly
+    when the estimator is ``gae``.
+    """
+
+    def __init__(
+        self,
+        config,
+        schedule,
+        tokenizer,
+        policy,
+        reward: CombinedReward,
+        accelerator: Accelerator,
+        ref_policy=None,
+        value_model=None,
+    ):
+        self.config, self.schedule, self.tokenizer, self.reward = config, schedule, tokenizer, reward
+        self.accelerator = acc = accelerator
+        if (value_model is not None) != config.uses_value_model:
+            raise ValueError(f"advantage_estimator {config.advantage_estimator} and the value model disagree")
+        if ref_policy is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("ref_policy is required unless the policy is a PEFT (LoRA) model")
+        self.eos_ids = eos_token_ids(tokenizer, policy)
+        self.generation_config = sampling_config(tokenizer, self.eos_ids, config.max_new_tokens, config.temperature)
+        check_logits_reproduced(policy)
+        for model in (policy, value_model):
+            if model is not None:
+                if config.gradient_checkpointing:
+                    enable_gradient_checkpointing(model)
+                model.train()
+        model = PolicyAndValue(policy, TokenScorer(value_model) if value_model is not None else None)
+        self.trainable_params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.trainable_params,
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
+        )
+        from transformers import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=schedule.warmup_updates,
+            num_training_steps=schedule.total_updates,
+        )
+        # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if reward.reader is not None:
+            reward.reader.model.to(acc.device)
+        self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
+        if config.adaptive_kl:
+            self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, schedule.kl_horizon)
+        else:
+            self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
+        self.timer = StageTimer(acc.device)
+        self.observed: dict = {}
+
+    @property
+    def policy(self):
+        """The policy network (a PEFT model with LoRA), outside any DDP/DeepSpeed wrapper."""
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def value_scorer(self) -> TokenScorer | None:
+        return self.accelerator.unwrap_model(self.model).value
+
+    # ------------------------------------------------------------------ stages 1-5
+    def make_experience(self, prompts: PromptSet, indices: list[int]) -> Experience:
+        """Stages 1-5 for the prompts at `indices`, each sampled `samples_per_prompt` times in a row."""
+        indices = [i for i in indices for _ in range(self.config.samples_per_prompt)]
+        rollout = self.rollout([prompts.input_ids[i] for i in indices])
+        scores, parts = self.rewards(rollout, prompts, indices)
+        old_logprobs, ref_logprobs, kl = self.logprobs(rollout)
+        values = self.values(rollout) if self.value_scorer is not None else None
+        advantages, raw_advantages, returns = self.advantages(rollout, scores, kl, values)
+        return Experience(
+            rollout, scores, old_logprobs, ref_logprobs, kl, advantages, raw_advantages, returns, values, parts
+        )
+
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        """Stage 1: sampled responses from the full (temperature-scaled) distribution."""
+        model = self.policy
+        with self.timer.stage("rollout"), self.gathered(), eval_mode(model), self.accelerator.autocast():
+            return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
+
+    @torch.no_grad()
+    def rewards(self, rollout: Rollout, prompts: PromptSet, indices: list[int]):
+        """Stage 2: ``(total [B], {source: [B]})`` for the decoded responses (missing-EOS rule on the total)."""
+        with self.timer.stage("reward"), self.accelerator.autocast():
+            batch = RewardBatch(
+                conversations=[prompts.conversations[i] for i in indices],
+                prompts=[prompts.texts[i] for i in indices],
+                completions=response_texts(self.tokenizer, rollout),
+                rows=[prompts.rows[i] for i in indices] if prompts.rows else [{} for _ in indices],
+            )
+            scores, parts = self.reward.score(batch)
+            scores = scores.to(rollout.input_ids.device)
+        if self.config.missing_eos_score is not None:
+            scores = torch.where(
+                rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
+            )
+        return scores, parts
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
+        policy = self.policy
+        temperature = self.config.temperature
+        with self.gathered(), eval_mode(policy), self.accelerator.autocast():
+            with self.timer.stage("policy_logprobs"):
+                old_logprobs = self.in_chunks(lambda c: response_logprobs(policy, c, temperature), rollout)
+            with self.timer.stage("reference_logprobs"):
+                reference = self.ref_policy if self.ref_policy is not None else policy
+                with reference_context(policy) if self.ref_policy is None else nullcontext():
+                    ref_logprobs = self.in_chunks(lambda c: response_logprobs(reference, c, temperature), rollout)
+        kl = ppo_math.kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * rollout.response_mask
+        return old_logprobs, ref_logprobs, kl
+
+    @torch.no_grad()
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        """Stage 4 (gae): the value model's prediction before each response token ``[B, R]``."""
+        scorer = self.value_scorer
+        with self.timer.stage("values"), self.gathered(), eval_mode(scorer), self.accelerator.autocast():
+            return self.in_chunks(lambda chunk: token_values(scorer, chunk), rollout)
+
+    @torch.no_grad()
+    def advantages(self, rollout: Rollout, scores, kl, values):
+        """Stage 5: ``(advantages, raw_advantages, returns)`` by the configured estimator."""
+        cfg, mask = self.config, rollout.response_mask
+        kl_coef = 0.0 if cfg.kl_in_loss else self.kl_controller.value
+        with self.timer.stage("advantages"):
+            if cfg.advantage_estimator == "gae":
+                rewards = ppo_math.token_rewards(scores, kl, kl_coef, mask)
+                if cfg.whiten_rewards:
+                    rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.all_reduce_sum)
+                raw, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+                return ppo_math.masked_whiten(raw, mask, all_reduce=self.all_reduce_sum), raw, returns
+            if cfg.advantage_estimator in ("grpo", "rloo"):  # baseline from the other responses to the same prompt
+                sequence = ppo_math.group_advantages(
+                    scores, cfg.samples_per_prompt, cfg.advantage_estimator, cfg.scale_rewards
+                )
+                returns = ppo_math.discounted_returns(
+                    ppo_math.token_rewards(sequence, kl, kl_coef, mask), mask, cfg.gamma
+                )
+                return returns, returns, returns
+            # reinforce_pp: KL-shaped token rewards, discounted returns, whitened over the whole batch
+            returns = ppo_math.discounted_returns(ppo_math.token_rewards(scores, kl, kl_coef, mask), mask, cfg.gamma)
+            return ppo_math.masked_whiten(returns, mask, all_reduce=self.all_reduce_sum), returns, returns
+
+    # ------------------------------------------------------------------ stage 6
+    def optimise(self, exp: Experience, update: int) -> dict[str, float]:
+        """Stage 6: clipped updates of the policy (and value model) over shuffled mini-batches."""
+        cfg, acc = self.config, self.accelerator
+        size, micro = len(exp.rollout), cfg.per_device_train_batch_size
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + update)
+        totals: dict[str, list[float]] = {}
+        with self.timer.stage("update"):
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(size, generator=generator).to(acc.device)
+                for start in range(0, size, micro):
+                    batch = exp.select(order[start : start + micro]).trimmed()
+                    with acc.accumulate(self.model):
+                        stats = self._train_micro_batch(batch)
+                    for key, value in stats.items():
+                        totals.setdefault(key, []).append(value)
+        result = {key: float(np.mean(values)) for key, values in totals.items()}
+        result["first_ratio_deviation"] = totals["max_ratio_deviation"][0]
+        return result
+
+    def micro_batch_loss(self, batch: Experience) -> MicroBatchLoss:
+        """Forward one micro-batch and build the loss (no backward): clipped surrogate, + value, + in-loss KL."""
+        cfg, rollout = self.config, batch.rollout
+        mask = rollout.response_mask
+        with self.accelerator.autocast(), self._observe_precision():
+            logits, values = self.model(rollout)
+            logits = logits / cfg.temperature
+        logprobs = selective_log_softmax(logits, rollout.responses)
+        policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
+        parts = MicroBatchLoss(policy.loss, policy, logits)
+        if values is not None:
+            parts.value, parts.value_clip = ppo_math.clipped_value_loss(
+                values, batch.old_values, batch.returns, mask, cfg.cliprange_value
+            )
+            parts.loss = parts.loss + cfg.vf_coef * parts.value
+        if cfg.kl_in_loss:
+            parts.kl = ppo_math.masked_mean(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"), mask)
+            parts.loss = parts.loss + self.kl_controller.value * parts.kl
+        return parts
+
+    def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
+        acc, mask = self.accelerator, batch.rollout.response_mask
+        parts = self.micro_batch_loss(batch)
+        acc.backward(parts.loss)
+        stats = {}
+        if acc.sync_gradients:
+            grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+            if grad_norm is not None:  # DeepSpeed clips inside its own step
+                stats["grad_norm"] = float(grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(parts.logits.detach()), mask)
+        stats.update(
+            loss=parts.loss.item(),
+            policy_loss=parts.policy.loss.item(),
+            clip_fraction=parts.policy.clip_fraction.item(),
+            approx_kl=parts.policy.approx_kl.item(),
+            max_ratio_deviation=parts.policy.max_ratio_deviation.item(),
+            entropy=entropy.item(),
+        )
+        if parts.value is not None:
+            stats.update(value_loss=parts.value.item(), value_clip_fraction=parts.value_clip.item())
+        if parts.kl is not None:
+            stats["kl_loss"] = parts.kl.item()
+        return stats
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, exp: Experience, train_stats: dict[str, float]) -> dict[str, float]:
+        """This update's scalars (before averaging across processes)."""
+        mask = exp.rollout.response_mask
+        sequence_kl = exp.kl.sum(1)
+        kl_coef = self.kl_controller.value
+        non_score = (-kl_coef * exp.kl).sum(1)
+        metrics = {
+            "rewards/mean": exp.scores.mean().item(),
+            "rewards/std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
+            "kl_divergence": sequence_kl.mean().item(),
+            "advantage": ppo_math.masked_mean(exp.raw_advantages, mask).item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
+            "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
+            "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
+            "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),
+            "loss": train_stats["loss"],
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+            "objective/kl_coef": kl_coef,
+            "loss/policy": train_stats["policy_loss"],
+            "policy/clip_fraction": train_stats["clip_fraction"],
+            "policy/approx_kl": train_stats["approx_kl"],
+            "policy/first_ratio_deviation": train_stats["first_ratio_deviation"],
+            "policy/entropy": train_stats["entropy"],
+            "grad_norm": train_stats.get("grad_norm", float("nan")),
+        }
+        if exp.old_values is not None:
+            metrics["value/mean"] = ppo_math.masked_mean(exp.old_values, mask).item()
+            metrics["loss/value"] = train_stats["value_loss"]
+            metrics["value/clip_fraction"] = train_stats["value_clip_fraction"]
+        if "kl_loss" in train_stats:
+            metrics["loss/kl"] = train_stats["kl_loss"]
+        if len(exp.reward_parts) > 1 or set(exp.reward_parts) != {"reward_model"}:
+            for name, values in exp.reward_parts.items():
+                metrics[f"rewards/{name}"] = (
+                    float(np.nanmean(values.numpy())) if bool((~values.isnan()).any()) else 0.0
+                )
+        return metrics
+
+    # ------------------------------------------------------------------ helpers
+    def in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:
+        """Apply a no-grad `forward` to the rollout in chunks of `mini_batch_size` and reassemble the result.
+
+        Sequences are grouped by prompt length and each chunk loses its all-padding columns, so shorter
+        prompts and responses cost less; per-token outputs are padded back to the full response width.
+        """
+        width = rollout.responses.shape[1]
+        order = torch.argsort(rollout.attention_mask[:, : rollout.context_length].sum(1), stable=True)
+        outputs = []
+        for start in range(0, len(rollout), self.config.mini_batch_size):
+            chunk = trim_padding(rollout.select(order[start : start + self.config.mini_batch_size]))
+            out = forward(chunk)
+            outputs.append(pad_response_width(out, width) if out.dim() == 2 else out)
+        return torch.cat(outputs)[torch.argsort(order)]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def gathered(self):
+        """Under DeepSpeed ZeRO-3, make the partitioned policy and value weights whole for no-grad use."""
+        if not self.deepspeed or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.accelerator.unwrap_model(self.model).parameters()))
+
+    @contextmanager
+    def _observe_precision(self):
+        """On the first update forward, record the dtype of the body's matmuls and of the LM head (always fp32),
+        and whether activation checkpointing is on."""
+        if self.observed:
+            yield
+            return
+        base = self.policy
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        checkpointing_on = getattr(base, "is_activation_checkpointing", None)
+        if checkpointing_on is None:
+            checkpointing_on = base.is_gradient_checkpointing
+        self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
+
+        def recorder(key):
+            def record(module, inputs, output):
+                self.observed.setdefault(key, str(output.dtype))
+
+            return record
+
+        body_linear = next(m for m in getattr(base, base.base_model_prefix).modules() if isinstance(m, nn.Linear))
+        handles = [
+            body_linear.register_forward_hook(recorder("update_matmul_dtype")),
+            base.get_output_embeddings().register_forward_hook(recorder("lm_head_dtype")),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

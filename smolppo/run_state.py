@@ -1,0 +1,152 @@
+"""Writing and reading what a run leaves behind: the final models, and checkpoints that resume exactly
+(models, optimizer, scheduler, KL controller, every process's random state, counters)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from smolppo import checkpointing, output_dir
+from smolppo.errors import UserError
+from smolppo.models import load_weights_into
+
+logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"
+
+
+def save_model(algorithm, target: str) -> None:
+    """Final policy (full weights or LoRA adapter) + tokenizer in `target`, value model beside it (gae)."""
+    algorithm.accelerator.wait_for_everyone()
+    state_dicts = full_state_dicts(algorithm)
+    if algorithm.accelerator.is_main_process:
+        with output_dir.publishing(target) as staging:  # staged, then moved in; never over the user's files
+            write_models(algorithm, staging, state_dicts)
+
+
+def full_state_dicts(algorithm) -> tuple[dict | None, dict | None]:
+    """Under DeepSpeed, the full (policy, value) weights gathered from all ranks; else (None, None).
+
+    Every process must call this (ZeRO-3 gathers shards collectively)."""
+    if not algorithm.deepspeed:
+        return None, None
+    full = algorithm.accelerator.get_state_dict(algorithm.model)
+    policy = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+    value = {k.removeprefix("value.classifier."): v for k, v in full.items() if k.startswith("value.classifier.")}
+    return policy, value
+
+
+def write_models(algorithm, directory: str, state_dicts: tuple[dict | None, dict | None] = (None, None)) -> None:
+    policy_state, value_state = state_dicts
+    algorithm.policy.save_pretrained(directory, state_dict=policy_state)
+    algorithm.tokenizer.save_pretrained(directory)
+    if algorithm.value_scorer is not None:
+        value_dir = os.path.join(directory, VALUE_MODEL_DIR)
+        algorithm.value_scorer.classifier.save_pretrained(value_dir, state_dict=value_state)
+        algorithm.tokenizer.save_pretrained(value_dir)
+
+
+def save_checkpoint(algorithm, config, counters: dict) -> str | None:
+    """A ``checkpoint-<update>`` directory with everything needed to continue exactly; None on other ranks."""
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([rng_state()])  # one per process, so each continues its own stream
+    state_dicts = full_state_dicts(algorithm)
+    algorithm.accelerator.wait_for_everyone()
+    if not algorithm.accelerator.is_main_process:
+        return None
+    controller = algorithm.kl_controller
+
+    def write(directory: str) -> None:
+        write_models(algorithm, directory, state_dicts)
+        if not algorithm.deepspeed:  # DeepSpeed shards optimizer state across ranks; see load_checkpoint
+            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(algorithm.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        torch.save(rng_states, os.path.join(directory, "rng_state.pt"))
+        state = {
+            "update": counters["update"],
+            "episodes": counters["episodes"],
+            "kl_coef": controller.value,
+            "kl_horizon": getattr(controller, "horizon", None),
+            "kl_engaged": getattr(controller, "engaged", None),
+            "last_metrics": counters["last_metrics"],
+            "config": asdict(config),
+        }
+        with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+
+    return checkpointing.save_checkpoint(config.output_dir, counters["update"], write, config.save_total_limit)
+
+
+def load_checkpoint(algorithm, config, path: str) -> dict:
+    """Restore what `save_checkpoint` wrote into `algorithm`; returns the saved state (counters, metrics)."""
+    try:
+        return _load_checkpoint(algorithm, config, path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors/json report damage in many types
+        raise UserError(
+            f"checkpoint {path!r} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); resume "
+            "from an earlier checkpoint-N"
+        ) from exc
+
+
+def _load_checkpoint(algorithm, config, path: str) -> dict:
+    acc = algorithm.accelerator
+    with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
+        state = json.load(f)
+    load_weights_into(algorithm.policy, path)
+    if algorithm.value_scorer is not None:
+        load_weights_into(algorithm.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
+    if algorithm.deepspeed:
+        logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
+    else:
+        algorithm.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    algorithm.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    apply_configured_learning_rate(algorithm.lr_scheduler, algorithm.optimizer, config.learning_rate)
+    rng_states = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
+    if len(rng_states) != acc.num_processes:
+        logger.warning(
+            "checkpoint was written by %d processes, resuming with %d: random streams restart",
+            len(rng_states),
+            acc.num_processes,
+        )
+    set_rng_state(rng_states[acc.process_index % len(rng_states)])
+    controller = algorithm.kl_controller
+    controller.value = state["kl_coef"]
+    if state.get("kl_horizon") and hasattr(controller, "horizon") and config.horizon is None:
+        controller.horizon = state["kl_horizon"]  # the run keeps its controller when resumed
+    if state.get("kl_engaged") is not None and hasattr(controller, "engaged"):
+        controller.engaged = state["kl_engaged"]
+    return state
+
+
+def apply_configured_learning_rate(scheduler, optimizer, learning_rate: float) -> None:
+    """A scheduler's saved state brings back the old peak learning rate; use this run's (a no-op when equal),
+    so that a resume with --allow-config-change --learning-rate X really trains at X."""
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    if hasattr(scheduler, "lr_lambdas"):
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
