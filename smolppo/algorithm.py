@@ -295,11 +295,9 @@ class Algorithm:
             metrics["value/clip_fraction"] = train_stats["value_clip_fraction"]
         if "kl_loss" in train_stats:
             metrics["loss/kl"] = train_stats["kl_loss"]
-        if len(exp.reward_parts) > 1 or set(exp.reward_parts) != {"reward_model"}:
-            for name, values in exp.reward_parts.items():
-                metrics[f"rewards/{name}"] = (
-                    float(np.nanmean(values.numpy())) if bool((~values.isnan()).any()) else 0.0
-                )
+        for name, values in exp.reward_parts.items():  # each source's mean over the responses it applies to
+            applies = ~values.isnan()
+            metrics[f"rewards/{name}"] = values[applies].mean().item() if bool(applies.any()) else 0.0
         return metrics
 
     # ------------------------------------------------------------------ helpers

@@ -127,3 +127,32 @@ def test_fixed_kl_controller_never_moves():
     ctl = ppo_math.FixedKLController(0.05)
     ctl.update(100.0, n_steps=1000)
     assert ctl.value == 0.05
+
+
+def test_discounted_returns_hand_computed_and_masked():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 3.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    returns = ppo_math.discounted_returns(rewards, mask, gamma=0.5)
+    # row 0: t2 = 2; t1 = 0 + 0.5*2 = 1; t0 = 1 + 0.5*1 = 1.5.  row 1 (7 is padding): t1 = 3; t0 = 0.5 + 1.5 = 2
+    assert_close(returns, torch.tensor([[1.5, 1.0, 2.0], [2.0, 3.0, 0.0]]))
+
+
+def test_grpo_normalises_within_each_group():
+    scores = torch.tensor([1.0, 3.0, 10.0, 10.0])  # two groups of two
+    adv = ppo_math.group_advantages(scores, 2, "grpo")
+    # group 1: mean 2, unbiased std sqrt(2); group 2: all equal -> 0
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (math.sqrt(2.0) + 1e-4)
+    assert_close(adv, expected)
+    assert_close(ppo_math.group_advantages(scores, 2, "grpo", scale=False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_rloo_baseline_leaves_each_response_out():
+    scores = torch.tensor([1.0, 2.0, 6.0])
+    adv = ppo_math.group_advantages(scores, 3, "rloo")
+    # 1 - mean(2, 6) = -3; 2 - mean(1, 6) = -1.5; 6 - mean(1, 2) = 4.5
+    assert_close(adv, torch.tensor([-3.0, -1.5, 4.5]))
+
+
+def test_group_advantages_refuse_groups_that_do_not_divide():
+    with pytest.raises(ValueError, match="cannot form groups of 2"):
+        ppo_math.group_advantages(torch.zeros(3), 2, "grpo")
