@@ -8,8 +8,13 @@ The real run (SmolLM2-135M-SFT policy, ORCA prompts, your reward model):
     python train_ppo.py --use-lora
     python train_ppo.py --config my_run.yaml --learning-rate 1e-5
 
-Every field of `config.PPOConfig` is a flag (see --help). Writes the model, `logs/` (TensorBoard),
-`checkpoint-*` and `run_summary.json` to --output-dir.
+Other advantage estimators on the same engine (no value model), and reward functions:
+    python train_ppo.py --preset smoke --advantage-estimator grpo --samples-per-prompt 4
+    python train_ppo.py --preset smoke --reward-model none --reward-funcs examples/reward_functions.py:readable_text \
+        --reward-weights 10
+
+Every field of `smolppo.configs.PPOConfig` is a flag (see --help); presets are YAML files in recipes/train_ppo/.
+Writes the model, `logs/` (TensorBoard), `checkpoint-*` and `run_summary.json` to --output-dir.
 """
 
 from __future__ import annotations

@@ -10,17 +10,19 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
+from smolppo.configs.ppo import NO_REWARD_MODEL
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import eos_token_ids, load_causal_lm, load_reward_reader, load_tokenizer, resolve_model_path
 from smolppo.paths import looks_like_local_path
+from smolppo.reward_sources import CombinedReward, RewardBatch, build_reward
 from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ class EvalPlan:
     reward_template: str | None
     dataset: str
     skip_rows: int
+    reward_funcs: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
 
 
 def resolve_plan(cfg, training: dict | None) -> EvalPlan:
@@ -125,7 +129,12 @@ def resolve_plan(cfg, training: dict | None) -> EvalPlan:
     else:
         skip = 0
     reward_template = cfg.reward_template or (training.get("reward_template") if not cfg.reward_model else None)
-    return EvalPlan(reward_model, reward_template, dataset, skip)
+    if cfg.reward_model:  # an explicit reward model replaces the run's whole reward (functions only if given)
+        funcs, weights = cfg.reward_funcs or [], cfg.reward_weights or []
+    else:
+        funcs = cfg.reward_funcs if cfg.reward_funcs is not None else training.get("reward_funcs") or []
+        weights = cfg.reward_weights if cfg.reward_weights is not None else training.get("reward_weights") or []
+    return EvalPlan(reward_model, reward_template, dataset, skip, list(funcs), list(weights))
 
 
 def select_prompt_rows(cfg, plan: EvalPlan, tokenizer) -> list[tuple[int, dict]]:
@@ -182,6 +191,20 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
 
 # ---------------------------------------------------------------------- generation and scoring
 @torch.no_grad()
+def load_eval_reward(plan: EvalPlan, tokenizer, batch_size: int, device) -> CombinedReward:
+    """The reward model (unless 'none') and the reward functions of the plan, weighted as in training."""
+    reader = None
+    if plan.reward_model.strip().lower() != NO_REWARD_MODEL:
+        reader = load_reward_reader(plan.reward_model, plan.reward_template, tokenizer, batch_size)
+        reader.model.to(device)
+    elif not plan.reward_funcs:
+        raise UserError("the reward model is 'none' and no --reward-funcs are given; evaluation needs a reward")
+    sources = int(reader is not None) + len(plan.reward_funcs)
+    if plan.reward_weights and len(plan.reward_weights) != sources:
+        raise UserError(f"--reward-weights has {len(plan.reward_weights)} values for {sources} reward sources")
+    return build_reward(reader, plan.reward_funcs, plan.reward_weights)
+
+
 def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progress=True) -> dict:
     """Completions, rewards and ranks for every prompt; returns a JSON-ready dict for one model."""
     from tqdm.auto import tqdm
@@ -202,8 +225,13 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
         batch = [prompt_ids[i] for i in group for _ in range(n)]
         rollout = generate_rollout(model, batch, tokenizer, eos_ids, gen_config)
         responses = response_texts(tokenizer, rollout)
-        conversations = [row_conversation(prompt_rows[i][1]) for i in group for _ in range(n)]
-        scores = reward.score(conversations, responses).numpy()
+        batch_rewards = RewardBatch(
+            conversations=[row_conversation(prompt_rows[i][1]) for i in group for _ in range(n)],
+            prompts=[prompts[i] for i in group for _ in range(n)],
+            completions=responses,
+            rows=[prompt_rows[i][1] for i in group for _ in range(n)],
+        )
+        scores = reward.score(batch_rewards)[0].numpy()
         for k, i in enumerate(group):
             for j in range(n):
                 row = k * n + j
@@ -250,8 +278,7 @@ def evaluate(cfg) -> dict:
     for name in names:
         model, tokenizer, path = load_policy_for_eval(name, device)
         if reward is None:
-            reward = load_reward_reader(plan.reward_model, plan.reward_template, tokenizer, cfg.batch_size)
-            reward.model.to(device)
+            reward = load_eval_reward(plan, tokenizer, cfg.batch_size, device)
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)
@@ -272,8 +299,9 @@ def evaluate(cfg) -> dict:
     return {
         "settings": {
             **asdict(cfg),
-            "resolved_reward_model": reward.model.name_or_path,
-            "resolved_reward_template": reward.template_name,
+            "resolved_reward_model": reward.reader.model.name_or_path if reward.reader else None,
+            "resolved_reward_template": reward.reader.template_name if reward.reader else None,
+            "reward_sources": [{"name": n, "weight": w} for n, w in zip(reward.names, reward.weights)],
             "resolved_dataset": plan.dataset,
             "skipped_rows": plan.skip_rows,
         },

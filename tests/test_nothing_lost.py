@@ -113,6 +113,7 @@ def test_overwrite_refuses_an_input_inside_the_output_dir(finished_run, tmp_path
     assert _snapshot(out) == before
 
 
+@pytest.mark.soak
 def test_reward_model_overwrite_deletes_nothing_before_loading(tmp_path):
     out = tmp_path / "rm"
     flags = ["train_reward_model.py", *SMOKE, "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "2"]

@@ -35,7 +35,10 @@ class EvalConfig(ConfigBase):
     )
     reward_funcs: Optional[list[str]] = field(
         default=None,
-        metadata=_help("Reward functions 'file.py:name' or 'module:name'; default: the training run's."),
+        metadata=_help(
+            "Reward functions 'file.py:name' or 'module:name'; default: the training run's (none when "
+            "--reward-model is given)."
+        ),
     )
     reward_weights: Optional[list[float]] = field(
         default=None, metadata=_help("Weight of each reward source; default: the training run's.")

@@ -1,0 +1,116 @@
+"""The advantage estimators other than GAE, on the smoke task: they learn, they carry no value model anywhere
+(memory, metrics, files, checkpoints), and the KL can move from the reward into the loss."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from torch.testing import assert_close
+
+from smolppo.cli import parse_config
+from smolppo.configs import PPOConfig
+from smolppo.pipeline import build_ppo_trainer
+from tests.conftest import run_script
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_trainer(tmp_path, *flags):
+    return build_ppo_trainer(parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags],
+                                          "train_ppo"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "estimator, min_gain",
+    [
+        ("grpo", 0.4),
+        pytest.param("rloo", 0.15, marks=pytest.mark.soak),  # CI runs these right after the README command
+        pytest.param("reinforce_pp", 0.5, marks=pytest.mark.soak),
+    ],
+)
+def test_estimator_learns_without_a_value_model(tmp_path, estimator, min_gain):
+    trainer = make_trainer(tmp_path, "--advantage-estimator", estimator, "--samples-per-prompt", "4")
+    assert trainer.algorithm.value_scorer is None
+    assert all(n.startswith("policy.") for n, _ in trainer.algorithm.model.named_parameters())
+    history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
+    rewards = np.array([m["rewards/mean"] for m in history])
+    assert rewards[-8:].mean() > rewards[:8].mean() + min_gain, rewards.round(2)
+    assert "loss/value" not in history[-1] and "value/mean" not in history[-1]
+    assert history[-1]["episodes"] == 40 * 16 * 4  # 16 prompts x 4 samples per update
+    assert all(np.isfinite(m["kl_divergence"]) for m in history)
+
+
+def test_group_advantages_are_shared_by_each_prompts_samples(tmp_path):
+    trainer = make_trainer(tmp_path, "--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--kl-in-loss")
+    exp = trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(0))
+    rollout = exp.rollout
+    prompts = rollout.input_ids[:, : rollout.context_length]
+    assert all(torch.equal(prompts[i], prompts[i - i % 4]) for i in range(len(rollout)))  # 4 in a row per prompt
+    # KL in the loss: no penalty in the advantages, every token of a response carries its group-normalised score
+    group = exp.scores.view(-1, 4)
+    expected = ((group - group.mean(1, keepdim=True)) / (group.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    mask = rollout.response_mask
+    assert_close(exp.advantages, expected[:, None] * mask)
+    parts = trainer.algorithm.micro_batch_loss(exp.select(torch.arange(4)).trimmed())
+    assert parts.value is None and parts.kl is not None and parts.kl.item() >= 0.0  # k3 is non-negative
+    assert_close(parts.loss, parts.policy.loss + trainer.algorithm.kl_controller.value * parts.kl)
+    metrics = trainer.step()
+    assert "loss/kl" in metrics
+
+
+def test_reward_function_alone_trains_and_is_logged(tmp_path):
+    trainer = make_trainer(tmp_path, "--reward-model", "none", "--reward-funcs",
+                           "examples/reward_functions.py:readable_text", "--reward-weights", "10")  # fmt: skip
+    assert trainer.algorithm.reward.reader is None and trainer.reward_check is None
+    summary = trainer.train()
+    from smolppo.plotting import read_scalars
+
+    scalars = read_scalars({"run": str(tmp_path / "logs")})
+    readable = scalars[scalars.tag == "rewards/readable_text"].sort_values("step").value.to_numpy()
+    assert len(readable) == 40
+    assert readable[-8:].mean() > readable[:8].mean() + 0.05, readable.round(3)
+    assert summary["reward_sources"] == [{"name": "readable_text", "weight": 10.0}]
+    assert summary["resolved_paths"]["reward_model"] is None and summary["reward_model_check"] is None
+
+
+def test_grpo_run_writes_and_resumes_without_a_value_model(tmp_path, smoke_cache):
+    out = tmp_path / "grpo"
+    flags = ["--preset", "smoke", "--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--output-dir",
+             str(out), "--save-steps", "2"]  # fmt: skip
+    first = run_script("train_ppo.py", *flags, "--max-updates", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not (out / "value_model").exists() and not (out / "checkpoint-2" / "value_model").exists()
+    assert (out / "model.safetensors").is_file()
+    resumed = run_script("train_ppo.py", *flags, "--max-updates", "4", "--resume-from-checkpoint", "latest",
+                         "--allow-config-change")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["updates"] == 4 and summary["status"] == "finished"
+    assert summary["config"]["advantage_estimator"] == "grpo"
+    assert not (out / "value_model").exists()
+
+
+def test_evaluation_scores_a_function_only_run_with_its_functions(tmp_path):
+    from examples.reward_functions import readable_text
+    from smolppo.configs import EvalConfig
+    from smolppo.evaluation import evaluate
+
+    function = ["--reward-funcs", "examples/reward_functions.py:readable_text", "--reward-weights", "10"]
+    trainer = make_trainer(tmp_path, "--reward-model", "none", *function, "--max-updates", "1")
+    trainer.train()
+    report = evaluate(EvalConfig(model_path=[str(tmp_path)], num_prompts=3, num_completions=2, bootstrap_samples=50,
+                                 max_new_tokens=8, device="cpu"))  # fmt: skip
+    settings = report["settings"]
+    assert settings["resolved_reward_model"] is None
+    assert settings["reward_sources"] == [{"name": "readable_text", "weight": 10.0}]
+    completions = report["models"][0]["completions"]
+    assert len(completions) == 6
+    for c in completions:
+        assert abs(c["reward"] - 10 * readable_text([c["text"]])[0]) < 1e-5
