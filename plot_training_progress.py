@@ -23,11 +23,11 @@ logger = logging.getLogger("plot_training_progress")
 def main() -> int:
     config = parse_config(PlotConfig)
 
-    from smolppo.plotting import find_runs, plot_progress, read_scalars
+    from smolppo.plotting import find_runs, kl_targets, plot_progress, read_scalars
 
     runs = find_runs(config.log_dir)
     frame = read_scalars(runs)
-    figure, empty = plot_progress(frame, config.smooth, config.title)
+    figure, missing = plot_progress(frame, config.smooth, config.title, kl_targets(runs))
     first = os.path.abspath(config.log_dir[0])
     base_dir = os.path.dirname(first) if os.path.basename(first) == "logs" else first
     output = config.output or os.path.join(base_dir, "training_progress.png")
@@ -39,8 +39,8 @@ def main() -> int:
             raise UserError(f"cannot create the directory of {path!r}: {exc.strerror}; choose another path") from exc
     figure.savefig(output, dpi=120)
     frame.to_csv(csv, index=False)
-    for tag in empty:
-        logger.warning("no '%s' scalar in %s: its panel is empty", tag, ", ".join(runs))
+    for run, panel in missing:
+        logger.warning("run %s logged no scalar for the %r panel; it is not drawn there", run, panel)
     logger.info(
         "wrote %s (%d run%s) and %s (%d rows)", output, len(runs), "" if len(runs) == 1 else "s", csv, len(frame)
     )

@@ -147,6 +147,8 @@ class Algorithm:
             scores = torch.where(
                 rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
             )
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~rollout.ended_with_eos).to(scores.dtype)
         return scores, parts
 
     @torch.no_grad()

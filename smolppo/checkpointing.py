@@ -41,6 +41,8 @@ RESUME_FREE_FIELDS = {
     "debug",
     "max_updates",
     "num_train_epochs",
+    "total_episodes",
+    "report_to",
     "max_steps",
     "reward_check_pairs",
     "min_reward_accuracy",

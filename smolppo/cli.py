@@ -43,10 +43,16 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
         names = available_recipes(recipes) if recipes else []
         if preset not in names:
             raise UserError(f"unknown preset {preset!r}; choose one of {names} (files in recipes/{recipes}/)")
-        parser.set_defaults_with_config(**load_yaml_config(config_cls, recipe_path(recipes, preset)))
+        recipe = load_yaml_config(config_cls, recipe_path(recipes, preset))
+        recipe.pop("env", None)
+        parser.set_defaults_with_config(**recipe)
     config_path = _option_value(args, "--config")
-    if config_path is not None:
-        load_yaml_config(config_cls, config_path)
+    if config_path is not None:  # applied here (not by TrlParser) so that trl's names work as YAML keys too
+        values = load_yaml_config(config_cls, config_path)
+        for key, value in (values.pop("env", None) or {}).items():
+            os.environ[str(key)] = str(value)
+        parser.set_defaults_with_config(**values)
+        args = _without_option(args, "--config")
     try:
         (config,) = parser.parse_args_and_config(args)
     except ValueError as exc:
@@ -54,8 +60,29 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
     return config
 
 
+def _without_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = i + 1 < len(args)
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def field_aliases(config_cls) -> dict[str, str]:
+    """Other names a field answers to (trl's, e.g. use_peft -> use_lora), from the fields' ``aliases``."""
+    aliases = {}
+    for name, f in config_cls.__dataclass_fields__.items():
+        for alias in f.metadata.get("aliases", []):
+            aliases[alias.lstrip("-").replace("-", "_")] = name
+    return aliases
+
+
 def load_yaml_config(config_cls, config_path: str) -> dict:
-    """The checked contents of a YAML config or recipe file (one line for anything wrong with it)."""
+    """The checked contents of a YAML config or recipe file, keys as field names (one line for anything wrong)."""
     if not os.path.isfile(config_path):
         raise UserError(f"config file {config_path!r} does not exist; pass --config with the path of a YAML file")
     with open(config_path, encoding="utf-8") as f:
@@ -63,6 +90,9 @@ def load_yaml_config(config_cls, config_path: str) -> dict:
             loaded = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if isinstance(loaded, dict):
+        aliases = field_aliases(config_cls)
+        loaded = {aliases.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in loaded.items()}
     check_yaml_values(config_cls, config_path, loaded)
     return loaded
 

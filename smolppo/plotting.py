@@ -11,12 +11,15 @@ from smolppo.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# Each panel takes, per run, the first of its tags that the run logged: ours first, then the names of
+# transformers/trl Trainer runs (GRPO/RLOO/PPO trainers, RewardTrainer, which logs accuracy instead of a reward).
 PANELS = [
-    ("loss", "Training loss", "loss"),
-    ("learning_rate", "Learning rate", "learning rate"),
-    ("rewards/mean", "Mean reward per batch", "reward"),
-    ("kl_divergence", "KL divergence from reference", "KL (nats)"),
-]
+    ("loss", "Training loss", ("loss", "train/loss")),
+    ("learning_rate", "Learning rate", ("learning_rate", "train/learning_rate", "lr")),
+    ("reward", "Mean reward per batch", ("rewards/mean", "train/reward", "reward", "train/objective/scores",
+                                          "objective/scores", "train/accuracy", "eval/accuracy", "accuracy")),
+    ("kl", "KL divergence from reference", ("kl_divergence", "train/kl", "kl", "train/objective/kl", "objective/kl")),
+]  # fmt: skip
 COLUMNS = ["run", "tag", "step", "wall_time", "value"]
 
 
@@ -75,32 +78,71 @@ def smooth(values: pd.Series, weight: float) -> pd.Series:
     return pd.Series(out, index=values.index)
 
 
-def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str = "PPO training progress"):
-    """The 4-panel figure; returns ``(figure, names of empty panels)``."""
+def panel_tag(frame: pd.DataFrame, run: str, aliases: tuple[str, ...]) -> str | None:
+    """The first of `aliases` that `run` logged, or None."""
+    logged = set(frame.loc[frame["run"] == run, "tag"])
+    return next((tag for tag in aliases if tag in logged), None)
+
+
+def kl_targets(runs: dict[str, str]) -> dict[str, float]:
+    """The adaptive-KL target of each run whose `run_summary.json` (beside its logs) records one."""
+    import json
+
+    targets = {}
+    for run, directory in runs.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(directory)), "run_summary.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if config.get("adaptive_kl") and isinstance(config.get("target"), (int, float)):
+            targets[run] = float(config["target"])
+    return targets
+
+
+def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str = "PPO training progress", targets=None):
+    """The 4-panel figure; returns ``(figure, [(run, panel title) that could not be filled])``.
+
+    A panel whose values are one constant across every run (a constant learning rate) shows that value as a
+    note instead of a flat line; `targets` (run -> KL target) adds dashed target lines to the KL panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    empty = []
+    missing = []
     runs = list(dict.fromkeys(frame["run"]))
-    for ax, (tag, panel_title, ylabel) in zip(axes.flat, PANELS):
-        subset = frame[frame["tag"] == tag]
+    for ax, (key, panel_title, aliases) in zip(axes.flat, PANELS):
         ax.set_title(panel_title)
-        ax.set_xlabel("PPO update")
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel("update / step")
         ax.grid(alpha=0.3)
-        if subset.empty:
-            empty.append(tag)
-            ax.text(0.5, 0.5, f"no '{tag}' scalar logged", ha="center", va="center", transform=ax.transAxes)
-            continue
+        series = {}
         for run in runs:
-            data = subset[subset["run"] == run]
-            if not data.empty:
-                ax.plot(data["step"], smooth(data["value"], weight), label=run)
-        if len(runs) > 1:
-            ax.legend(fontsize=8)
-    fig.suptitle(title + (f" (smoothing {weight})" if weight else ""))
+            tag = panel_tag(frame, run, aliases)
+            if tag is None:
+                missing.append((run, panel_title))
+                continue
+            series[run] = (tag, frame[(frame["run"] == run) & (frame["tag"] == tag)])
+        if not series:
+            ax.text(0.5, 0.5, f"no {' / '.join(aliases[:2])} scalar logged", ha="center", va="center",
+                    transform=ax.transAxes)  # fmt: skip
+            continue
+        ax.set_ylabel(", ".join(dict.fromkeys(tag for tag, _ in series.values())))
+        values = pd.concat([data["value"] for _, data in series.values()])
+        if len(values) > 1 and values.nunique() == 1:
+            ax.text(0.5, 0.5, f"constant {values.iloc[0]:.4g} in {', '.join(series)}", ha="center", va="center",
+                    transform=ax.transAxes)  # fmt: skip
+            continue
+        for run, (_, data) in series.items():
+            ax.plot(data["step"], smooth(data["value"], weight), label=run)
+        if key == "kl":
+            for run, target in (targets or {}).items():
+                if run in series:
+                    ax.axhline(target, linestyle="--", linewidth=1, color="gray", label=f"target {target:g} ({run})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: {', '.join(runs)}" + (f" (smoothing {weight})" if weight else ""))
     fig.tight_layout()
-    return fig, empty
+    return fig, missing

@@ -11,20 +11,38 @@ import torch
 
 
 class MetricsWriter:
-    """Thin wrapper over `SummaryWriter`: scalars by name, samples as a markdown table."""
+    """Scalars by name and samples as a markdown table, to TensorBoard and/or wandb / trackio (`report_to`).
 
-    def __init__(self, log_dir: str, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
+    wandb and trackio are driven through their own ``init`` / ``log`` / ``finish``; the config check has already
+    made sure they are installed."""
 
-        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+    def __init__(self, log_dir: str, purge_step: int | None = None, report_to=("tensorboard",), run_name=None,
+                 run_config: dict | None = None):  # fmt: skip
+        import importlib
+
+        self._writer = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+        self._trackers = []
+        for name in ("wandb", "trackio"):
+            if name in report_to:
+                module = importlib.import_module(name)
+                module.init(project="smolppo", name=run_name, config=run_config)
+                self._trackers.append(module)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for tracker in self._trackers:
+            tracker.log(dict(metrics), step=step)
+        if self._writer is None:
+            return
         for name, value in metrics.items():
             self._writer.add_scalar(name, value, step)
         self._writer.flush()
 
     def samples(self, samples: list[dict], step: int) -> None:
-        if not samples:
+        if not samples or self._writer is None:
             return
         rows = ["| prompt | response | reward |", "|---|---|---|"]
         for s in samples:
@@ -34,7 +52,10 @@ class MetricsWriter:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+        for tracker in self._trackers:
+            tracker.finish()
 
 
 def _cell(text: str) -> str:

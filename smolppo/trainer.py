@@ -95,6 +95,7 @@ class Trainer:
         if acc.is_main_process:
             self._open_logs()
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         progress = tqdm(
             total=self.schedule.total_updates,
@@ -103,22 +104,9 @@ class Trainer:
             unit="update",
             disable=not acc.is_main_process,
         )
-        metrics: dict = dict(self.last_metrics)
-        status = "finished"
         try:
-            while self.update < self.schedule.total_updates:
-                metrics = self.step()
-                if self.writer and (self.update % cfg.logging_steps == 0 or self.update == 1):
-                    self.writer.scalars(metrics, self.update)
-                if self.writer and self.update % cfg.sample_logging_steps == 0:
-                    self.writer.samples(self.last_samples, self.update)
-                progress.update(1)
-                progress.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", kl=f"{metrics['kl_divergence']:.2f}")
-                if self._stop_requested():
-                    status = "interrupted"
-                    break
-                if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
-                    self.save_checkpoint()
+            with logging_redirect_tqdm():  # log lines go above the progress bar, not into its line
+                status, metrics = self._run_updates(progress)
         finally:
             progress.close()
             self._restore_signal_handlers(previous_handlers)
@@ -141,11 +129,46 @@ class Trainer:
                 self.writer.close()
         return summary
 
+    def _run_updates(self, progress) -> tuple[str, dict]:
+        """Updates until the schedule ends or a signal arrives: ``(status, last metrics)``."""
+        cfg = self.config
+        metrics: dict = dict(self.last_metrics)
+        while self.update < self.schedule.total_updates:
+            metrics = self.step()
+            if self.writer and (self.update % cfg.logging_steps == 0 or self.update == 1):
+                self.writer.scalars(metrics, self.update)
+            if self.writer and self.update % cfg.sample_logging_steps == 0:
+                self.writer.samples(self.last_samples, self.update)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", kl=f"{metrics['kl_divergence']:.2f}")
+            if self._stop_requested():
+                return "interrupted", metrics
+            if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
+                self.save_checkpoint()
+        return "finished", metrics
+
     def _open_logs(self) -> None:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         output_dir.remove_leftovers(cfg.output_dir)
-        self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), purge_step=self.update + 1)
+        run_name = os.path.basename(os.path.abspath(cfg.output_dir))
+        self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), self.update + 1, cfg.report_to, run_name,
+                                    asdict(cfg))  # fmt: skip
+        s = self.schedule
+        logger.info(
+            "%s: %d updates (%d per epoch), %d prompts x %d samples = %d episodes per update, %d optimizer steps "
+            "per update, %d warm-up updates, KL horizon %d episodes%s",
+            cfg.advantage_estimator,
+            s.total_updates,
+            s.updates_per_epoch,
+            s.global_rollout_batch,
+            cfg.samples_per_prompt,
+            s.episodes_per_update,
+            s.optimizer_steps_per_update,
+            s.warmup_updates,
+            s.kl_horizon,
+            f"; resuming at update {self.update}" if self.update else "",
+        )
         if self.reward_check is not None and self.update == 0:
             check = self.reward_check
             self.writer.scalars(

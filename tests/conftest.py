@@ -75,3 +75,23 @@ def lora_run(tmp_path_factory, smoke_cache):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Each in-process trainer starts from a clean accelerate state (and leaves one behind)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_smoke_trainer(output_dir, *flags):
+    """The job `train_ppo.py --preset smoke` builds, in-process, writing to `output_dir`."""
+    from smolppo.cli import parse_config
+    from smolppo.configs import PPOConfig
+    from smolppo.pipeline import build_ppo_trainer
+
+    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(output_dir), *flags], "train_ppo")
+    return build_ppo_trainer(config)

@@ -137,3 +137,53 @@ def test_kl_horizon_follows_the_run_length_unless_set():
     smoke = parse("--preset", "smoke").schedule(95)
     assert smoke.kl_horizon == 40 * 16 // 40
     assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 16  # same when resumed
+
+
+def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
+    cfg = parse("--model_name_or_path", "/m", "--reward_model_path", "/r", "--dataset_name", "d.jsonl",
+                "--dataset_train_split", "test", "--use_peft", "--num_ppo_epochs", "2", "--response_length", "20",
+                "--kl_coef", "0.1", "--num_generations", "2", "--advantage_estimator", "grpo")  # fmt: skip
+    assert (cfg.policy_model, cfg.reward_model, cfg.dataset, cfg.dataset_split) == ("/m", "/r", "d.jsonl", "test")
+    assert cfg.use_lora and (cfg.ppo_epochs, cfg.max_new_tokens, cfg.init_kl_coef, cfg.samples_per_prompt) == (
+        2, 20, 0.1, 2
+    )  # fmt: skip
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("sft_model_path: /sft\nuse_peft: true\nnum_mini_batches: 8\ntotal_episodes: 1000\n")
+    cfg = parse("--config", str(yaml_file), "--rollout-batch-size", "64")
+    assert cfg.policy_model == "/sft" and cfg.use_lora
+    assert cfg.mini_batch_size == 8  # 64 sequences / 8 mini-batches
+    schedule = cfg.schedule(10_000)
+    assert schedule.total_updates == 16  # ceil(1000 episodes / 64 per update), not 3 epochs
+    assert schedule.kl_horizon == 1000 // 40
+
+
+def test_trl_semantics_that_differ_are_fields_of_their_own():
+    cfg = parse("--missing_eos_penalty", "1.5")
+    assert cfg.missing_eos_penalty == 1.5 and cfg.missing_eos_score is None
+    with pytest.raises(UserError, match="not both"):
+        parse("--missing-eos-penalty", "1", "--missing-eos-score", "-1")
+    with pytest.raises(UserError, match=r"num_mini_batches \(5\) must divide rollout_batch_size x samples_per_prompt"):
+        parse("--num-mini-batches", "5")
+
+
+def test_report_to_names_and_missing_packages_are_one_line():
+    assert parse("--report_to", "none").report_to == ["none"]
+    with pytest.raises(UserError, match="report_to must name some of tensorboard, wandb, trackio, none"):
+        parse("--report-to", "mlflow")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(UserError, match="report_to wandb needs the wandb package: pip install wandb"):
+            parse("--report-to", "tensorboard", "wandb")
+
+
+def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache):
+    from tests.conftest import run_script
+
+    out = tmp_path / "run"
+    result = run_script("train_ppo.py", "--preset", "smoke", "--use_peft", "--report_to", "tensorboard",
+                        "--max-updates", "2", "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gae: 2 updates (6 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \
+        in result.stderr  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file() and any((out / "logs").iterdir())

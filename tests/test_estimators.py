@@ -6,25 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from torch.testing import assert_close
 
-from smolppo.cli import parse_config
-from smolppo.configs import PPOConfig
-from smolppo.pipeline import build_ppo_trainer
-from tests.conftest import run_script
+from tests.conftest import make_smoke_trainer, run_script
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def make_trainer(tmp_path, *flags):
-    return build_ppo_trainer(parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags],
-                                          "train_ppo"))  # fmt: skip
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+make_trainer = make_smoke_trainer
 
 
 @pytest.mark.parametrize(

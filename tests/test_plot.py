@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from smolppo.plotting import find_runs, plot_progress, read_scalars, smooth
+from smolppo.plotting import find_runs, kl_targets, plot_progress, read_scalars, smooth
 from tests.conftest import run_script
 
 
@@ -27,9 +27,14 @@ def test_plots_a_real_smoke_run(smoke_run, tmp_path):
     assert list(frame.columns) == ["run", "tag", "step", "wall_time", "value"]
     assert len(frame[frame["tag"] == "rewards/mean"]) == 40
     assert frame["run"].unique().tolist() == ["out"]
-    figure, empty = plot_progress(read_scalars(find_runs([str(smoke_run / "logs")])))
-    assert len(figure.axes) == 4 and empty == []
-    assert all(len(ax.lines) == 1 for ax in figure.axes)
+    runs = find_runs([str(smoke_run / "logs")])
+    figure, missing = plot_progress(read_scalars(runs), targets=kl_targets(runs))
+    assert len(figure.axes) == 4 and missing == []
+    loss, lr, reward, kl = figure.axes
+    assert len(loss.lines) == 1 and len(reward.lines) == 1
+    assert not lr.lines and "constant 0.003 in out" in lr.texts[0].get_text()  # the smoke LR is constant
+    assert len(kl.lines) == 2 and kl.lines[1].get_ydata()[0] == 6.0  # the run's KL target, from run_summary.json
+    assert "out" in figure._suptitle.get_text()
 
 
 def test_partial_logs_and_several_runs(tmp_path):
@@ -41,15 +46,17 @@ def test_partial_logs_and_several_runs(tmp_path):
         writer.close()
     frame = read_scalars(find_runs([str(tmp_path / "runs")]))
     assert sorted(frame["run"].unique()) == ["grpo", "ppo"] and len(frame) == 20
-    figure, empty = plot_progress(frame)
-    assert len(figure.axes) == 4 and empty == ["learning_rate", "kl_divergence"]
+    figure, missing = plot_progress(frame)
+    assert len(figure.axes) == 4
+    assert missing == [("grpo", "Training loss"), ("grpo", "Learning rate"), ("ppo", "Learning rate"),
+                       ("grpo", "KL divergence from reference"), ("ppo", "KL divergence from reference")]  # fmt: skip
     reward_axis = figure.axes[2]
     assert len(reward_axis.lines) == 2 and reward_axis.get_legend() is not None
     result = run_script(
         "plot_training_progress.py", "--log-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "o.png")
     )
     assert result.returncode == 0 and (tmp_path / "o.png").exists() and (tmp_path / "training_scalars.csv").exists()
-    assert "no 'kl_divergence' scalar" in result.stderr
+    assert "run grpo logged no scalar for the 'Training loss' panel" in result.stderr
 
 
 def test_no_event_files_is_one_clear_line(tmp_path):
@@ -64,3 +71,32 @@ def test_smoothing_is_a_bias_corrected_ema():
     assert smooth(values, 0.0).tolist() == [1.0, 3.0]
     # second value: (0.5*0.5*1 + 0.5*3) / (0.5*0.5 + 0.5) = 1.75 / 0.75
     assert smooth(values, 0.5).tolist() == pytest.approx([1.0, 1.75 / 0.75])
+
+
+def _trainer_style_run(directory, tags):
+    writer = SummaryWriter(str(directory))
+    for step in range(1, 6):
+        for tag in tags:
+            writer.add_scalar(tag, 1.0 / step if tag != "train/learning_rate" else 1e-5 * (6 - step), step)
+    writer.close()
+
+
+def test_trl_trainer_runs_fill_the_panels_alone_and_beside_a_ppo_run(smoke_run, tmp_path):
+    grpo = tmp_path / "grpo_out" / "logs"
+    _trainer_style_run(grpo, ["train/loss", "train/reward", "train/kl", "train/learning_rate"])
+    figure, missing = plot_progress(read_scalars(find_runs([str(grpo)])))
+    assert missing == [] and all(len(ax.lines) == 1 for ax in figure.axes)
+    both = find_runs([str(smoke_run / "logs"), str(grpo)])
+    figure, missing = plot_progress(read_scalars(both))
+    assert missing == [] and all(len(ax.lines) == 2 for ax in figure.axes)
+    assert [line.get_label() for line in figure.axes[2].lines] == ["grpo_out", "out"]
+
+
+def test_a_reward_trainer_run_plots_accuracy_and_warns_for_kl(tmp_path):
+    rm = tmp_path / "rm" / "logs"
+    _trainer_style_run(rm, ["train/loss", "train/accuracy", "train/learning_rate"])
+    result = run_script("plot_training_progress.py", "--log-dir", str(rm), "--output", str(tmp_path / "rm.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "run rm logged no scalar for the 'KL divergence from reference' panel" in result.stderr
+    figure, missing = plot_progress(read_scalars(find_runs([str(rm)])))
+    assert figure.axes[2].get_ylabel() == "train/accuracy" and len(figure.axes[2].lines) == 1

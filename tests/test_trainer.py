@@ -8,22 +8,11 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from smolppo.cli import parse_config
-from smolppo.configs import PPOConfig
-from smolppo.pipeline import build_ppo_trainer
 from smolppo.rollout import response_logits
+from tests.conftest import make_smoke_trainer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def make_trainer(tmp_path, *flags):
-    config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(tmp_path), *flags], "train_ppo")
-    return build_ppo_trainer(config)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+make_trainer = make_smoke_trainer
 
 
 def experience(trainer):

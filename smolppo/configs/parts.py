@@ -44,6 +44,23 @@ def check_probability(cfg, name: str, low_open: bool = False, high_open: bool = 
         raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Known tracker names, and the optional packages installed (before anything is loaded or written)."""
+    import importlib.util
+
+    unknown = [name for name in report_to if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"report_to must name some of {', '.join(TRACKERS)}, got {unknown}")
+    if "none" in report_to and len(report_to) > 1:
+        raise ValueError(f"report_to 'none' cannot be combined with other trackers, got {report_to}")
+    for name in ("wandb", "trackio"):
+        if name in report_to and importlib.util.find_spec(name) is None:
+            raise ValueError(f"report_to {name} needs the {name} package: pip install {name} (or drop it)")
+
+
 @dataclass
 class ConfigBase:
     """Runs every ``_check_*`` method of the composed groups (in definition order) after construction."""
@@ -69,7 +86,10 @@ class PresetFields:
 @dataclass
 class PolicyFields:
     policy_model: str = field(
-        default=DEFAULT_POLICY_MODEL, metadata=_help("Policy (SFT) model: hub id or local directory.")
+        default=DEFAULT_POLICY_MODEL,
+        metadata=_help(
+            "Policy (SFT) model: hub id or local directory.", aliases=["--model_name_or_path", "--sft_model_path"]
+        ),
     )
 
 
@@ -77,9 +97,15 @@ class PolicyFields:
 class DataFields:
     dataset: str = field(
         default=DEFAULT_DATASET,
-        metadata=_help("Prompt dataset: hub id or local .json/.jsonl/.parquet/.csv with system/question columns."),
+        metadata=_help(
+            "Prompt dataset: hub id or local .json/.jsonl/.parquet/.csv with system/question columns.",
+            aliases=["--dataset_name"],
+        ),
     )
-    dataset_split: str = field(default="train", metadata=_help("Dataset split to read (hub datasets only)."))
+    dataset_split: str = field(
+        default="train",
+        metadata=_help("Dataset split to read (hub datasets only).", aliases=["--dataset_train_split"]),
+    )
     num_samples: int = field(
         default=DEFAULT_NUM_SAMPLES,
         metadata=_help("Use the first N rows of the dataset for training; the rest stay unseen."),
@@ -99,7 +125,10 @@ class PrecisionFields:
 
 @dataclass
 class LoRAFields:
-    use_lora: bool = field(default=False, metadata=_help("Train LoRA adapters on the policy instead of all weights."))
+    use_lora: bool = field(
+        default=False,
+        metadata=_help("Train LoRA adapters on the policy instead of all weights.", aliases=["--use_peft"]),
+    )
     lora_r: int = field(default=16, metadata=_help("LoRA rank r."))
     lora_alpha: int = field(default=32, metadata=_help("LoRA scaling alpha."))
     lora_dropout: float = field(
@@ -149,6 +178,11 @@ class OutputFields:
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata=_help("Continue a run from a checkpoint-N directory, or 'latest' in output_dir.")
     )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata=_help("Where scalars go: any of tensorboard, wandb, trackio, or none (wandb/trackio: pip install)."),
+    )
 
     def _check_output(self) -> None:
         check_positive(self, "logging_steps", "save_steps", "save_total_limit")
+        check_trackers(self.report_to)

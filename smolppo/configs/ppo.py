@@ -41,7 +41,8 @@ class RewardFields:
         default=DEFAULT_REWARD_MODEL,
         metadata=_help(
             "Reward model (1-output sequence classifier): hub id, local directory or checkpoint-N; 'none' to "
-            "train on --reward-funcs alone."
+            "train on --reward-funcs alone.",
+            aliases=["--reward_model_path"],
         ),
     )
     reward_template: Optional[str] = field(
@@ -73,6 +74,10 @@ class RewardFields:
     missing_eos_score: Optional[float] = field(
         default=None, metadata=_help("If set, responses that never emit EOS get this score instead of the reward.")
     )
+    missing_eos_penalty: Optional[float] = field(
+        default=None,
+        metadata=_help("If set, subtracted from the reward of responses that never emit EOS (trl's meaning)."),
+    )
 
     @property
     def uses_reward_model(self) -> bool:
@@ -94,6 +99,10 @@ class RewardFields:
             raise ValueError(f"reward_check_pairs must be an integer >= 0, got {self.reward_check_pairs!r}")
         if self.min_reward_accuracy is not None:
             check_probability(self, "min_reward_accuracy")
+        if self.missing_eos_score is not None and self.missing_eos_penalty is not None:
+            raise ValueError(
+                "set missing_eos_score (replaces the reward) or missing_eos_penalty (subtracted), not both"
+            )
 
 
 @dataclass
@@ -106,7 +115,10 @@ class AlgorithmFields:
         ),
     )
     samples_per_prompt: int = field(
-        default=1, metadata=_help("Responses sampled per prompt in an update (grpo and rloo need at least 2).")
+        default=1,
+        metadata=_help(
+            "Responses sampled per prompt in an update (grpo and rloo need at least 2).", aliases=["--num_generations"]
+        ),
     )
     scale_rewards: bool = field(
         default=True, metadata=_help("grpo: divide by the group's reward std (--no-scale-rewards: centre only).")
@@ -115,8 +127,13 @@ class AlgorithmFields:
         default=False,
         metadata=_help("Add the KL to the reference as a loss term (k3, as GRPO does) instead of a reward penalty."),
     )
-    ppo_epochs: int = field(default=4, metadata=_help("Optimisation passes over each rollout batch."))
-    init_kl_coef: float = field(default=0.05, metadata=_help("Initial coefficient of the per-token KL penalty."))
+    ppo_epochs: int = field(
+        default=4, metadata=_help("Optimisation passes over each rollout batch.", aliases=["--num_ppo_epochs"])
+    )
+    init_kl_coef: float = field(
+        default=0.05,
+        metadata=_help("Initial coefficient of the per-token KL penalty.", aliases=["--kl_coef", "--beta"]),
+    )
     adaptive_kl: bool = field(
         default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
     )
@@ -222,6 +239,12 @@ class PPOConfig(
     # Batches (per process)
     rollout_batch_size: int = field(default=64, metadata=_help("Prompts drawn for one update."))
     mini_batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step within an update."))
+    num_mini_batches: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "trl's way to set mini_batch_size: the update's sequences split into this many optimizer steps."
+        ),
+    )
     per_device_train_batch_size: int = field(
         default=4, metadata=_help("Sequences per forward/backward pass (micro-batch).")
     )
@@ -232,12 +255,18 @@ class PPOConfig(
     max_updates: Optional[int] = field(
         default=None, metadata=_help("Stop after this many updates (default: num_train_epochs of prompts).")
     )
+    total_episodes: Optional[int] = field(
+        default=None,
+        metadata=_help("trl's run length: train for this many responses (rounded up to whole updates), not epochs."),
+    )
     # Generation
     temperature: float = field(default=0.7, metadata=_help("Sampling temperature of the rollouts."))
     rollout_top_p: float = field(
         default=1.0, metadata=_help("Nucleus sampling during training rollouts; must stay 1.0 (see README).")
     )
-    max_new_tokens: int = field(default=128, metadata=_help("Maximum tokens generated per response."))
+    max_new_tokens: int = field(
+        default=128, metadata=_help("Maximum tokens generated per response.", aliases=["--response_length"])
+    )
     # Logging
     num_logged_samples: int = field(default=4, metadata=_help("Prompt/response/reward triples logged as text."))
     sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
@@ -245,6 +274,16 @@ class PPOConfig(
     def __post_init__(self) -> None:
         if self.learning_rate is None:
             self.learning_rate = self.lora_learning_rate if self.use_lora else self.full_learning_rate
+        if self.num_mini_batches is not None:
+            sequences = self.rollout_batch_size * self.samples_per_prompt
+            if not (isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0):
+                raise ValueError(f"num_mini_batches must be a positive integer, got {self.num_mini_batches!r}")
+            if sequences % self.num_mini_batches:
+                raise ValueError(
+                    f"num_mini_batches ({self.num_mini_batches}) must divide rollout_batch_size x samples_per_prompt "
+                    f"({sequences})"
+                )
+            self.mini_batch_size = sequences // self.num_mini_batches
         super().__post_init__()
 
     def _check_ppo(self) -> None:
@@ -252,8 +291,9 @@ class PPOConfig(
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         check_positive(self, "max_prompt_length", "rollout_batch_size", "mini_batch_size")
         check_positive(self, "per_device_train_batch_size", "max_new_tokens", "sample_logging_steps")
-        if self.max_updates is not None and self.max_updates <= 0:
-            raise ValueError(f"max_updates must be a positive integer, got {self.max_updates}")
+        for name in ("max_updates", "total_episodes"):
+            if getattr(self, name) is not None:
+                check_positive(self, name)
         sequences = self.rollout_batch_size * self.samples_per_prompt
         if sequences % self.mini_batch_size:
             raise ValueError(
@@ -297,12 +337,16 @@ class PPOConfig(
                 f"only {num_prompts} usable prompts, fewer than one rollout batch of {global_batch} "
                 f"(rollout_batch_size x processes); lower rollout_batch_size or use more data"
             )
+        episodes_per_update = global_batch * self.samples_per_prompt
         total = updates_per_epoch * self.num_train_epochs
+        if self.total_episodes is not None:  # trl's length: the prompt order simply continues into more epochs
+            total = math.ceil(self.total_episodes / episodes_per_update)
         if self.max_updates is not None:
             total = min(total, self.max_updates)
-        episodes_per_update = global_batch * self.samples_per_prompt
         minibatches = self.rollout_batch_size * self.samples_per_prompt // self.mini_batch_size
-        planned = updates_per_epoch * self.num_train_epochs * episodes_per_update  # not max_updates: same on resume
+        planned = (  # not max_updates: the same on resume
+            self.total_episodes or updates_per_epoch * self.num_train_epochs * episodes_per_update
+        )
         horizon = self.horizon or max(1, round(planned / KL_HORIZON_FRACTION))
         return Schedule(
             kl_horizon=horizon,
