@@ -177,13 +177,14 @@ def test_report_to_names_and_missing_packages_are_one_line():
             parse("--report-to", "tensorboard", "wandb")
 
 
-def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache):
-    from tests.conftest import run_script
+def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache, fresh_accelerator_state, caplog):
+    import logging
 
+    from tests.conftest import make_smoke_trainer
+
+    caplog.set_level(logging.INFO, logger="smolppo.trainer")
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", "--preset", "smoke", "--use_peft", "--report_to", "tensorboard",
-                        "--max-updates", "2", "--output-dir", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "gae: 2 updates (6 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \
-        in result.stderr  # fmt: skip
+    make_smoke_trainer(out, "--use_peft", "--report_to", "tensorboard", "--max-updates", "2").train()
+    assert "gae: 2 updates (5 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \
+        in caplog.text  # fmt: skip
     assert (out / "adapter_model.safetensors").is_file() and any((out / "logs").iterdir())

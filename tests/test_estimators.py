@@ -15,22 +15,23 @@ make_trainer = make_smoke_trainer
 
 
 @pytest.mark.parametrize(
-    "estimator, min_gain",
+    "estimator, prompts, min_gain",
     [
-        ("grpo", 0.4),
-        pytest.param("rloo", 0.15, marks=pytest.mark.soak),  # CI runs these right after the README command
-        pytest.param("reinforce_pp", 0.5, marks=pytest.mark.soak),
+        ("grpo", 8, 0.4),  # 8 prompts x 4 samples per update: gains 1.23 / 1.45 / 0.82 measured (seeds 42 / 1 / 2)
+        pytest.param("rloo", 16, 0.15, marks=pytest.mark.soak),  # CI runs these right after the README command
+        pytest.param("reinforce_pp", 16, 0.5, marks=pytest.mark.soak),
     ],
 )
-def test_estimator_learns_without_a_value_model(tmp_path, estimator, min_gain):
-    trainer = make_trainer(tmp_path, "--advantage-estimator", estimator, "--samples-per-prompt", "4")
+def test_estimator_learns_without_a_value_model(tmp_path, estimator, prompts, min_gain):
+    trainer = make_trainer(tmp_path, "--advantage-estimator", estimator, "--samples-per-prompt", "4",
+                           "--rollout-batch-size", str(prompts), "--max-updates", "40")  # fmt: skip
     assert trainer.algorithm.value_scorer is None
     assert all(n.startswith("policy.") for n, _ in trainer.algorithm.model.named_parameters())
     history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
     rewards = np.array([m["rewards/mean"] for m in history])
     assert rewards[-8:].mean() > rewards[:8].mean() + min_gain, rewards.round(2)
     assert "loss/value" not in history[-1] and "value/mean" not in history[-1]
-    assert history[-1]["episodes"] == 40 * 16 * 4  # 16 prompts x 4 samples per update
+    assert history[-1]["episodes"] == 40 * prompts * 4
     assert all(np.isfinite(m["kl_divergence"]) for m in history)
 
 
@@ -69,14 +70,12 @@ def test_reward_function_alone_trains_and_is_logged(tmp_path):
 
 def test_grpo_run_writes_and_resumes_without_a_value_model(tmp_path, smoke_cache):
     out = tmp_path / "grpo"
-    flags = ["--preset", "smoke", "--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--output-dir",
-             str(out), "--save-steps", "2"]  # fmt: skip
-    first = run_script("train_ppo.py", *flags, "--max-updates", "2")
-    assert first.returncode == 0, first.stderr[-2000:]
+    flags = ["--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--save-steps", "2"]
+    make_trainer(out, *flags, "--max-updates", "2").train()
     assert not (out / "value_model").exists() and not (out / "checkpoint-2" / "value_model").exists()
     assert (out / "model.safetensors").is_file()
-    resumed = run_script("train_ppo.py", *flags, "--max-updates", "4", "--resume-from-checkpoint", "latest",
-                         "--allow-config-change")  # fmt: skip
+    resumed = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), *flags, "--max-updates", "4",
+                         "--resume-from-checkpoint", "latest", "--allow-config-change")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["updates"] == 4 and summary["status"] == "finished"

@@ -187,6 +187,7 @@ def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run
     assert summary["config_changes_on_resume"] == [{"field": "learning_rate", "checkpoint": 0.003, "now": 0.01}]
 
 
+@pytest.mark.soak
 def test_resume_refuses_other_batch_sizes_seed_and_reward_model(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     flags = ["--resume-from-checkpoint", "latest", "--max-updates", "6"]
@@ -230,6 +231,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run
     load_file(out / "checkpoint-5" / "model.safetensors")
 
 
+@pytest.mark.soak
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     (out / "checkpoint-4" / "optimizer.pt").unlink()
