@@ -162,7 +162,7 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         max_length=config.max_length,
         center_rewards_coefficient=config.center_rewards_coefficient,
         seed=config.seed,
-        report_to="none",
+        report_to=[n for n in config.report_to if n in ("wandb", "trackio")] or "none",  # TensorBoard: our callback
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -175,7 +175,8 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         eval_dataset=Dataset.from_list([_ids_only(p) for p in test]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[TensorBoardCallback(SummaryWriter(log_dir)), stopper],
+        callbacks=([TensorBoardCallback(SummaryWriter(log_dir))] if "tensorboard" in config.report_to else [])
+        + [stopper],
     )
     card = os.path.join(config.output_dir, "README.md")
     card_existed = os.path.exists(card)
@@ -194,10 +195,11 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         tokenizer.save_pretrained(staging)
     final_reader = RewardReader(final.eval(), tokenizer, config.reward_template, config.per_device_eval_batch_size)
     metrics = asdict(pairwise_check(final_reader, [p["row"] for p in test]))
-    writer = SummaryWriter(log_dir)
-    for name, value in metrics.items():
-        writer.add_scalar(f"heldout/{name}", value, trainer.state.global_step)
-    writer.close()
+    if "tensorboard" in config.report_to:
+        writer = SummaryWriter(log_dir)
+        for name, value in metrics.items():
+            writer.add_scalar(f"heldout/{name}", value, trainer.state.global_step)
+        writer.close()
     summary = {
         "status": "finished",
         "heldout": metrics,
