@@ -6,7 +6,7 @@
     python evaluate_generations.py --model-path ./ppo_out ./grpo_out --num-prompts 50
     python evaluate_generations.py --model-path ./ppo_smoke_output   # after `train_ppo.py --preset smoke`
 
-Every field of `config.EvalConfig` is a flag (see --help). Writes one JSON file (layout in the README) and
+Every field of `smolppo.configs.EvalConfig` is a flag (see --help). Writes one JSON file (layout in the README) and
 prints a table. With several models, all are evaluated on the same prompts and compared with the first.
 """
 

@@ -4,7 +4,7 @@
     python plot_training_progress.py --log-dir ./ppo_smoke_output/logs --smooth 0.6
     python plot_training_progress.py --log-dir ./ppo_out/logs ./grpo_out/logs --output compare.png
 
-Every field of `config.PlotConfig` is a flag (see --help). Several log dirs (or a directory of runs) are
+Every field of `smolppo.configs.PlotConfig` is a flag (see --help). Several log dirs (or a directory of runs) are
 overlaid with a legend. Works headless.
 """
 

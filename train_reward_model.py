@@ -8,7 +8,7 @@ The real run (from the SFT model, on Intel/orca_dpo_pairs):
     python train_reward_model.py --use-lora --bf16
     python train_ppo.py --reward-model ./reward_model_output
 
-Every field of `config.RewardModelConfig` is a flag (see --help). Writes the model and tokenizer,
+Every field of `smolppo.configs.RewardModelConfig` is a flag (see --help). Writes the model and tokenizer,
 `logs/` (TensorBoard), `checkpoint-*` and `reward_model_summary.json` (held-out accuracy and margin) to
 --output-dir.
 """
