@@ -66,6 +66,10 @@ def main() -> int:
             summary_metrics.get("kl_divergence", float("nan")),
             config.output_dir,
         )
+    if config.push_to_hub and summary["status"] == "finished" and state.is_main_process:
+        from smolppo.hub import push_to_hub
+
+        push_to_hub(config.output_dir, config.hub_model_id, config.hub_private_repo)
     return 0 if summary["status"] == "finished" else 130
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import torch
 
-from smolppo import checkpointing, output_dir, run_state
+from smolppo import checkpointing, hub, output_dir, run_state
 from smolppo.algorithm import Algorithm
 from smolppo.cli import termination_signals
 from smolppo.data import PromptSampler, PromptSet
@@ -124,6 +124,10 @@ class Trainer:
         summary = self._summary(status, metrics, time.time() - started)
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
+            if status == "finished":
+                with output_dir.publishing(cfg.output_dir, "card") as staging:
+                    with open(os.path.join(staging, hub.CARD_FILE), "w", encoding="utf-8") as f:
+                        f.write(hub.model_card(summary))
             if self.writer:
                 self.writer.samples(self.last_samples, self.update)
                 self.writer.close()

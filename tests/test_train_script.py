@@ -108,3 +108,18 @@ def test_missing_reward_model_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "reward model './no/such/reward' does not exist" in last and "--preset smoke" in last
+
+
+def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_cache):
+    out = tmp_path / "run"
+    result = run_script("train_ppo.py", "--preset", "smoke", "--max-updates", "2", "--push_to_hub",
+                        "--hub_model_id", "someone/smoke-ppo", "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not push '{out}' to the hub as 'someone/smoke-ppo' (OfflineModeIsEnabled")
+    assert "the local outputs are complete and untouched" in last
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "finished" and (out / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "base_model: smoke:policy" in card and "reward_model x 1" in card
+    assert f"| `rewards/mean` | {summary['final_metrics']['rewards/mean']:.4g} |" in card

@@ -188,7 +188,19 @@ class AlgorithmFields:
 
 
 @dataclass
+class HubFields:
+    push_to_hub: bool = field(
+        default=False, metadata=_help("After a finished run, upload the final model, tokenizer and card to the hub.")
+    )
+    hub_model_id: Optional[str] = field(
+        default=None, metadata=_help("Hub repository for --push-to-hub (default: the output directory's name).")
+    )
+    hub_private_repo: bool = field(default=False, metadata=_help("Create the hub repository as private."))
+
+
+@dataclass
 class PPOConfig(
+    HubFields,
     AlgorithmFields,
     OutputFields,
     OptimizerFields,
