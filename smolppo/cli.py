@@ -27,6 +27,27 @@ def _option_value(args: list[str], name: str) -> str | None:
     return None
 
 
+class SectionedParser(TrlParser):
+    """`TrlParser` whose ``--help`` lists fields under the field group that declares them (`SECTION` of the class)."""
+
+    def _add_dataclass_arguments(self, dtype):
+        import dataclasses
+        from typing import get_type_hints
+
+        type_hints = get_type_hints(dtype)
+        groups = {}
+        for field in dataclasses.fields(dtype):
+            if not field.init:
+                continue
+            owner = next(c for c in dtype.__mro__ if field.name in c.__dict__.get("__annotations__", {}))
+            title = getattr(owner, "SECTION", None) if owner is not dtype else None
+            title = title or getattr(dtype, "SECTION", dtype.__name__)
+            if title not in groups:
+                groups[title] = self.add_argument_group(title)
+            field.type = type_hints[field.name]
+            self._parse_dataclass_field(groups[title], field)
+
+
 def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes: str | None = None) -> T:
     """Build `config_cls` from defaults, a recipe (``--preset NAME`` = ``recipes/<recipes>/NAME.yaml``), a YAML
     file (``--config``) and CLI flags, in that order of precedence.
@@ -37,7 +58,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
     from smolppo.configs import available_recipes, recipe_path
 
     args = list(sys.argv[1:] if args is None else args)
-    parser = TrlParser(config_cls)
+    parser = SectionedParser(config_cls)
     preset = _option_value(args, "--preset")
     if preset is not None:
         names = available_recipes(recipes) if recipes else []

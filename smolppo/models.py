@@ -268,9 +268,16 @@ def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardR
     else:
         why = "no reward model" if reward is None else "reward model has another vocabulary"
         logger.info("%s: value model = policy body + a new 1-output head", why)
-        model = load_sequence_classifier(
-            policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
-        )
+        from transformers.utils import logging as hf_logging
+
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "LOAD REPORT" (LM head unused, score head new) is what we intend
+        try:
+            model = load_sequence_classifier(
+                policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
+            )
+        finally:
+            hf_logging.set_verbosity(previous)
     fix = "pass --value-model with a classifier trained from the policy's tokenizer"
     check_embeddings(model, policy_tokenizer, "value model", fix)
     return model

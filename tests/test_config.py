@@ -188,3 +188,15 @@ def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache
     assert "gae: 2 updates (5 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \
         in caplog.text  # fmt: skip
     assert (out / "adapter_model.safetensors").is_file() and any((out / "logs").iterdir())
+
+
+def test_help_lists_fields_by_section_with_trl_aliases():
+    from smolppo.cli import SectionedParser
+
+    text = SectionedParser(PPOConfig).format_help()
+    sections = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert sections[1:] == ["run", "presets", "model", "rewards", "data", "precision and memory", "LoRA",
+                            "optimizer and schedule", "output, logging and resuming", "algorithm: estimator, KL, PPO",
+                            "hub", "training run: learning rate, batches, generation, sample logging"]  # fmt: skip
+    lora = text[text.index("\nLoRA:") : text.index("\noptimizer and schedule:")]
+    assert "--use_peft" in lora and "--lora_r" in lora

@@ -12,6 +12,8 @@ from smolppo.configs.parts import ConfigBase, _help, check_positive, check_proba
 class EvalConfig(ConfigBase):
     """Everything `evaluate_generations.py` needs."""
 
+    SECTION = "evaluation"
+
     model_path: list[str] = field(
         default_factory=lambda: ["./ppo_training_output"],
         metadata=_help(

@@ -65,6 +65,8 @@ def check_trackers(report_to: list[str]) -> None:
 class ConfigBase:
     """Runs every ``_check_*`` method of the composed groups (in definition order) after construction."""
 
+    SECTION = "run"
+
     debug: bool = field(default=False, metadata=_help("Show full tracebacks instead of one-line errors."))
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class ConfigBase:
 
 @dataclass
 class PresetFields:
+    SECTION = "presets"
+
     preset: Optional[str] = field(
         default=None,
         metadata=_help("Recipe applied before YAML/CLI values: a name in recipes/<script>/ (smoke, full, lora, ...)."),
@@ -85,6 +89,8 @@ class PresetFields:
 
 @dataclass
 class PolicyFields:
+    SECTION = "model"
+
     policy_model: str = field(
         default=DEFAULT_POLICY_MODEL,
         metadata=_help(
@@ -95,6 +101,8 @@ class PolicyFields:
 
 @dataclass
 class DataFields:
+    SECTION = "data"
+
     dataset: str = field(
         default=DEFAULT_DATASET,
         metadata=_help(
@@ -117,6 +125,8 @@ class DataFields:
 
 @dataclass
 class PrecisionFields:
+    SECTION = "precision and memory"
+
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast for forward passes (fp32 master weights)."))
     gradient_checkpointing: bool = field(
         default=True, metadata=_help("Recompute activations in backward to save memory (--no-gradient-checkpointing).")
@@ -125,6 +135,8 @@ class PrecisionFields:
 
 @dataclass
 class LoRAFields:
+    SECTION = "LoRA"
+
     use_lora: bool = field(
         default=False,
         metadata=_help("Train LoRA adapters on the policy instead of all weights.", aliases=["--use_peft"]),
@@ -148,6 +160,8 @@ class LoRAFields:
 
 @dataclass
 class OptimizerFields:
+    SECTION = "optimizer and schedule"
+
     lr_scheduler_type: str = field(
         default="cosine", metadata=_help("Learning-rate schedule (any transformers scheduler name).")
     )
@@ -166,6 +180,8 @@ class OptimizerFields:
 
 @dataclass
 class OutputFields:
+    SECTION = "output, logging and resuming"
+
     output_dir: str = field(
         default="./ppo_training_output", metadata=_help("Where the model, logs and checkpoints go.")
     )

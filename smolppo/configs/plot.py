@@ -12,6 +12,8 @@ from smolppo.configs.parts import ConfigBase, _help
 class PlotConfig(ConfigBase):
     """Everything `plot_training_progress.py` needs."""
 
+    SECTION = "plotting"
+
     log_dir: list[str] = field(
         default_factory=lambda: ["./ppo_training_output/logs"],
         metadata=_help("TensorBoard log dir(s) or a directory of runs; several are overlaid."),

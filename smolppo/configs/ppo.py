@@ -37,6 +37,8 @@ NO_REWARD_MODEL = "none"
 
 @dataclass
 class RewardFields:
+    SECTION = "rewards"
+
     reward_model: str = field(
         default=DEFAULT_REWARD_MODEL,
         metadata=_help(
@@ -107,6 +109,8 @@ class RewardFields:
 
 @dataclass
 class AlgorithmFields:
+    SECTION = "algorithm: estimator, KL, PPO"
+
     advantage_estimator: str = field(
         default="gae",
         metadata=_help(
@@ -189,6 +193,8 @@ class AlgorithmFields:
 
 @dataclass
 class HubFields:
+    SECTION = "hub"
+
     push_to_hub: bool = field(
         default=False, metadata=_help("After a finished run, upload the final model, tokenizer and card to the hub.")
     )
@@ -213,6 +219,8 @@ class PPOConfig(
     ConfigBase,
 ):
     """Everything `train_ppo.py` needs. Defaults follow the project specification."""
+
+    SECTION = "training run: learning rate, batches, generation, sample logging"
 
     value_model: Optional[str] = field(
         default=None,

@@ -25,6 +25,8 @@ class RewardModelConfig(
 ):
     """Everything `train_reward_model.py` needs; `policy_model` is the model the classifier starts from."""
 
+    SECTION = "reward-model training"
+
     reward_template: Optional[str] = field(
         default=None,
         metadata=_help(
