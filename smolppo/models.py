@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -147,7 +148,9 @@ def apply_lora(policy, config):
     """Wrap the policy with LoRA adapters; the frozen base with adapters off is the reference model."""
     from peft import get_peft_model
 
-    model = get_peft_model(policy, lora_config_for(config, policy, "CAUSAL_LM"))
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(policy, lora_config_for(config, policy, "CAUSAL_LM"))
     disable_dropout(model)
     return model
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -44,7 +45,9 @@ def full_state_dicts(algorithm) -> tuple[dict | None, dict | None]:
 
 def write_models(algorithm, directory: str, state_dicts: tuple[dict | None, dict | None] = (None, None)) -> None:
     policy_state, value_state = state_dicts
-    algorithm.policy.save_pretrained(directory, state_dict=policy_state)
+    with warnings.catch_warnings():  # peft says it saves the embedding layers when lm_head carries an adapter
+        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
+        algorithm.policy.save_pretrained(directory, state_dict=policy_state)
     algorithm.tokenizer.save_pretrained(directory)
     if algorithm.value_scorer is not None:
         value_dir = os.path.join(directory, VALUE_MODEL_DIR)
