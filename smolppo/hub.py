@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -51,7 +52,8 @@ def model_card(summary: dict) -> str:
     lines += [f"| `{k}` | {metrics[k]:.4g} |" for k in CARD_METRICS if k in metrics]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | {config[k]} |" for k in CARD_SETTINGS if k in config]
-    lines += ["", "The full configuration is in `run_summary.json` beside the model.", ""]
+    full = json.dumps(config, indent=2, sort_keys=True, default=str)
+    lines += ["", "<details><summary>Full configuration</summary>", "", "```json", full, "```", "", "</details>", ""]
     return "\n".join(lines)
 
 

@@ -123,3 +123,5 @@ def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_c
     card = (out / "README.md").read_text()
     assert "base_model: smoke:policy" in card and "reward_model x 1" in card
     assert f"| `rewards/mean` | {summary['final_metrics']['rewards/mean']:.4g} |" in card
+    recorded = json.loads(card.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert recorded == json.loads(json.dumps(summary["config"]))  # the whole config, as the run used it
