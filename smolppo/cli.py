@@ -124,14 +124,14 @@ def check_yaml_values(config_cls, config_path: str, loaded) -> None:
         raise UserError(
             f"config file {config_path!r} must be a mapping of field: value, got a {type(loaded).__name__}"
         )
-    fields = {name.replace("-", "_"): f for name, f in config_cls.__dataclass_fields__.items()}
-    unknown = sorted(str(k) for k in loaded if str(k).replace("-", "_") not in fields and k != "env")
+    fields = config_cls.__dataclass_fields__  # the keys are field names already (see load_yaml_config)
+    unknown = sorted(k for k in loaded if k not in fields and k != "env")
     if unknown:
         raise UserError(f"config file {config_path!r} has unknown keys {unknown}; see --help for valid names")
     for key, value in loaded.items():
         if key == "env":
             continue
-        kind = str(fields[str(key).replace("-", "_")].type)
+        kind = str(fields[key].type)
         if value is None and "Optional" not in kind:
             raise UserError(f"config file {config_path!r}: {key} has no value; give one or remove the line")
         if isinstance(value, (list, dict)) and not kind.startswith(("list", "dict")):

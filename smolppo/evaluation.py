@@ -17,7 +17,7 @@ import torch
 
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
-from smolppo.configs.ppo import NO_REWARD_MODEL
+from smolppo.configs.ppo import names_a_reward_model
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import eos_token_ids, load_causal_lm, load_reward_reader, load_tokenizer, resolve_model_path
@@ -190,21 +190,18 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
 
 
 # ---------------------------------------------------------------------- generation and scoring
-@torch.no_grad()
 def load_eval_reward(plan: EvalPlan, tokenizer, batch_size: int, device) -> CombinedReward:
     """The reward model (unless 'none') and the reward functions of the plan, weighted as in training."""
     reader = None
-    if plan.reward_model.strip().lower() != NO_REWARD_MODEL:
+    if names_a_reward_model(plan.reward_model):
         reader = load_reward_reader(plan.reward_model, plan.reward_template, tokenizer, batch_size)
         reader.model.to(device)
     elif not plan.reward_funcs:
         raise UserError("the reward model is 'none' and no --reward-funcs are given; evaluation needs a reward")
-    sources = int(reader is not None) + len(plan.reward_funcs)
-    if plan.reward_weights and len(plan.reward_weights) != sources:
-        raise UserError(f"--reward-weights has {len(plan.reward_weights)} values for {sources} reward sources")
     return build_reward(reader, plan.reward_funcs, plan.reward_weights)
 
 
+@torch.no_grad()
 def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progress=True) -> dict:
     """Completions, rewards and ranks for every prompt; returns a JSON-ready dict for one model."""
     from tqdm.auto import tqdm

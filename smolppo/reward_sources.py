@@ -56,13 +56,8 @@ class RewardFunctionSource:
         self.name = getattr(function, "__name__", spec.rsplit(":", 1)[-1])
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
-        columns: dict[str, list] = {}
-        for row in batch.rows:
-            for key in row:
-                columns.setdefault(key, [])
-        for key, values in columns.items():
-            values.extend(row.get(key) for row in batch.rows)
-        columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
+        keys = dict.fromkeys(key for row in batch.rows for key in row if key not in ("prompts", "completions"))
+        columns = {key: [row.get(key) for row in batch.rows] for key in keys}
         try:
             values = self.function(prompts=batch.prompts, completions=batch.completions, **columns)
         except Exception as exc:  # noqa: BLE001 - any failure in user code stops the run with its name
@@ -134,6 +129,11 @@ class CombinedReward:
     """The weighted sum of several reward sources; also reports each source's mean."""
 
     def __init__(self, sources: list, weights: list[float] | None = None):
+        if weights and len(weights) != len(sources):
+            raise UserError(
+                f"--reward-weights has {len(weights)} values for {len(sources)} reward sources (the reward model "
+                "first, if used, then each reward function)"
+            )
         self.sources = sources
         self.weights = list(weights) if weights else [1.0] * len(sources)
         names = [s.name for s in sources]

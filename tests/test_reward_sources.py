@@ -127,3 +127,9 @@ def test_a_raising_function_stops_the_run_with_one_line(tmp_path, smoke_cache):
         "--reward-funcs"  # fmt: skip
     assert "Traceback" not in result.stderr
     assert not (out / "checkpoint-1").exists()
+
+
+def test_weights_must_match_the_sources(tmp_path):
+    path = write(tmp_path, "def f(completions, **kw):\n    return [1.0] * len(completions)\n")
+    with pytest.raises(UserError, match=r"--reward-weights has 2 values for 1 reward sources"):
+        build_reward(None, [f"{path}:f"], [1.0, 2.0])

@@ -35,6 +35,11 @@ GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
 NO_REWARD_MODEL = "none"
 
 
+def names_a_reward_model(reward_model: str) -> bool:
+    """False for ``--reward-model none`` (functions only), in any case and spacing."""
+    return reward_model.strip().lower() != NO_REWARD_MODEL
+
+
 @dataclass
 class RewardFields:
     SECTION = "rewards"
@@ -83,7 +88,7 @@ class RewardFields:
 
     @property
     def uses_reward_model(self) -> bool:
-        return self.reward_model.strip().lower() != NO_REWARD_MODEL
+        return names_a_reward_model(self.reward_model)
 
     def _check_rewards(self) -> None:
         if not self.uses_reward_model and not self.reward_funcs:
