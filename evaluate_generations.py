@@ -12,7 +12,6 @@ prints a table. With several models, all are evaluated on the same prompts and c
 
 from __future__ import annotations
 
-import json
 import logging
 
 from smolppo.cli import parse_config, run_main
@@ -25,12 +24,12 @@ def main() -> int:
     config = parse_config(EvalConfig)
 
     from smolppo.evaluation import check_output_writable, default_output_path, evaluate, format_table
+    from smolppo.output_dir import write_json_atomically
 
     output = default_output_path(config)
     check_output_writable(output)
     report = evaluate(config)
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomically(output, report)  # a kill mid-write leaves the previous report, never an empty file
     print(format_table(report))
     logger.info("wrote %s", output)
     return 0

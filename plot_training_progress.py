@@ -23,6 +23,7 @@ logger = logging.getLogger("plot_training_progress")
 def main() -> int:
     config = parse_config(PlotConfig)
 
+    from smolppo.output_dir import write_atomically
     from smolppo.plotting import find_runs, kl_targets, plot_progress, read_scalars
 
     runs = find_runs(config.log_dir)
@@ -37,8 +38,9 @@ def main() -> int:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the directory of {path!r}: {exc.strerror}; choose another path") from exc
-    figure.savefig(output, dpi=120)
-    frame.to_csv(csv, index=False)
+    extension = os.path.splitext(output)[1].lstrip(".") or "png"
+    write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=120, format=extension))
+    write_atomically(csv, lambda tmp: frame.to_csv(tmp, index=False))
     for run, panel in missing:
         logger.warning("run %s logged no scalar for the %r panel; it is not drawn there", run, panel)
     logger.info(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from smolppo.cli import parse_config, run_main
+from smolppo.cli import parse_config, run_main, signal_exit_code
 from smolppo.configs import PPOConfig
 
 logger = logging.getLogger("train_ppo")
@@ -70,7 +70,7 @@ def main() -> int:
         from smolppo.hub import push_to_hub
 
         push_to_hub(config.output_dir, config.hub_model_id, config.hub_private_repo)
-    return 0 if summary["status"] == "finished" else 130
+    return 0 if summary["status"] == "finished" else signal_exit_code(summary["stopped_by"])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from smolppo.cli import parse_config, run_main
+from smolppo.cli import parse_config, run_main, signal_exit_code
 from smolppo.configs import RewardModelConfig
 
 logger = logging.getLogger("train_reward_model")
@@ -47,7 +47,7 @@ def main() -> int:
             summary["signal"],
             summary["steps"],
         )
-        return 130
+        return signal_exit_code(summary["signal"])
     heldout = summary["heldout"]
     logger.info(
         "held-out pairwise accuracy %.3f, margin %+.3f on %d pairs; model in %s",

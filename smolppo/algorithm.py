@@ -14,6 +14,7 @@ The ratio is new policy / rollout policy; the reference enters only through the 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -40,6 +41,19 @@ from smolppo.rollout import (
 )
 from smolppo.scoring import TokenScorer, token_values
 from smolppo.tracking import StageTimer
+
+
+def warm_started_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    """transformers' `name` schedule over `total_steps` optimizer steps, stepped once before training when it warms
+    up: a warm-up then starts at ``1 / warmup_steps`` of the peak instead of 0, so the first step trains."""
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps + 1)
+    if warmup_steps:
+        with warnings.catch_warnings():  # stepping before the first optimizer.step() is the point here
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+            scheduler.step()
+    return scheduler
 
 
 class Algorithm:
@@ -83,13 +97,8 @@ class Algorithm:
             weight_decay=config.weight_decay,
             fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
         )
-        from transformers import get_scheduler
-
-        self.lr_scheduler = get_scheduler(
-            config.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=schedule.warmup_updates,
-            num_training_steps=schedule.total_updates,
+        self.lr_scheduler = warm_started_scheduler(
+            config.lr_scheduler_type, optimizer, schedule.warmup_steps, schedule.planned_optimizer_steps
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -248,6 +257,9 @@ class Algorithm:
                 stats["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:  # the schedule counts optimizer steps
+            stats["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(parts.logits.detach()), mask)
         stats.update(
@@ -282,7 +294,7 @@ class Algorithm:
             "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
             "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),
             "loss": train_stats["loss"],
-            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+            "learning_rate": train_stats["learning_rate"],  # mean over this update's optimizer steps
             "objective/kl_coef": kl_coef,
             "loss/policy": train_stats["policy_loss"],
             "policy/clip_fraction": train_stats["clip_fraction"],

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: the optimizer state was dropped
 RUN_SUMMARY_FILE = "run_summary.json"  # written by a PPO run when it ends (finished or interrupted)
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -50,6 +52,7 @@ RESUME_FREE_FIELDS = {
     "reward_check_pairs",
     "min_reward_accuracy",
     "eval_steps",
+    "save_optimizer_state",
 }
 RESUME_FIXED_FIELDS = {"use_lora", "lora_r", "lora_target_modules"}  # the saved weights' shapes depend on them
 
@@ -79,7 +82,11 @@ def save_checkpoint(output_dir: str, step: int, write: Callable[[str], None], sa
     staging = os.path.join(output_dir, f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    write(staging)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a partial checkpoint is never renamed in; free its space now
+        raise
     remove_entry(final)
     os.replace(staging, final)
     rotate_checkpoints(output_dir, save_total_limit)
@@ -94,6 +101,23 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int) -> None:
         remove_entry(path)
 
 
+def drop_optimizer_state(output_dir: str, keep: str) -> None:
+    """Remove the optimizer state from every checkpoint but `keep` (the newest): marked in its state file first,
+    then the file goes, so an interruption between the two leaves a checkpoint that resumes either way."""
+    from smolppo.output_dir import write_json_atomically
+
+    for _, path in list_checkpoints(output_dir):
+        optimizer = os.path.join(path, OPTIMIZER_FILE)
+        if os.path.samefile(path, keep) or not os.path.isfile(optimizer):
+            continue
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        state[OPTIMIZER_STATE_KEY] = False
+        write_json_atomically(os.path.join(path, STATE_FILE), state)
+        os.remove(optimizer)
+        logger.info("dropped the optimizer state of %s (--save-optimizer-state latest)", path)
+
+
 def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
     """Why the PPO checkpoint at `path` cannot be resumed from, or None when it looks complete."""
     try:
@@ -105,8 +129,8 @@ def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
     required = ["scheduler.pt", "rng_state.pt"]
     if state["config"].get("advantage_estimator", "gae") == "gae":  # only PPO's GAE has a value model
         required.append(os.path.join("value_model", "model.safetensors"))
-    if needs_optimizer:
-        required.append("optimizer.pt")
+    if needs_optimizer and state.get(OPTIMIZER_STATE_KEY, True):
+        required.append(OPTIMIZER_FILE)
     weights = "adapter_model.safetensors" if state["config"].get("use_lora") else "model.safetensors"
     for name in [weights, *required]:
         if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
@@ -156,12 +180,25 @@ def recorded_config(path: str) -> dict:
         return json.load(f)["config"]
 
 
+def _comparable(key: str, value):
+    """A setting as compared on resume: reward-function files by absolute path (a relative and an absolute path to
+    the same file are the same setting)."""
+    if key == "reward_funcs" and isinstance(value, list):
+        out = []
+        for spec in value:
+            target, sep, name = str(spec).rpartition(":")
+            is_file = target.endswith(".py") or "/" in target or os.sep in target
+            out.append(f"{os.path.abspath(os.path.expanduser(target))}{sep}{name}" if is_file else spec)
+        return out
+    return value
+
+
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """``(field, old, new)`` for every field that changes the run's numbers between a checkpoint and now."""
     return [
         (key, old.get(key), value)
         for key, value in sorted(new.items())
-        if key not in RESUME_FREE_FIELDS and key in old and old[key] != value
+        if key not in RESUME_FREE_FIELDS and key in old and _comparable(key, old[key]) != _comparable(key, value)
     ]
 
 
@@ -170,6 +207,14 @@ def check_resume_config(path: str, config: dict, allow_changes: bool) -> list[tu
     changes = config_changes(recorded_config(path), config)
     described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
     fixed = [k for k, _, _ in changes if k in RESUME_FIXED_FIELDS]
+    estimators = [(old, new) for k, old, new in changes if k == "advantage_estimator"]
+    if estimators and (estimators[0][0] == "gae") != (estimators[0][1] == "gae"):
+        old, new = estimators[0]
+        raise UserError(
+            f"cannot resume {path!r} (advantage_estimator {old}) as {new}: only gae trains a value model, so the "
+            "checkpoint and the run hold different models (the checkpoint itself is fine); resume with "
+            f"--advantage-estimator {old}, or start a new run from its weights with --policy-model {path}"
+        )
     if fixed:
         raise UserError(
             f"cannot resume {path!r} with other {', '.join(fixed)} ({described}): its saved weights have another "

@@ -59,7 +59,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
 
     args = list(sys.argv[1:] if args is None else args)
     parser = SectionedParser(config_cls)
-    preset = _option_value(args, "--preset")
+    config_path = _option_value(args, "--config")
+    values = load_yaml_config(config_cls, config_path) if config_path is not None else {}
+    preset = _option_value(args, "--preset") or values.get("preset")  # a preset named in the YAML works the same
     if preset is not None:
         names = available_recipes(recipes) if recipes else []
         if preset not in names:
@@ -67,9 +69,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
         recipe = load_yaml_config(config_cls, recipe_path(recipes, preset))
         recipe.pop("env", None)
         parser.set_defaults_with_config(**recipe)
-    config_path = _option_value(args, "--config")
     if config_path is not None:  # applied here (not by TrlParser) so that trl's names work as YAML keys too
-        values = load_yaml_config(config_cls, config_path)
         for key, value in (values.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
         parser.set_defaults_with_config(**values)
@@ -113,7 +113,16 @@ def load_yaml_config(config_cls, config_path: str) -> dict:
             raise UserError(f"config file {config_path!r} is not valid YAML: {exc}".splitlines()[0]) from exc
     if isinstance(loaded, dict):
         aliases = field_aliases(config_cls)
-        loaded = {aliases.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in loaded.items()}
+        named: dict = {}
+        for key, value in loaded.items():
+            name = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+            if name in named:
+                raise UserError(
+                    f"config file {config_path!r} sets {name} twice ({named[name][0]!r} and {key!r}, another name for "
+                    "the same setting); keep one of them"
+                )
+            named[name] = (key, value)
+        loaded = {name: value for name, (_, value) in named.items()}
     check_yaml_values(config_cls, config_path, loaded)
     return loaded
 
@@ -136,6 +145,8 @@ def check_yaml_values(config_cls, config_path: str, loaded) -> None:
             raise UserError(f"config file {config_path!r}: {key} has no value; give one or remove the line")
         if isinstance(value, (list, dict)) and not kind.startswith(("list", "dict")):
             raise UserError(f"config file {config_path!r}: {key} must be a single value, got a {type(value).__name__}")
+        if kind.startswith("list") and value is not None and not isinstance(value, list):
+            raise UserError(f"config file {config_path!r}: {key} must be a list, e.g. {key}: [{value!r}]")
 
 
 def wants_debug(args: Sequence[str] | None = None) -> bool:
@@ -148,11 +159,62 @@ def termination_signals() -> list:
     return [signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
 
 
+def signal_exit_code(name: str | None) -> int:
+    """The exit status shells and schedulers expect after a signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    try:
+        return 128 + signal.Signals[name].value
+    except (KeyError, TypeError):
+        return 128 + signal.SIGINT.value
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped at once by a signal; `run_main` exits with `exit_code`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + int(signum)
+
+
+class GracefulStop:
+    """While installed, SIGINT / SIGTERM (Ctrl-Break on Windows) asks the job to stop at its next safe point
+    (`signal_name` is then set and `message` logged); a second signal stops at once (`Interrupted`)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.signal_name:
+            raise Interrupted(signum)
+        self.signal_name = signal.Signals(signum).name
+        logging.getLogger(__name__).warning("%s received: %s (again to stop now)", self.signal_name, self.message)
+
+    def install(self) -> GracefulStop:
+        for sig in (signal.SIGINT, *termination_signals()):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not the main thread, or not settable here
+                pass
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> GracefulStop:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
 def stop_at_once_on_termination() -> None:
-    """Before training starts nothing needs saving: SIGTERM stops like Ctrl-C (one line, exit 130)."""
+    """Before training starts nothing needs saving: SIGTERM stops like Ctrl-C (one line, exit 143)."""
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     for sig in termination_signals():
         try:
@@ -186,9 +248,9 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
         sys.stderr.write("interrupted: stopped at once; anything not in a checkpoint-N directory was not saved\n")
-        sys.exit(130)
+        sys.exit(getattr(exc, "exit_code", signal_exit_code("SIGINT")))
     sys.exit(code or 0)

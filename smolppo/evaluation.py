@@ -162,15 +162,9 @@ def select_prompt_rows(cfg, plan: EvalPlan, tokenizer) -> list[tuple[int, dict]]
 def load_policy_for_eval(name: str, device: torch.device):
     """``(model, tokenizer, resolved path)`` for a full model dir, a LoRA adapter dir, a checkpoint or a hub id."""
     path = resolve_model_path(name, "model-path")
-    if os.path.isdir(path):
-        adapter_config = os.path.join(path, "adapter_config.json")
-        if os.path.isfile(adapter_config):
-            return _load_adapter(path, adapter_config, device)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(
-                f"{path!r} holds no model (no config.json or adapter_config.json); pass a training output "
-                "directory, a checkpoint-N directory or a hub id with --model-path"
-            )
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        return _load_adapter(path, adapter_config, device)
     model = load_causal_lm(path, "model-path").to(device).eval()
     return model, load_tokenizer(path, "model-path"), path
 
@@ -228,7 +222,7 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
             completions=responses,
             rows=[prompt_rows[i][1] for i in group for _ in range(n)],
         )
-        scores = reward.score(batch_rewards)[0].numpy()
+        scores = reward.score(batch_rewards)[0].float().numpy()
         for k, i in enumerate(group):
             for j in range(n):
                 row = k * n + j
@@ -279,7 +273,8 @@ def evaluate(cfg) -> dict:
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)
-        result = generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            result = generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device)
         results.append({"name": name, "path": path, **result})
         del model
     base = results[0]

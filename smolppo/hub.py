@@ -74,7 +74,7 @@ def push_to_hub(output_dir: str, repo_id: str | None, private: bool) -> str:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
             f"could not push {output_dir!r} to the hub as {repo_id!r} ({type(exc).__name__}: {first_line}); the "
-            f"local outputs are complete and untouched: push them later with `huggingface-cli upload {repo_id} "
+            f"local outputs are complete and untouched: push them later with `hf upload {repo_id} "
             f"{output_dir}`"
         ) from exc
     logger.info("pushed %s to https://huggingface.co/%s", output_dir, url.repo_id)

@@ -22,15 +22,46 @@ from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
 
-SMOKE_HINT = "point --{flag} at a local directory, or try the offline smoke preset: --preset smoke"
+SMOKE_HINT = (
+    "point --{flag} at a local directory, or try the offline smoke preset: --preset smoke (without network, "
+    "HF_HUB_OFFLINE=1 makes hub ids fail at once instead of after retries)"
+)
 
 
 def resolve_model_path(name: str, flag: str) -> str:
-    """Map smoke names to paths and fail early, naming the flag, for local paths that do not exist."""
+    """Map smoke names to paths, a ``.gguf`` file to its converted folder (`smolppo.real_model`), and fail early,
+    naming the flag, for local paths that do not exist."""
     path = resolve_smoke_name(name)
+    if path.lower().endswith(".gguf"):
+        from smolppo.real_model import folder_for_gguf
+
+        return folder_for_gguf(os.path.expanduser(path))
     if looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
         raise UserError(f"{flag.replace('-', ' ')} {path!r} does not exist; {SMOKE_HINT.format(flag=flag)}")
-    return os.path.expanduser(path)
+    path = os.path.expanduser(path)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in MODEL_CONFIG_FILES):
+        raise UserError(
+            f"{flag.replace('-', ' ')} {path!r} holds no model (no config.json or adapter_config.json: an "
+            f"interrupted save or copy?); point --{flag} at a complete model folder, a checkpoint-N or a hub id"
+        )
+    return path
+
+
+MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
+def damaged_weights(directory: str) -> str | None:
+    """The first ``*.safetensors`` file in `directory` whose header cannot be read, or None."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(directory, name), framework="pt") as f:
+                    f.keys()
+            except Exception:  # noqa: BLE001 - any parse failure means a damaged file
+                return name
+    return None
 
 
 def _load(loader, path: str, flag: str, **kwargs):
@@ -39,10 +70,19 @@ def _load(loader, path: str, flag: str, **kwargs):
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"could not load {flag.replace('-', ' ')} {path!r}: {first_line}; {SMOKE_HINT.format(flag=flag)}"
-        ) from exc
+        raise load_error(path, flag, exc) from exc
+
+
+def load_error(path: str, flag: str, exc: Exception) -> UserError:
+    """One line for a model that failed to load: the damaged file of a local folder, else the reason and a hint."""
+    what = f"{flag.replace('-', ' ')} {path!r}"
+    if os.path.isdir(path):
+        damaged = damaged_weights(path)
+        if damaged:
+            return UserError(f"could not load {what}: {damaged} is damaged or truncated; save or copy it again")
+    first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    hint = "check the folder's files" if os.path.isdir(path) else SMOKE_HINT.format(flag=flag)
+    return UserError(f"could not load {what}: {first_line}; {hint}")
 
 
 def load_tokenizer(path: str, flag: str = "policy-model"):
@@ -106,7 +146,7 @@ def load_sequence_classifier(path: str, flag: str = "reward-model", **overrides)
             f"({type(config).__name__}); a reward model must be one with num_labels=1"
         ) from exc
     except (OSError, SafetensorError) as exc:
-        raise UserError(f"could not load {flag.replace('-', ' ')} {path!r}: {str(exc).splitlines()[0]}") from exc
+        raise load_error(path, flag, exc) from exc
     disable_dropout(model)
     score_head(model)
     return model
@@ -289,6 +329,10 @@ def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardR
 def load_ppo_models(config) -> PPOModels:
     """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader (when a reward model is used) and
     value model (only for the gae estimator)."""
+    for name, flag in ((config.reward_model if config.uses_reward_model else None, "reward-model"),
+                       (config.value_model, "value-model")):  # fmt: skip
+        if name:  # local paths first: a missing one fails at once, before the hub is asked for anything
+            resolve_model_path(name, flag)
     policy_path = resolve_model_path(config.policy_model, "policy-model")
     tokenizer = load_tokenizer(policy_path, "policy-model")
     reward = None

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = ".smolppo-manifest.json"
 LOCK = ".smolppo.lock"
-STAGING_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
+STAGING_PREFIX = ".smolppo-staging-"  # names no user picks by chance: only these exact shapes are removed
+TRASH_PREFIX = ".smolppo-trash-"
 # Names only this project's scripts write.
 OWN_NAMES = {
     MANIFEST,
@@ -43,7 +43,8 @@ OWN_NAMES = {
     "training_scalars.csv",
 }
 OWN_DIRS = {"logs", "value_model"}  # ours only when they are directories
-OWN_PATTERN = re.compile(rf"^(checkpoint-\d+|\{STAGING_PREFIX}.*|\{TRASH_PREFIX}.*)$")
+LEFTOVER_PATTERN = re.compile(rf"^({re.escape(STAGING_PREFIX)}[\w.-]+|{re.escape(TRASH_PREFIX)}.+-\d+-\d+)$")
+OWN_PATTERN = re.compile(rf"^checkpoint-\d+$|{LEFTOVER_PATTERN.pattern}")
 # What `save_pretrained` writes for a model, adapter or tokenizer: ours in a legacy run directory only.
 MODEL_FILE_PATTERN = re.compile(
     r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
@@ -109,7 +110,7 @@ def remove_leftovers(output_dir: str) -> None:
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+        if LEFTOVER_PATTERN.match(name):
             _delete(os.path.join(output_dir, name))
 
 
@@ -194,12 +195,60 @@ def clear(output_dir: str) -> None:
         os.remove(os.path.join(output_dir, MANIFEST))
 
 
+# ---------------------------------------------------------------------- disk space
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an error that says the device is full (OSError ENOSPC, or safetensors' message for it)."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(directory: str) -> int:
+    probe = directory
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def disk_full_error(directory: str, what: str, needed: int, last_checkpoint: str | None) -> UserError:
+    kept = (
+        f"the last checkpoint ({os.path.basename(last_checkpoint)}) is intact"
+        if last_checkpoint
+        else "nothing was lost"
+    )
+    return UserError(
+        f"no space left on the device of {directory!r} while writing {what}: it needs about {needed / 1e9:.2f} GB "
+        f"free, {free_bytes(directory) / 1e9:.2f} GB are; {kept}. Free some space, then resume with "
+        "--resume-from-checkpoint latest",
+        exit_code=4,
+    )
+
+
 # ---------------------------------------------------------------------- final outputs
-def write_json_atomically(path: str, data) -> None:
+def write_atomically(path: str, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside `path`, then rename it over `path`: a kill at any moment
+    leaves the previous file or the new one, never a half-written one."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomically(path: str, data) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+
+    write_atomically(path, write)
 
 
 @contextmanager

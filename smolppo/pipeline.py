@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from smolppo import checkpointing, output_dir
-from smolppo.data import PromptSet, build_prompts, load_rows
+from smolppo.data import PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -29,12 +29,37 @@ def load_training_prompts(config, tokenizer, rows: list[dict] | None = None) -> 
     return build_prompts(rows[: config.num_samples], tokenizer, config.max_prompt_length, source=config.dataset)
 
 
-def held_out_pairs(config, rows: list[dict]) -> list[dict]:
-    """Up to `reward_check_pairs` rows after the training rows that have chosen and rejected answers."""
+ANSWER_TOKEN_LIMIT = 2048  # held-out answers longer than this are not read by the start-up check
+
+
+def held_out_pairs(config, rows: list[dict], tokenizer) -> list[dict]:
+    """Up to `reward_check_pairs` rows after the training rows that have chosen and rejected answers, whose prompt
+    fits `max_prompt_length` (as training's do) and whose answers fit `ANSWER_TOKEN_LIMIT`: memory stays bounded."""
     if not config.reward_check_pairs or not rows or any(c not in rows[0] for c in PAIR_COLUMNS):
         return []
-    held_out = [r for r in rows[config.num_samples :] if r.get("question") and r.get("chosen") and r.get("rejected")]
-    return held_out[: config.reward_check_pairs]
+
+    def fits(text: str, limit: int) -> bool:  # characters first: a token is rarely under one character
+        return len(text) <= 16 * limit and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit
+
+    fitting, too_long = [], 0
+    for row in rows[config.num_samples :]:
+        if len(fitting) == config.reward_check_pairs:
+            break
+        if not all(row.get(k) for k in ("question", *PAIR_COLUMNS)):
+            continue
+        limit = config.max_prompt_length
+        question_fits = len(str(row.get("system") or "")) + len(str(row["question"])) <= 16 * limit
+        if (
+            question_fits
+            and len(row_prompt(tokenizer, row)[1]) <= limit
+            and all(fits(str(row[k]), ANSWER_TOKEN_LIMIT) for k in PAIR_COLUMNS)
+        ):
+            fitting.append(row)
+        else:
+            too_long += 1
+    if too_long:
+        logger.info("reward-model check: passed over %d held-out pairs too long to read", too_long)
+    return fitting
 
 
 def build_ppo_trainer(config, accelerator=None):
@@ -57,7 +82,8 @@ def build_ppo_trainer(config, accelerator=None):
     prompts = load_training_prompts(config, models.tokenizer, rows)
     reward_check = None
     if config.reward_check_pairs and models.reward is not None:
-        reward_check = check_reward_model(models.reward, held_out_pairs(config, rows), config.min_reward_accuracy)
+        pairs = held_out_pairs(config, rows, models.tokenizer)
+        reward_check = check_reward_model(models.reward, pairs, config.min_reward_accuracy)
     accelerator = accelerator or Accelerator(
         cpu=use_cpu(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import asdict
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from smolppo import output_dir
-from smolppo.cli import termination_signals
+from smolppo.cli import GracefulStop
 from smolppo.data import load_rows, row_conversation
 from smolppo.errors import UserError
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
@@ -85,22 +84,14 @@ class StopOnSignal:
     checkpoint and stops training; a second signal stops at once."""
 
     def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict = {}
+        self._stop = GracefulStop("saving a checkpoint after this step, then stopping")
 
-    def _handler(self, signum, frame):
-        if self.signal_name:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint after this step, then stopping (again to stop now)",
-                       self.signal_name)  # fmt: skip
+    @property
+    def signal_name(self) -> str | None:
+        return self._stop.signal_name
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGINT, *termination_signals()):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except (ValueError, OSError):
-                pass
+        self._stop.install()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signal_name:
@@ -108,8 +99,7 @@ class StopOnSignal:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._stop.restore()
 
     def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
         if name.startswith("on_"):
@@ -159,7 +149,8 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         bf16=config.bf16,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        max_length=config.max_length,
+        max_length=None,  # pairs over config.max_length were dropped (and counted) by tokenise_pairs: trl's second
+        # filter pass over the same lengths would do nothing, and under load it once sat for minutes
         center_rewards_coefficient=config.center_rewards_coefficient,
         seed=config.seed,
         report_to=[n for n in config.report_to if n in ("wandb", "trackio")] or "none",  # TensorBoard: our callback

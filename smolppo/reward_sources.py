@@ -8,14 +8,17 @@ apply to this sample"; the total is the weighted sum of the sources that apply (
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import logging
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from smolppo.errors import UserError
@@ -57,10 +60,10 @@ class RewardFunctionSource:
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         keys = dict.fromkeys(key for row in batch.rows for key in row if key not in ("prompts", "completions"))
-        columns = {key: [row.get(key) for row in batch.rows] for key in keys}
-        try:
-            values = self.function(prompts=batch.prompts, completions=batch.completions, **columns)
-        except Exception as exc:  # noqa: BLE001 - any failure in user code stops the run with its name
+        columns = copy.deepcopy({key: [row.get(key) for row in batch.rows] for key in keys})
+        try:  # copies: what one function changes in its inputs never reaches the next one or the run
+            values = self.function(prompts=list(batch.prompts), completions=list(batch.completions), **columns)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure in user code stops the run with its name
             first_line = (str(exc).splitlines() or [""])[0]
             raise UserError(
                 f"reward function {self.spec} raised {type(exc).__name__}: {first_line}; fix it or drop it from "
@@ -69,35 +72,48 @@ class RewardFunctionSource:
         return self._checked(values, len(batch.completions))
 
     def _checked(self, values, expected: int) -> torch.Tensor:
-        try:
-            values = list(values)
-        except TypeError:
-            values = None
-        if values is None or len(values) != expected:
-            got = "a non-list" if values is None else f"{len(values)} values"
+        if isinstance(values, (torch.Tensor, np.ndarray)) and values.ndim == 1:
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or len(values) != expected:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
             raise UserError(
-                f"reward function {self.spec} returned {got} for {expected} completions; return one per completion"
+                f"reward function {self.spec} returned {got} for {expected} completions; return a list with one "
+                "number (or None) per completion"
             )
         out = []
         for value in values:
             if value is None:
                 out.append(math.nan)
                 continue
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
+            number = real_number(value)
+            if number is None:
                 raise UserError(
-                    f"reward function {self.spec} returned {value!r}; each reward must be a number or None"
-                ) from None
+                    f"reward function {self.spec} returned {value!r} ({type(value).__name__}); each reward must be "
+                    "an int or float (not bool or str), or None"
+                )
             if not math.isfinite(number):
                 raise UserError(f"reward function {self.spec} returned {number}; rewards must be finite (or None)")
             out.append(number)
         return torch.tensor(out, dtype=torch.float32)
 
 
+def real_number(value) -> float | None:
+    """`value` as a float when it is a real number (int, float, numpy or 0-d tensor number); None for bool, str,
+    containers and anything else, which `float()` would accept or convert silently."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def load_reward_function(spec: str):
     """The callable named by ``path/to/file.py:name`` or ``package.module:name`` (one line when missing)."""
     target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise UserError(
+            f"--reward-funcs {spec!r} must name a file or module and a function: file.py:name or module:name"
+        )
     if target.endswith(".py") or os.sep in target or "/" in target:
         path = os.path.abspath(os.path.expanduser(target))
         if not os.path.isfile(path):
@@ -110,12 +126,17 @@ def load_reward_function(spec: str):
         sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - a broken file is one line naming it
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken file is one line naming it
             raise UserError(f"could not import reward function file {target!r}: {type(exc).__name__}: {exc}") from exc
     else:
+        if target.startswith("."):
+            raise UserError(
+                f"--reward-funcs {spec!r}: a relative module cannot be imported; give its full name "
+                f"({target.lstrip('.')}:{name}) or a file path (path/to/file.py:{name})"
+            )
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
+        except (ImportError, SystemExit) as exc:
             raise UserError(f"could not import module {target!r} for --reward-funcs {spec}: {exc}") from exc
     function = getattr(module, name, None)
     if not callable(function):

@@ -68,10 +68,24 @@ def resolve_template(template: str | None, tokenizer, model_name: str) -> str | 
         return tokenizer.chat_template
     if os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
+        check_jinja(text, f"--reward-template file {template!r}")
+        return text
     if "{" not in template:
         raise UserError(f"--reward-template {template!r} is not chat, plain, a Jinja template or an existing file")
+    check_jinja(template, "--reward-template")
     return template
+
+
+def check_jinja(template: str, what: str) -> None:
+    """One line for a template Jinja cannot parse (before any model reads through it)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"{what} is not a valid Jinja template (line {exc.lineno}: {exc.message}); fix it") from exc
 
 
 class RewardReader:
@@ -144,6 +158,12 @@ def pairwise_check(reader: RewardReader, rows: list[dict]) -> PairwiseCheck:
 def check_reward_model(reader: RewardReader, rows: list[dict], min_accuracy: float | None) -> PairwiseCheck | None:
     """Start-up check on held-out chosen/rejected rows: log it, warn below 0.6, refuse below `min_accuracy`."""
     if not rows:
+        if min_accuracy is not None:
+            raise UserError(
+                f"--min-reward-accuracy {min_accuracy} cannot be checked: no held-out rows with chosen/rejected "
+                "answers fit (rows after --num-samples, texts within --max-prompt-length); use a dataset with such "
+                "rows or drop --min-reward-accuracy"
+            )
         logger.info("reward-model check skipped: no held-out rows with chosen/rejected answers")
         return None
     check = pairwise_check(reader, rows)

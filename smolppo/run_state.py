@@ -55,6 +55,23 @@ def write_models(algorithm, directory: str, state_dicts: tuple[dict | None, dict
         algorithm.tokenizer.save_pretrained(value_dir)
 
 
+def checkpoint_bytes(algorithm) -> dict[str, int]:
+    """What one checkpoint holds, in bytes: the saved weights (full policy or its adapter, value model) and the
+    AdamW state (two fp32 moments per trainable parameter)."""
+
+    def unique_bytes(params) -> int:
+        storages = {p.data_ptr(): p.numel() * p.element_size() for p in params}  # tied weights are saved once
+        return sum(storages.values())
+
+    policy = algorithm.policy
+    lora = hasattr(policy, "disable_adapter")
+    weights = unique_bytes(p for p in policy.parameters() if p.requires_grad or not lora)
+    if algorithm.value_scorer is not None:
+        weights += unique_bytes(algorithm.value_scorer.classifier.parameters())
+    optimizer = 2 * 4 * sum(p.numel() for p in algorithm.trainable_params)
+    return {"weights": weights, "optimizer": 0 if algorithm.deepspeed else optimizer}
+
+
 def save_checkpoint(algorithm, config, counters: dict) -> str | None:
     """A ``checkpoint-<update>`` directory with everything needed to continue exactly; None on other ranks."""
     from accelerate.utils import gather_object
@@ -69,7 +86,7 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
     def write(directory: str) -> None:
         write_models(algorithm, directory, state_dicts)
         if not algorithm.deepspeed:  # DeepSpeed shards optimizer state across ranks; see load_checkpoint
-            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, checkpointing.OPTIMIZER_FILE))
         torch.save(algorithm.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         torch.save(rng_states, os.path.join(directory, "rng_state.pt"))
         state = {
@@ -78,13 +95,17 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
             "kl_coef": controller.value,
             "kl_horizon": getattr(controller, "horizon", None),
             "kl_engaged": getattr(controller, "engaged", None),
+            checkpointing.OPTIMIZER_STATE_KEY: not algorithm.deepspeed,
             "last_metrics": counters["last_metrics"],
             "config": asdict(config),
         }
         with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
-    return checkpointing.save_checkpoint(config.output_dir, counters["update"], write, config.save_total_limit)
+    path = checkpointing.save_checkpoint(config.output_dir, counters["update"], write, config.save_total_limit)
+    if config.save_optimizer_state == "latest":
+        checkpointing.drop_optimizer_state(config.output_dir, keep=path)
+    return path
 
 
 def load_checkpoint(algorithm, config, path: str) -> dict:
@@ -109,8 +130,11 @@ def _load_checkpoint(algorithm, config, path: str) -> dict:
         load_weights_into(algorithm.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
     if algorithm.deepspeed:
         logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
+    elif not state.get(checkpointing.OPTIMIZER_STATE_KEY, True):
+        logger.warning("%s keeps weights only (its optimizer state was dropped): AdamW moments restart", path)
     else:
-        algorithm.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+        optimizer_file = os.path.join(path, checkpointing.OPTIMIZER_FILE)
+        algorithm.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
     algorithm.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     apply_configured_learning_rate(algorithm.lr_scheduler, algorithm.optimizer, config.learning_rate)
     rng_states = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import asdict
 
@@ -16,8 +15,9 @@ import torch
 
 from smolppo import checkpointing, hub, output_dir, run_state
 from smolppo.algorithm import Algorithm
-from smolppo.cli import termination_signals
+from smolppo.cli import GracefulStop
 from smolppo.data import PromptSampler, PromptSet
+from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
 from smolppo.experience import Experience
 from smolppo.rewards import PairwiseCheck
@@ -55,7 +55,8 @@ class Trainer:
         self.last_metrics: dict = {}
         self.config_changes: list = []  # settings changed on resume with --allow-config-change
         self.last_samples: list[dict] = []
-        self._stop_signal: str | None = None
+        self._signals = GracefulStop("")
+        self._stop_signal: str | None = None  # the signal that stopped the run, on any process
         self.writer: MetricsWriter | None = None
 
     @property
@@ -76,7 +77,6 @@ class Trainer:
         metrics = self._reduce_metrics(metrics)
         self._check_finite(metrics)
         algo.kl_controller.update(metrics["kl_divergence"], self.schedule.episodes_per_update)
-        algo.lr_scheduler.step()
         self.update += 1
         self.episodes += self.schedule.episodes_per_update
         metrics["episodes"] = float(self.episodes)
@@ -86,12 +86,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from: str | None = None) -> dict:
-        """Train until the schedule's last update; returns the run summary (also written as JSON)."""
+        """Train until the schedule's last update; returns the run summary (also written as JSON). A full disk, at
+        any point, is one line naming the directory and the space a checkpoint needs."""
+        try:
+            return self._train(resume_from)
+        except Exception as exc:
+            if not output_dir.is_disk_full(exc):
+                raise
+            size = run_state.checkpoint_bytes(self.algorithm)
+            last = checkpointing.latest_checkpoint(self.config.output_dir)
+            raise output_dir.disk_full_error(
+                self.config.output_dir, f"update {self.update}'s outputs", size["weights"] + size["optimizer"], last
+            ) from exc
+
+    def _train(self, resume_from: str | None) -> dict:
         cfg, acc = self.config, self.accelerator
         if resume_from:
             self.load_checkpoint(resume_from)
         started = time.time()
-        previous_handlers = self._install_signal_handlers()
+        self._signals = GracefulStop("finishing this update, then saving a checkpoint").install()
         if acc.is_main_process:
             self._open_logs()
         from tqdm.auto import tqdm
@@ -109,7 +122,7 @@ class Trainer:
                 status, metrics = self._run_updates(progress)
         finally:
             progress.close()
-            self._restore_signal_handlers(previous_handlers)
+            self._signals.restore()
         if status == "interrupted":
             path = self.save_checkpoint()
             logger.warning(
@@ -121,6 +134,7 @@ class Trainer:
             )
         else:
             self.save_model()
+        self._explain_kl(metrics)
         summary = self._summary(status, metrics, time.time() - started)
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
@@ -158,10 +172,20 @@ class Trainer:
         run_name = os.path.basename(os.path.abspath(cfg.output_dir))
         self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), self.update + 1, cfg.report_to, run_name,
                                     asdict(cfg))  # fmt: skip
-        s = self.schedule
+        self._log_plan()
+        if self.reward_check is not None and self.update == 0:
+            check = self.reward_check
+            self.writer.scalars(
+                {"reward_model/pairwise_accuracy": check.pairwise_accuracy, "reward_model/margin": check.margin}, 0
+            )
+
+    def _log_plan(self) -> None:
+        """The schedule, the size of what each checkpoint writes, and the bf16 hint for CPUs that have it."""
+        cfg, s = self.config, self.schedule
         logger.info(
             "%s: %d updates (%d per epoch), %d prompts x %d samples = %d episodes per update, %d optimizer steps "
-            "per update, %d warm-up updates, KL horizon %d episodes%s",
+            "per update; learning rate %s over the %d planned updates, %d warm-up steps; KL target %.3g, horizon "
+            "%d episodes%s",
             cfg.advantage_estimator,
             s.total_updates,
             s.updates_per_epoch,
@@ -169,15 +193,40 @@ class Trainer:
             cfg.samples_per_prompt,
             s.episodes_per_update,
             s.optimizer_steps_per_update,
-            s.warmup_updates,
+            cfg.lr_scheduler_type,
+            s.planned_updates,
+            s.warmup_steps,
+            cfg.target,
             s.kl_horizon,
             f"; resuming at update {self.update}" if self.update else "",
         )
-        if self.reward_check is not None and self.update == 0:
-            check = self.reward_check
-            self.writer.scalars(
-                {"reward_model/pairwise_accuracy": check.pairwise_accuracy, "reward_model/margin": check.margin}, 0
-            )
+        size = run_state.checkpoint_bytes(self.algorithm)
+        updates = range(self.update + 1, s.total_updates + 1)
+        checkpoints = sum(1 for u in updates if u % cfg.save_steps == 0 or u == s.total_updates)
+        logger.info(
+            "each checkpoint writes %s (models %s, optimizer state %s); checkpoints in this run: %d, at most %d kept "
+            "(--save-steps, --save-total-limit)",
+            _gigabytes(size["weights"] + size["optimizer"]),
+            _gigabytes(size["weights"]),
+            _gigabytes(size["optimizer"]),
+            checkpoints,
+            cfg.save_total_limit,
+        )
+        if self.accelerator.device.type == "cpu" and not cfg.bf16 and cpu_has_fast_bf16():
+            logger.info("this CPU computes bf16 natively: --bf16 makes each update about 1.7x cheaper")
+
+    def _explain_kl(self, metrics: dict) -> None:
+        """Say when the adaptive controller never acted: the KL stayed below its target all run."""
+        controller = self.algorithm.kl_controller
+        if getattr(controller, "engaged", True) or not metrics or not self.accelerator.is_main_process:
+            return
+        logger.info(
+            "the KL never reached its target %.3g (last update: %.3g nats), so the adaptive controller held the "
+            "coefficient at %.3g; lower --target to steer a run this short, or keep it: the penalty acted anyway",
+            controller.target,
+            metrics.get("kl_divergence", float("nan")),
+            controller.value,
+        )
 
     # ------------------------------------------------------------------ saving and resuming
     def save_model(self, target: str | None = None) -> None:
@@ -207,6 +256,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True when any process got SIGINT/SIGTERM, so that all processes stop after the same update."""
+        self._stop_signal = self._stop_signal or self._signals.signal_name
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
@@ -241,6 +291,7 @@ class Trainer:
         reward = self.algorithm.reward
         return {
             "status": status,
+            "stopped_by": self._stop_signal,
             "updates": self.update,
             "episodes": self.episodes,
             "schedule": asdict(self.schedule),
@@ -257,33 +308,16 @@ class Trainer:
             ],
             "reward_sources": [{"name": n, "weight": w} for n, w in zip(reward.names, reward.weights)],
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
-            "kl_coef": self.algorithm.kl_controller.value,
+            "kl_coef_next_update": self.algorithm.kl_controller.value,  # final_metrics' objective/kl_coef: the last
+            "kl_target_reached": getattr(self.algorithm.kl_controller, "engaged", None),
             "observed": self.observed,
             "environment": run_environment(),
             "num_processes": self.accelerator.num_processes,
         }
 
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            if self._stop_signal:
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-            logger.warning(
-                "%s received: finishing this update, then saving a checkpoint (again to stop now)", self._stop_signal
-            )
 
-        previous = {}
-        for sig in (signal.SIGINT, *termination_signals()):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not in the main thread
-                pass
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
 def _absolute(path: str) -> str:

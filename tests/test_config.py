@@ -73,8 +73,11 @@ def test_schedule_is_derived_in_one_place():
     assert sched.updates_per_epoch == 3
     assert sched.total_updates == 9
     assert sched.optimizer_steps_per_update == cfg.ppo_epochs * 2
-    assert sched.warmup_updates == 1
-    assert parse("--max-updates", "2").schedule(1000).total_updates == 2
+    assert sched.planned_updates == 9 and sched.planned_optimizer_steps == 9 * cfg.ppo_epochs * 2
+    assert sched.warmup_steps == 8  # ceil(0.1 x 72 optimizer steps): warm-up counts optimizer steps
+    short = parse("--max-updates", "2").schedule(1000)
+    assert short.total_updates == 2
+    assert short.planned_updates == 3 * (1000 // 64)  # the LR schedule follows the plan, not max_updates
 
 
 @pytest.mark.parametrize(
@@ -129,14 +132,14 @@ def test_lora_gets_its_own_learning_rate_unless_one_is_given():
     assert parse("--preset", "smoke", "--use-lora").learning_rate == 3e-3  # adapter on the output head: no 10x
 
 
-def test_kl_horizon_follows_the_run_length_unless_set():
-    cfg = parse()
-    schedule = cfg.schedule(10_000)
-    assert schedule.kl_horizon == round(schedule.total_updates * 64 / 40)  # 468 updates x 64 episodes / 40
+def test_kl_horizon_is_one_update_whatever_the_estimator_or_length_unless_set():
+    schedule = parse().schedule(10_000)
+    assert schedule.kl_horizon == 64  # one update's episodes: the coefficient moves at most 20% per update
     assert parse("--horizon", "10000").schedule(10_000).kl_horizon == 10_000
-    smoke = parse("--preset", "smoke").schedule(95)
-    assert smoke.kl_horizon == 40 * 16 // 40
-    assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 16  # same when resumed
+    grpo = parse("--advantage-estimator", "grpo", "--samples-per-prompt", "4").schedule(10_000)
+    assert grpo.kl_horizon == grpo.episodes_per_update == 4 * 64
+    assert parse("--preset", "smoke", "--max-updates", "4").schedule(95).kl_horizon == 16
+    assert parse("--total-episodes", "1000").schedule(10_000).kl_horizon == 64
 
 
 def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
@@ -154,7 +157,6 @@ def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
     assert cfg.mini_batch_size == 8  # 64 sequences / 8 mini-batches
     schedule = cfg.schedule(10_000)
     assert schedule.total_updates == 16  # ceil(1000 episodes / 64 per update), not 3 epochs
-    assert schedule.kl_horizon == 1000 // 40
 
 
 def test_trl_semantics_that_differ_are_fields_of_their_own():

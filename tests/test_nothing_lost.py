@@ -74,6 +74,20 @@ def _copy_run(run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- overwrite
+def test_user_files_with_names_like_our_temporary_ones_are_never_ours(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    names = [".tmp-mynotes.txt", ".trash-old", ".smolppo-staging", ".smolppo-trash-notes.txt", "checkpoint-x"]
+    for name in names:
+        (out / name).write_text("notes")
+    ours = [f"{output_dir.STAGING_PREFIX}final-123", f"{output_dir.TRASH_PREFIX}checkpoint-4-123-456"]
+    for name in ours:
+        (out / name).mkdir()
+    assert sorted(output_dir.foreign_entries(str(out))) == sorted(names)
+    output_dir.remove_leftovers(str(out))  # what every run does at start
+    assert sorted(os.listdir(out)) == sorted(names) and all((out / n).read_text() == "notes" for n in names)
+
+
 def test_overwrite_refuses_a_directory_with_a_user_file(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     (out / "notes.txt").write_text("mine")
@@ -90,7 +104,7 @@ def test_overwrite_replaces_our_own_run(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_summary.json").read_text())["updates"] == 2
     assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]  # the old run's checkpoints are gone
-    assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".trash-"))]
+    assert not [n for n in os.listdir(out) if n.startswith((output_dir.STAGING_PREFIX, output_dir.TRASH_PREFIX))]
 
 
 def test_overwrite_refuses_the_current_directory_a_parent_and_a_git_clone(tmp_path):
@@ -231,6 +245,34 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run
     load_file(out / "checkpoint-5" / "model.safetensors")
 
 
+def test_only_the_newest_checkpoint_keeps_the_optimizer_state(finished_run, tmp_path):
+    assert (finished_run / "checkpoint-4" / "optimizer.pt").is_file()
+    assert not (finished_run / "checkpoint-2" / "optimizer.pt").exists()  # --save-optimizer-state latest
+    state = json.loads((finished_run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["optimizer_state"] is False
+    out = _copy_run(finished_run, tmp_path)
+    branch = _train(out, "--resume-from-checkpoint", str(out / "checkpoint-2"), "--max-updates", "3",
+                    "--discard-newer-checkpoints")  # fmt: skip
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    assert "keeps weights only (its optimizer state was dropped): AdamW moments restart" in branch.stderr
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_all_checkpoints_keep_the_optimizer_state_when_asked_and_the_size_is_said(tmp_path, caplog):
+    from tests.conftest import make_smoke_trainer
+
+    out = tmp_path / "all"
+    trainer = make_smoke_trainer(out, "--max-updates", "4", "--save-steps", "2", "--save-total-limit", "5",
+                                 "--save-optimizer-state", "all", "--report-to", "none")  # fmt: skip
+    with caplog.at_level("INFO"):
+        trainer.train()
+    assert all((out / f"checkpoint-{n}" / "optimizer.pt").is_file() for n in (2, 4))
+    said = "each checkpoint writes 1.6 MB (models 0.5 MB, optimizer state 1.1 MB); checkpoints in this run: 2"
+    assert said in caplog.text
+    size = sum(f.stat().st_size for f in (out / "checkpoint-4").rglob("*") if f.is_file())
+    assert 1.5e6 < size < 1.8e6  # the estimate is what the checkpoint really holds
+
+
 @pytest.mark.soak
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
@@ -271,7 +313,7 @@ def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path):
                 assert len(os.listdir(run_dir / name / "shards")) == 3000, (attempt, name)
                 assert (run_dir / name / checkpointing.STATE_FILE).exists()
         output_dir.remove_leftovers(str(run_dir))
-        assert not [n for n in os.listdir(run_dir) if n.startswith(".trash-")]
+        assert not [n for n in os.listdir(run_dir) if n.startswith(output_dir.TRASH_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------- final outputs
@@ -326,7 +368,7 @@ def test_infinite_learning_rate_is_refused():
     from config import PPOConfig
     from smolppo.cli import parse_config
 
-    with pytest.raises(UserError, match="learning_rate must be a finite number"):
+    with pytest.raises(UserError, match="learning_rate must hold finite numbers"):
         parse_config(PPOConfig, ["--learning-rate", "inf"])
 
 
@@ -380,13 +422,23 @@ def test_empty_questions_and_too_few_rows_are_reported(tmp_path):
 
 @POSIX_ONLY
 def test_sigterm_before_training_stops_with_one_line(tmp_path):
+    """SIGTERM while the job is still assembling (here: importing a reward function that signals it got there and
+    then blocks) stops at once with one line and exit 143, as schedulers expect."""
+    ready = tmp_path / "importing"
+    module = tmp_path / "slow_reward.py"
+    module.write_text(
+        f"import pathlib, time\npathlib.Path({str(ready)!r}).write_text('x')\ntime.sleep(120)\n"
+        "def reward(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n"
+    )
     out = tmp_path / "run"
-    proc = _start(out, "--max-updates", "1")
-    time.sleep(1.0)  # still importing / loading
-    assert proc.poll() is None
+    proc = _start(out, "--max-updates", "1", "--reward-funcs", f"{module}:reward")
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
+    assert proc.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted:")
     assert not os.path.exists(out) or not checkpointing.list_checkpoints(str(out))
 

@@ -130,7 +130,8 @@ def test_ppo_checks_then_trains_against_it(trl_reward_model, tmp_path, smoke_pat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     check = _summary(out)["reward_model_check"]
-    assert check["pairwise_accuracy"] > 0.9 and check["num_pairs"] == 32 and check["margin"] > 0
+    # the 32 rows after the training rows, less the 2 whose prompt exceeds --max-prompt-length (128) as in training
+    assert check["pairwise_accuracy"] > 0.9 and check["num_pairs"] == 30 and check["margin"] > 0
     events = EventAccumulator(str(out / "logs"))
     events.Reload()
     assert events.Scalars("reward_model/pairwise_accuracy")[0].value == pytest.approx(check["pairwise_accuracy"])

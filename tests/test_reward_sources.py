@@ -91,9 +91,14 @@ def test_no_applicable_source_gives_zero(tmp_path, caplog):
     [
         ("def f(completions, **kw):\n    return [1.0]\n", "returned 1 values for 2 completions"),
         ("def f(completions, **kw):\n    raise KeyError('answer')\n", "raised KeyError: 'answer'"),
-        ("def f(completions, **kw):\n    return ['high', 'low']\n", "returned 'high'; each reward must be a number"),
+        ("def f(completions, **kw):\n    return ['high', 'low']\n", r"returned 'high' \(str\); each reward must be"),
+        ("def f(completions, **kw):\n    return ['0.5', '1']\n", r"returned '0.5' \(str\)"),
+        ("def f(completions, **kw):\n    return [True, False]\n", r"returned True \(bool\).*not bool or str"),
+        ("def f(completions, **kw):\n    return {0: 1.0, 1: 2.0}\n", "returned a dict for 2 completions"),
         ("def f(completions, **kw):\n    return [float('inf'), 0]\n", "rewards must be finite"),
-        ("def f(completions, **kw):\n    return 3\n", "returned a non-list"),
+        ("def f(completions, **kw):\n    return 3\n", "returned a int"),
+        ("def f(completions, **kw):\n    raise SystemExit(0)\n", "raised SystemExit: 0"),
+        ("def f(completions, **kw):\n    completions.clear()\n    return []\n", "returned 0 values for 2"),
     ],
 )
 def test_bad_function_output_is_one_line_naming_it(tmp_path, body, message):
@@ -109,11 +114,36 @@ def test_bad_function_output_is_one_line_naming_it(tmp_path, body, message):
         ("missing_file.py:f", "reward function file 'missing_file.py' does not exist"),
         ("examples.reward_functions:nope", "has no function 'nope'"),
         ("no_such_module_xyz:f", "could not import module 'no_such_module_xyz'"),
+        (":readable_text", "must name a file or module and a function"),
+        (".examples:readable_text", "a relative module cannot be imported.*examples:readable_text"),
     ],
 )
 def test_unloadable_function_is_one_line(spec, message):
     with pytest.raises(UserError, match=message):
         load_reward_function(spec)
+
+
+def test_functions_get_copies_of_their_inputs(tmp_path):
+    import numpy as np
+
+    path = write(
+        tmp_path,
+        """
+        def vandal(prompts, completions, question, **kw):
+            completions[0] = "changed"
+            question.clear()
+            return [1, np.float32(0.5)]
+        def reader(completions, question, **kw):
+            return [float(c == "red") + len(question) for c in completions]
+        import numpy as np
+    """,
+    )
+    reward = build_reward(None, [f"{path}:vandal", f"{path}:reader"], None)
+    total, parts = reward.score(BATCH)
+    assert_close(parts["vandal"], torch.tensor([1.0, 0.5]))
+    assert_close(parts["reader"], torch.tensor([3.0, 2.0]))  # saw "red" and both questions, untouched
+    assert BATCH.completions == ["red", "one two three"] and BATCH.rows[0]["question"] == "Name a colour"
+    assert np.isfinite(total.numpy()).all()
 
 
 def test_a_raising_function_stops_the_run_with_one_line(tmp_path, smoke_cache):

@@ -41,11 +41,22 @@ def _snapshot(directory):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def test_resume_continues_exactly(tmp_path):
+def _values(log_dir, tag):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [pytest.param([], marks=pytest.mark.soak), ["--lr-scheduler-type", "cosine", "--warmup-ratio", "0.1"]],
+    ids=["constant", "cosine-warmup"],  # the smoke preset's constant LR (soak), and cosine with warm-up
+)
+def test_resume_continues_exactly(tmp_path, schedule):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert _train(straight, "--max-updates", "8").returncode == 0
-    assert _train(halves, "--max-updates", "4").returncode == 0
-    result = _train(halves, "--max-updates", "8", "--resume-from-checkpoint", "latest")
+    assert _train(straight, "--max-updates", "8", *schedule).returncode == 0
+    assert _train(halves, "--max-updates", "4", *schedule).returncode == 0
+    result = _train(halves, "--max-updates", "8", "--resume-from-checkpoint", "latest", *schedule)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "at update 4" in result.stderr
     a, b = load_file(straight / "model.safetensors"), load_file(halves / "model.safetensors")
@@ -58,8 +69,13 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(va[key], vb[key], rtol=1e-5, atol=1e-6)
     sa, sb = (json.loads((d / "run_summary.json").read_text()) for d in (straight, halves))
     assert (sa["updates"], sa["episodes"]) == (sb["updates"], sb["episodes"]) == (8, 128)
-    assert sa["kl_coef"] == pytest.approx(sb["kl_coef"])
+    assert sa["kl_coef_next_update"] == pytest.approx(sb["kl_coef_next_update"])
     assert _steps(halves / "logs") == list(range(1, 9))  # TensorBoard steps continue, no restart
+    for tag in ("learning_rate", "rewards/mean", "kl_divergence"):  # the LR schedule follows the plan, not the stop
+        assert _values(halves / "logs", tag) == pytest.approx(_values(straight / "logs", tag), rel=1e-5, abs=1e-6)
+    if schedule:
+        rates = _values(straight / "logs", "learning_rate")
+        assert 0 < rates[0] < rates[3] and len(set(rates)) == 8  # warming up from above zero, then decaying
 
 
 # ---------------------------------------------------------------------------------------------- interruption
@@ -96,7 +112,7 @@ def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, sig):
     _wait_for_training(out, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
+    assert proc.returncode == 128 + sig, stderr[-2000:]  # 130 for SIGINT, 143 for SIGTERM
     assert "Traceback" not in stderr and "--resume-from-checkpoint latest" in stderr
     checkpoints = checkpointing.list_checkpoints(str(out))
     assert len(checkpoints) == 1
@@ -166,7 +182,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
     assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("checkpoint-5")
     assert not (tmp_path / "checkpoint-10").exists()
     output_dir.remove_leftovers(str(tmp_path))
-    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(output_dir.STAGING_PREFIX) for p in tmp_path.iterdir())
     checkpointing.save_checkpoint(str(tmp_path), 15, write, save_total_limit=1)
     assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [15]
 

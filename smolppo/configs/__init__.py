@@ -11,7 +11,7 @@ import os
 from smolppo.configs.evaluate import EvalConfig
 from smolppo.configs.parts import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_POLICY_MODEL, DEFAULT_REWARD_MODEL
 from smolppo.configs.plot import PlotConfig
-from smolppo.configs.ppo import ADVANTAGE_ESTIMATORS, KL_HORIZON_FRACTION, PPOConfig, Schedule
+from smolppo.configs.ppo import ADVANTAGE_ESTIMATORS, KL_HORIZON_UPDATES, PPOConfig, Schedule
 from smolppo.configs.reward import RewardModelConfig
 from smolppo.paths import REPO_DIR
 
@@ -23,7 +23,7 @@ __all__ = [
     "DEFAULT_NUM_SAMPLES",
     "DEFAULT_POLICY_MODEL",
     "DEFAULT_REWARD_MODEL",
-    "KL_HORIZON_FRACTION",
+    "KL_HORIZON_UPDATES",
     "RECIPES_DIR",
     "EvalConfig",
     "PPOConfig",

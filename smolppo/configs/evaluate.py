@@ -69,6 +69,10 @@ class EvalConfig(ConfigBase):
         default=None, metadata=_help("JSON output path; default: evaluation.json in the first model's directory.")
     )
     device: Optional[str] = field(default=None, metadata=_help("cpu or cuda; default: cuda when available."))
+    bf16: bool = field(
+        default=False,
+        metadata=_help("bf16 autocast for generation and scoring (fast on recent GPUs and on CPUs with AVX512-BF16)."),
+    )
 
     def _check_eval(self) -> None:
         check_positive(self, "num_prompts", "max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples")

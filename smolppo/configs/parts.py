@@ -25,8 +25,10 @@ def check_finite(cfg) -> None:
     """Every float setting must be a real number: inf and nan pass `> 0` checks but wreck training."""
     for name in cfg.__dataclass_fields__:
         value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{name} must hold finite numbers, got {value}")
 
 
 def check_positive(cfg, *names: str) -> None:
@@ -173,6 +175,8 @@ class OptimizerFields:
 
     def _check_optimizer(self) -> None:
         check_positive(self, "num_train_epochs")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         check_probability(self, "warmup_ratio", high_open=True)
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")

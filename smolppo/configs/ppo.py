@@ -29,7 +29,7 @@ from smolppo.configs.parts import (
     check_probability,
 )
 
-KL_HORIZON_FRACTION = 40  # default horizon = the episodes of num_train_epochs / this
+KL_HORIZON_UPDATES = 1  # default horizon = this many updates' episodes: at most +-20% per update, any estimator
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
 NO_REWARD_MODEL = "none"
@@ -106,6 +106,12 @@ class RewardFields:
             raise ValueError(f"reward_check_pairs must be an integer >= 0, got {self.reward_check_pairs!r}")
         if self.min_reward_accuracy is not None:
             check_probability(self, "min_reward_accuracy")
+            if not self.reward_check_pairs or not self.uses_reward_model:
+                why = "reward_check_pairs is 0" if self.uses_reward_model else "there is no reward model"
+                raise ValueError(
+                    f"min_reward_accuracy {self.min_reward_accuracy} cannot be checked: {why}; drop it or let the "
+                    "reward model be checked (--reward-check-pairs N)"
+                )
         if self.missing_eos_score is not None and self.missing_eos_penalty is not None:
             raise ValueError(
                 "set missing_eos_score (replaces the reward) or missing_eos_penalty (subtracted), not both"
@@ -150,8 +156,8 @@ class AlgorithmFields:
     horizon: Optional[int] = field(
         default=None,
         metadata=_help(
-            "Adaptive KL horizon, in episodes. Default: the episodes of num_train_epochs / 40, so the coefficient "
-            "can move up to e^8 over a run, 0.2 x 40 / updates per update (a fixed 10000: only ~2x per run)."
+            "Adaptive KL horizon, in episodes (trl's unit). Default: one update's episodes, so the coefficient moves "
+            "by at most 20%% per update whatever the estimator, batch or run length (trl's fixed 10000: ~2x per run)."
         ),
     )
     kl_estimator: str = field(
@@ -258,6 +264,13 @@ class PPOConfig(
         default=False,
         metadata=_help("On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json)."),
     )
+    save_optimizer_state: str = field(
+        default="latest",
+        metadata=_help(
+            "Which kept checkpoints hold the AdamW state (2/3 of a full fine-tune's checkpoint): 'latest' (the one "
+            "resume picks; older kept ones keep weights only and resume with fresh moments) or 'all'."
+        ),
+    )
     discard_newer_checkpoints: bool = field(
         default=False, metadata=_help("Resume from an older checkpoint and delete the checkpoints after it.")
     )
@@ -347,6 +360,8 @@ class PPOConfig(
                 "actually sampled, and nucleus truncation changes it per step. Keep rollout_top_p=1.0 (use "
                 "temperature to sharpen sampling); evaluate_generations.py has its own top_p"
             )
+        if self.save_optimizer_state not in ("latest", "all"):
+            raise ValueError(f"save_optimizer_state must be 'latest' or 'all', got {self.save_optimizer_state!r}")
         if self.value_model and not self.uses_value_model:
             raise ValueError(
                 f"value_model is set but advantage_estimator {self.advantage_estimator} has no value model; drop "
@@ -363,24 +378,21 @@ class PPOConfig(
                 f"(rollout_batch_size x processes); lower rollout_batch_size or use more data"
             )
         episodes_per_update = global_batch * self.samples_per_prompt
-        total = updates_per_epoch * self.num_train_epochs
+        planned = updates_per_epoch * self.num_train_epochs
         if self.total_episodes is not None:  # trl's length: the prompt order simply continues into more epochs
-            total = math.ceil(self.total_episodes / episodes_per_update)
-        if self.max_updates is not None:
-            total = min(total, self.max_updates)
+            planned = math.ceil(self.total_episodes / episodes_per_update)
+        total = planned if self.max_updates is None else min(planned, self.max_updates)
         minibatches = self.rollout_batch_size * self.samples_per_prompt // self.mini_batch_size
-        planned = (  # not max_updates: the same on resume
-            self.total_episodes or updates_per_epoch * self.num_train_epochs * episodes_per_update
-        )
-        horizon = self.horizon or max(1, round(planned / KL_HORIZON_FRACTION))
+        steps_per_update = self.ppo_epochs * minibatches
         return Schedule(
-            kl_horizon=horizon,
+            kl_horizon=self.horizon or KL_HORIZON_UPDATES * episodes_per_update,
             global_rollout_batch=global_batch,
             episodes_per_update=episodes_per_update,
             updates_per_epoch=updates_per_epoch,
             total_updates=total,
-            optimizer_steps_per_update=self.ppo_epochs * minibatches,
-            warmup_updates=math.ceil(self.warmup_ratio * total),
+            planned_updates=planned,
+            optimizer_steps_per_update=steps_per_update,
+            warmup_steps=math.ceil(self.warmup_ratio * planned * steps_per_update),
         )
 
 
@@ -392,6 +404,11 @@ class Schedule:
     global_rollout_batch: int  # prompts per update, all processes
     episodes_per_update: int  # sequences per update, all processes
     updates_per_epoch: int
-    total_updates: int
+    total_updates: int  # where this run stops (max_updates applies)
+    planned_updates: int  # the planned run (epochs or total_episodes): the LR schedule's length, same on resume
     optimizer_steps_per_update: int
-    warmup_updates: int
+    warmup_steps: int  # optimizer steps of learning-rate warm-up
+
+    @property
+    def planned_optimizer_steps(self) -> int:
+        return self.planned_updates * self.optimizer_steps_per_update

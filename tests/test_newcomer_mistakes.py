@@ -1,0 +1,180 @@
+"""Round 3 of "nothing lost": the mistakes a newcomer makes with the newer features, each one line that names the
+cause and the fix (in-process where the process boundary adds nothing), and the disk-full case on a real full
+filesystem (soak)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from smolppo import checkpointing, output_dir
+from smolppo.cli import parse_config
+from smolppo.configs import PPOConfig
+from smolppo.errors import UserError
+from smolppo.models import load_causal_lm, resolve_model_path
+from smolppo.pipeline import held_out_pairs
+from smolppo.rewards import RewardReader, check_reward_model
+from tests.conftest import REPO, run_script
+
+
+def parse(*args):
+    return parse_config(PPOConfig, list(args), recipes="train_ppo")
+
+
+def yaml_file(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def test_an_alias_and_its_field_together_in_yaml_is_one_line(tmp_path):
+    path = yaml_file(tmp_path, "use_peft: true\nuse_lora: false\n")
+    with pytest.raises(UserError, match=r"sets use_lora twice \('use_peft' and 'use_lora'"):
+        parse("--config", path)
+
+
+def test_a_preset_inside_a_yaml_works_like_the_flag(tmp_path):
+    cfg = parse("--config", yaml_file(tmp_path, "preset: smoke\nmax_updates: 3\n"))
+    assert (cfg.policy_model, cfg.max_new_tokens, cfg.max_updates) == ("smoke:policy", 12, 3)
+    flag = parse("--preset", "smoke", "--config", yaml_file(tmp_path, "max_new_tokens: 20\n"))
+    assert flag.max_new_tokens == 20  # the YAML still wins over the preset
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        parse("--config", yaml_file(tmp_path, "preset: nope\n"))
+
+
+FUNC = ["--reward-funcs", "examples/reward_functions.py:readable_text"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--min-reward-accuracy", "0.999", "--reward-check-pairs", "0"],
+            "cannot be checked: reward_check_pairs is 0",
+        ),
+        (["--min-reward-accuracy", "0.9", "--reward-model", "none", *FUNC], "cannot be checked: there is no reward"),
+        (["--reward-model", "none", *FUNC, "--reward-weights", "nan"], "reward_weights must hold finite numbers"),
+        (["--reward-weights", "1", "inf", *FUNC], "reward_weights must hold finite numbers"),
+        (["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*32\)"),
+    ],
+)
+def test_settings_that_cannot_work_are_one_line(args, message):
+    with pytest.raises(UserError, match=message):
+        parse(*args)
+
+
+def test_a_scalar_for_a_list_in_yaml_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"reward_weights must be a list, e.g. reward_weights: \[10\]"):
+        parse("--config", yaml_file(tmp_path, "reward_weights: 10\n"))
+
+
+def test_a_broken_reward_template_is_one_line(smoke_paths, tokenizer):
+    from smolppo.models import load_sequence_classifier
+
+    model = load_sequence_classifier(smoke_paths["reward"])
+    with pytest.raises(UserError, match="--reward-template is not a valid Jinja template"):
+        RewardReader(model, tokenizer, "{% for m in messages %}{{ m.content ")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _checkpoint(tmp_path, **config):
+    path = tmp_path / "checkpoint-2"
+    path.mkdir()
+    (path / checkpointing.STATE_FILE).write_text(json.dumps({"update": 2, "config": config}))
+    return str(path)
+
+
+def test_switching_estimator_on_resume_names_the_switch_not_damage(tmp_path):
+    path = _checkpoint(tmp_path, advantage_estimator="grpo")
+    with pytest.raises(UserError) as info:
+        checkpointing.check_resume_config(path, {"advantage_estimator": "gae"}, allow_changes=True)
+    assert "(advantage_estimator grpo) as gae" in str(info.value) and "checkpoint itself is fine" in str(info.value)
+    assert "damaged" not in str(info.value)
+    # grpo -> rloo keeps the same models: an allowed change
+    assert checkpointing.check_resume_config(path, {"advantage_estimator": "rloo"}, allow_changes=True)
+
+
+def test_a_reward_function_by_absolute_or_relative_path_is_the_same_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    relative = "examples/reward_functions.py:readable_text"
+    absolute = os.path.join(REPO, "examples", "reward_functions.py") + ":readable_text"
+    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [absolute]}) == []
+    other = os.path.join(REPO, "examples", "other.py") + ":readable_text"
+    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [other]})
+
+
+# ---------------------------------------------------------------------------------------------- damaged models
+def test_a_truncated_weights_file_in_a_local_policy_is_named(smoke_paths, tmp_path):
+    policy = tmp_path / "policy"
+    shutil.copytree(smoke_paths["policy"], policy)
+    weights = policy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(UserError) as info:
+        load_causal_lm(str(policy))
+    message = str(info.value)
+    assert "model.safetensors is damaged or truncated" in message and "local directory" not in message
+
+
+def test_a_half_written_model_folder_is_one_line(smoke_paths, tmp_path):
+    half = tmp_path / "rm"
+    shutil.copytree(smoke_paths["reward"], half)
+    (half / "config.json").unlink()
+    with pytest.raises(UserError, match=r"holds no model \(no config.json or adapter_config.json: an interrupted"):
+        resolve_model_path(str(half), "reward-model")
+
+
+# ---------------------------------------------------------------------------------------------- the reward check
+def test_held_out_pairs_longer_than_the_prompt_limit_are_never_scored(tokenizer):
+    cfg = parse("--preset", "smoke", "--num-samples", "1", "--reward-check-pairs", "8")
+    rows = [{"system": "", "question": "q", "chosen": "a", "rejected": "b"}] * 2
+    rows += [{"system": "", "question": "long " * 50_000, "chosen": "a", "rejected": "b"}] * 3
+    rows += [{"system": "", "question": "q", "chosen": "word " * 5000, "rejected": "b"}]
+    rows += [{"system": "", "question": "fine", "chosen": "yes", "rejected": "no"}]
+    assert held_out_pairs(cfg, rows, tokenizer) == [rows[1], rows[-1]]
+
+
+def test_a_minimum_accuracy_without_pairs_to_check_is_one_line(smoke_paths, tokenizer):
+    from smolppo.models import load_sequence_classifier
+
+    reader = RewardReader(load_sequence_classifier(smoke_paths["reward"]), tokenizer)
+    with pytest.raises(UserError, match="--min-reward-accuracy 0.9 cannot be checked"):
+        check_reward_model(reader, [], 0.9)
+    assert check_reward_model(reader, [], None) is None
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+def _mount_tmpfs(path, size):
+    path.mkdir(exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (root on Linux)")
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "2700k"):  # room for one smoke checkpoint (1.6 MB) and the logs, not for two
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = disk / "run"
+        result = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), "--max-updates", "4",
+                            "--save-steps", "2", "--save-total-limit", "2", "--report-to", "none")  # fmt: skip
+        assert result.returncode == 4, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left on the device of {str(out)!r}"), last
+        assert "needs about 0.00 GB free" in last and "checkpoint-2) is intact" in last, last
+        assert "Traceback" not in result.stderr
+        assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]
+        assert not [n for n in os.listdir(out) if n.startswith(output_dir.STAGING_PREFIX)]  # its space was freed
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), "--max-updates", "4",
+                             "--save-steps", "2", "--save-total-limit", "2", "--report-to", "none",
+                             "--resume-from-checkpoint", "latest")  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert json.loads((out / "run_summary.json").read_text())["updates"] == 4
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
