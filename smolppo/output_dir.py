@@ -216,6 +216,10 @@ def free_bytes(directory: str) -> int:
     return shutil.disk_usage(probe).free
 
 
+def human_bytes(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
 def disk_full_error(directory: str, what: str, needed: int, last_checkpoint: str | None) -> UserError:
     kept = (
         f"the last checkpoint ({os.path.basename(last_checkpoint)}) is intact"
@@ -223,8 +227,8 @@ def disk_full_error(directory: str, what: str, needed: int, last_checkpoint: str
         else "nothing was lost"
     )
     return UserError(
-        f"no space left on the device of {directory!r} while writing {what}: it needs about {needed / 1e9:.2f} GB "
-        f"free, {free_bytes(directory) / 1e9:.2f} GB are; {kept}. Free some space, then resume with "
+        f"no space left on the device of {directory!r} while writing {what}: it needs about {human_bytes(needed)} "
+        f"free, {human_bytes(free_bytes(directory))} are; {kept}. Free some space, then resume with "
         "--resume-from-checkpoint latest",
         exit_code=4,
     )

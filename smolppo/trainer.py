@@ -91,12 +91,17 @@ class Trainer:
         try:
             return self._train(resume_from)
         except Exception as exc:
-            if not output_dir.is_disk_full(exc):
-                raise
             size = run_state.checkpoint_bytes(self.algorithm)
+            needed = size["weights"] + size["optimizer"]
+            # torch.save reports a short write on a full disk as "unexpected pos": judge by the space left too
+            short_of_space = (
+                isinstance(exc, (OSError, RuntimeError)) and output_dir.free_bytes(self.config.output_dir) < needed
+            )
+            if not (output_dir.is_disk_full(exc) or short_of_space):
+                raise
             last = checkpointing.latest_checkpoint(self.config.output_dir)
             raise output_dir.disk_full_error(
-                self.config.output_dir, f"update {self.update}'s outputs", size["weights"] + size["optimizer"], last
+                self.config.output_dir, f"update {self.update}'s outputs", needed, last
             ) from exc
 
     def _train(self, resume_from: str | None) -> dict:
@@ -206,9 +211,9 @@ class Trainer:
         logger.info(
             "each checkpoint writes %s (models %s, optimizer state %s); checkpoints in this run: %d, at most %d kept "
             "(--save-steps, --save-total-limit)",
-            _gigabytes(size["weights"] + size["optimizer"]),
-            _gigabytes(size["weights"]),
-            _gigabytes(size["optimizer"]),
+            output_dir.human_bytes(size["weights"] + size["optimizer"]),
+            output_dir.human_bytes(size["weights"]),
+            output_dir.human_bytes(size["optimizer"]),
             checkpoints,
             cfg.save_total_limit,
         )
@@ -314,10 +319,6 @@ class Trainer:
             "environment": run_environment(),
             "num_processes": self.accelerator.num_processes,
         }
-
-
-def _gigabytes(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
 def _absolute(path: str) -> str:

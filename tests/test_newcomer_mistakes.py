@@ -166,7 +166,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         assert result.returncode == 4, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: no space left on the device of {str(out)!r}"), last
-        assert "needs about 0.00 GB free" in last and "checkpoint-2) is intact" in last, last
+        assert "needs about 1.6 MB free" in last and "checkpoint-2) is intact" in last, last
         assert "Traceback" not in result.stderr
         assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]
         assert not [n for n in os.listdir(out) if n.startswith(output_dir.STAGING_PREFIX)]  # its space was freed

