@@ -146,6 +146,38 @@ def test_a_minimum_accuracy_without_pairs_to_check_is_one_line(smoke_paths, toke
     assert check_reward_model(reader, [], None) is None
 
 
+# ---------------------------------------------------------------------------------------------- reports and order
+def test_a_report_write_that_fails_leaves_the_previous_report(tmp_path):
+    report = tmp_path / "evaluation.json"
+    report.write_text('{"old": true}')
+
+    def dies_half_way(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"new": ')
+        raise KeyboardInterrupt  # what a kill between the two writes would leave
+
+    with pytest.raises(KeyboardInterrupt):
+        output_dir.write_atomically(str(report), dies_half_way)
+    assert json.loads(report.read_text()) == {"old": True} and os.listdir(tmp_path) == ["evaluation.json"]
+    output_dir.write_json_atomically(str(report), {"new": 1})
+    assert json.loads(report.read_text()) == {"new": 1}
+
+
+def test_a_missing_local_reward_model_fails_before_the_hub_is_asked(tmp_path):
+    from smolppo.models import load_ppo_models
+
+    cfg = parse("--output-dir", str(tmp_path), "--reward-model", str(tmp_path / "no_rm"))
+    with pytest.raises(UserError, match=r"reward model '.*no_rm' does not exist"):
+        load_ppo_models(cfg)  # the default policy is a hub id: it would be asked for first otherwise
+
+
+def test_an_evaluation_seed_out_of_range_is_one_line():
+    from smolppo.configs import EvalConfig
+
+    with pytest.raises(UserError, match="seed must be an integer"):
+        parse_config(EvalConfig, ["--seed", "-3"])
+
+
 # ---------------------------------------------------------------------------------------------- a full disk
 def _mount_tmpfs(path, size):
     path.mkdir(exist_ok=True)

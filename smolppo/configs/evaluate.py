@@ -81,6 +81,8 @@ class EvalConfig(ConfigBase):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         check_probability(self, "top_p", low_open=True)
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.skip_rows is not None and self.skip_rows < 0:
             raise ValueError(f"skip_rows must be >= 0, got {self.skip_rows}")
         if not self.model_path:
