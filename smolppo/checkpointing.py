@@ -135,15 +135,21 @@ def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
     for name in [weights, *required]:
         if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
             return f"{name} is missing"
-        if name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                with safe_open(os.path.join(path, name), framework="pt") as f:
-                    f.keys()
-            except Exception:  # noqa: BLE001 - any parse failure means a damaged file
-                return f"{name} is damaged"
+        if name.endswith(".safetensors") and not safetensors_readable(os.path.join(path, name)):
+            return f"{name} is damaged"
     return None
+
+
+def safetensors_readable(path: str) -> bool:
+    """True when the safetensors file's header parses (a truncated or overwritten file does not)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception:  # noqa: BLE001 - any parse failure means a damaged file
+        return False
+    return True
 
 
 def resolve_resume(output_dir: str, resume_from: str, needs_optimizer: bool = True) -> str:
@@ -184,11 +190,13 @@ def _comparable(key: str, value):
     """A setting as compared on resume: reward-function files by absolute path (a relative and an absolute path to
     the same file are the same setting)."""
     if key == "reward_funcs" and isinstance(value, list):
+        from smolppo.reward_sources import reward_function_file
+
         out = []
         for spec in value:
             target, sep, name = str(spec).rpartition(":")
-            is_file = target.endswith(".py") or "/" in target or os.sep in target
-            out.append(f"{os.path.abspath(os.path.expanduser(target))}{sep}{name}" if is_file else spec)
+            path = reward_function_file(target)
+            out.append(f"{path}{sep}{name}" if path else spec)
         return out
     return value
 

@@ -52,16 +52,10 @@ MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
 
 def damaged_weights(directory: str) -> str | None:
     """The first ``*.safetensors`` file in `directory` whose header cannot be read, or None."""
-    from safetensors import safe_open
+    from smolppo.checkpointing import safetensors_readable
 
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(directory, name), framework="pt") as f:
-                    f.keys()
-            except Exception:  # noqa: BLE001 - any parse failure means a damaged file
-                return name
-    return None
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    return next((n for n in names if not safetensors_readable(os.path.join(directory, n))), None)
 
 
 def _load(loader, path: str, flag: str, **kwargs):

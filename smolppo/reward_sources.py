@@ -107,6 +107,14 @@ def real_number(value) -> float | None:
     return float(value)
 
 
+def reward_function_file(target: str) -> str | None:
+    """The absolute path a ``--reward-funcs`` target names when it is a file (``x.py`` or a path), else None (a
+    module name)."""
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return os.path.abspath(os.path.expanduser(target))
+    return None
+
+
 def load_reward_function(spec: str):
     """The callable named by ``path/to/file.py:name`` or ``package.module:name`` (one line when missing)."""
     target, _, name = spec.rpartition(":")
@@ -114,8 +122,8 @@ def load_reward_function(spec: str):
         raise UserError(
             f"--reward-funcs {spec!r} must name a file or module and a function: file.py:name or module:name"
         )
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        path = os.path.abspath(os.path.expanduser(target))
+    path = reward_function_file(target)
+    if path:
         if not os.path.isfile(path):
             raise UserError(
                 f"reward function file {target!r} does not exist; pass --reward-funcs path/to/file.py:name"
