@@ -26,7 +26,15 @@ from torch import nn
 from smolppo import ppo_math
 from smolppo.data import PromptSet
 from smolppo.experience import Experience, MicroBatchLoss, PolicyAndValue
-from smolppo.models import enable_gradient_checkpointing, eos_token_ids, eval_mode, reference_context
+from smolppo.models import (
+    attention_for,
+    enable_gradient_checkpointing,
+    eos_token_ids,
+    eval_mode,
+    reference_context,
+    set_attention,
+    store_body_linears_in_bf16,
+)
 from smolppo.reward_sources import CombinedReward, RewardBatch
 from smolppo.rollout import (
     Rollout,
@@ -102,9 +110,13 @@ class Algorithm:
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        if reward.reader is not None:
-            reward.reader.model.to(acc.device)
-        self.ref_policy = ref_policy.to(acc.device).eval().requires_grad_(False) if ref_policy is not None else None
+        frozen = [m for m in (ref_policy, reward.reader.model if reward.reader is not None else None) if m is not None]
+        for frozen_model in frozen:
+            frozen_model.to(acc.device).eval().requires_grad_(False)
+            if config.bf16:
+                store_body_linears_in_bf16(frozen_model)
+        set_attention(attention_for(config.attn_implementation, acc.device), policy, value_model, *frozen)
+        self.ref_policy = ref_policy
         if config.adaptive_kl:
             self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, schedule.kl_horizon)
         else:

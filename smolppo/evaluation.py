@@ -20,14 +20,21 @@ from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD
 from smolppo.configs.ppo import names_a_reward_model
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
-from smolppo.models import eos_token_ids, load_causal_lm, load_reward_reader, load_tokenizer, resolve_model_path
+from smolppo.models import (
+    attention_for,
+    eos_token_ids,
+    load_causal_lm,
+    load_reward_reader,
+    load_tokenizer,
+    resolve_model_path,
+    set_attention,
+    store_body_linears_in_bf16,
+)
 from smolppo.paths import looks_like_local_path
 from smolppo.reward_sources import CombinedReward, RewardBatch, build_reward
 from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
 logger = logging.getLogger(__name__)
-
-RANKS = ("BEST", "MEDIUM", "WORST", "TIE")
 
 
 # ---------------------------------------------------------------------- pure statistics
@@ -183,6 +190,17 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
     return model, load_tokenizer(tokenizer_dir, "model-path"), path
 
 
+def prepare_for_inference(model, device, bf16: bool) -> None:
+    """The attention kernel that is fastest on `device`; body weights stored in bf16 under bf16 (bit-identical
+    under autocast, see `store_body_linears_in_bf16`; evaluation never saves a model). The LM head keeps requiring
+    grad, so autocast casts it once per generation instead of once per token."""
+    if model is None:
+        return
+    set_attention(attention_for("auto", device), model)
+    if bf16:
+        store_body_linears_in_bf16(model)
+
+
 # ---------------------------------------------------------------------- generation and scoring
 def load_eval_reward(plan: EvalPlan, tokenizer, batch_size: int, device) -> CombinedReward:
     """The reward model (unless 'none') and the reward functions of the plan, weighted as in training."""
@@ -211,8 +229,9 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
     texts: list[list[str]] = [[] for _ in prompts]
     torch.manual_seed(cfg.seed)
     bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not progress)
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less left padding per batch
     for start in range(0, len(prompts), per_batch):
-        group = list(range(start, min(start + per_batch, len(prompts))))
+        group = by_length[start : start + per_batch]
         batch = [prompt_ids[i] for i in group for _ in range(n)]
         rollout = generate_rollout(model, batch, tokenizer, eos_ids, gen_config)
         responses = response_texts(tokenizer, rollout)
@@ -270,6 +289,8 @@ def evaluate(cfg) -> dict:
         model, tokenizer, path = load_policy_for_eval(name, device)
         if reward is None:
             reward = load_eval_reward(plan, tokenizer, cfg.batch_size, device)
+            prepare_for_inference(reward.reader.model if reward.reader else None, device, cfg.bf16)
+        prepare_for_inference(model, device, cfg.bf16)
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)

@@ -85,6 +85,7 @@ def test_schedule_is_derived_in_one_place():
     [
         (["--learning-rate", "0"], "learning_rate must be > 0"),
         (["--advantage-estimator", "ppo2"], "advantage_estimator must be one of gae, grpo, rloo, reinforce_pp"),
+        (["--attn-implementation", "flash"], "attn_implementation must be one of auto, eager, sdpa"),
         (["--advantage-estimator", "grpo"], "set --samples-per-prompt to 2 or more"),
         (["--reward-model", "none"], "no --reward-funcs were given"),
         (["--reward-funcs", "r.py:f", "--reward-weights", "1"], "reward_weights has 1 values for 2 reward sources"),

@@ -146,3 +146,55 @@ def test_trimming_padding_columns_changes_no_real_output(smoke_paths, tokenizer)
         expected = response_logprobs(policy, sub, 0.7)
         got = pad_response_width(response_logprobs(policy, trimmed, 0.7), sub.responses.shape[1])
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- speed levers that must change no number
+def test_frozen_body_in_bf16_is_bit_identical_under_autocast(smoke_paths, tokenizer):
+    """`store_body_linears_in_bf16` only pre-does autocast's own cast: reference log-probs and reward-model scores
+    are bit-identical, the body's Linear weights are bf16, embeddings / LM head / score head stay fp32."""
+    import copy
+
+    from smolppo.models import store_body_linears_in_bf16
+    from smolppo.rewards import RewardReader
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=EOS)
+    rollout = build_rollout(prompt_ids, prompt_mask, torch.randint(3, 90, (2, 6)), [EOS], pad_id=EOS)
+    classifier = load_sequence_classifier(smoke_paths["reward"]).eval()
+    conversations, completions = [("", "What is 2+2?"), ("be brief", "Name a colour.")], ["Four.", "Blue, I think."]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = response_logprobs(policy, rollout, 0.7)
+        scores_before = RewardReader(classifier, tokenizer).score(conversations, completions)
+        frozen_policy = copy.deepcopy(policy).requires_grad_(False)
+        frozen_reward = copy.deepcopy(classifier).requires_grad_(False)
+        for model in (frozen_policy, frozen_reward):
+            store_body_linears_in_bf16(model)
+        after = response_logprobs(frozen_policy, rollout, 0.7)
+        scores_after = RewardReader(frozen_reward, tokenizer).score(conversations, completions)
+    assert torch.equal(before, after)
+    assert torch.equal(scores_before, scores_after)
+    assert frozen_policy.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert frozen_policy.get_input_embeddings().weight.dtype == torch.float32
+    assert frozen_policy.get_output_embeddings().weight.dtype == torch.float32
+    assert frozen_reward.score.weight.dtype == torch.float32
+    assert frozen_reward.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_eager_attention_matches_sdpa_to_float_rounding(smoke_paths):
+    """The CPU default (eager) computes what SDPA computes, left padding included."""
+    from smolppo.models import attention_for, set_attention
+
+    assert attention_for("auto", "cpu") == "eager"
+    assert attention_for("auto", "cuda") is None  # the model's own (SDPA) on GPUs
+    assert attention_for("sdpa", "cpu") == "sdpa"
+    policy = load_causal_lm(smoke_paths["policy"]).eval()
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13]], pad_id=EOS)
+    rollout = build_rollout(prompt_ids, prompt_mask, torch.randint(3, 90, (2, 5)), [EOS], pad_id=EOS)
+    with torch.no_grad():
+        set_attention("sdpa", policy)
+        sdpa = response_logprobs(policy, rollout, 1.0)
+        set_attention("eager", policy)
+        eager = response_logprobs(policy, rollout, 1.0)
+    assert policy.config._attn_implementation == "eager"
+    assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)

@@ -47,6 +47,7 @@ def check_probability(cfg, name: str, low_open: bool = False, high_open: bool = 
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+ATTENTION_CHOICES = ("auto", "eager", "sdpa")
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -133,6 +134,19 @@ class PrecisionFields:
     gradient_checkpointing: bool = field(
         default=True, metadata=_help("Recompute activations in backward to save memory (--no-gradient-checkpointing).")
     )
+    attn_implementation: str = field(
+        default="auto",
+        metadata=_help(
+            "Attention kernel: auto (eager on CPU, where it measured faster than SDPA; the model's own elsewhere), "
+            "eager or sdpa."
+        ),
+    )
+
+    def _check_precision(self) -> None:
+        if self.attn_implementation not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attn_implementation!r}"
+            )
 
 
 @dataclass
