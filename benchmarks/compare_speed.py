@@ -3,7 +3,7 @@
     python -m smolppo.real_model .real_model          # the real weights, once (see docs/PERFORMANCE.md)
     python benchmarks/real_learning.py --stages model task reward    # the real-task reward model, once
     python benchmarks/compare_trl12.py setup           # .venv-trl12 with trl 1.12 (PPO), once
-    python benchmarks/compare_speed.py --rounds 2 --updates 3        # writes .speed_compare/results.json
+    python benchmarks/compare_speed.py --rounds 2 --updates 2   # .speed_compare/results-ours-auto.json
 
 Identical work on both sides: the same prompts (the real task's first prompts, rendered with the model's chat
 template), 32-token responses with EOS suppressed (``min_new_tokens``, the same logits processor on both sides),
@@ -106,6 +106,7 @@ def task_rows(count: int) -> list[dict]:
 
 
 def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -> dict:
+    attention = os.environ.get("SPEED_OURS_ATTENTION", "auto")
     from smolppo.configs import PPOConfig
     from smolppo.pipeline import build_ppo_trainer
 
@@ -122,6 +123,7 @@ def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -
         per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=RESPONSE_LENGTH, temperature=0.7,
         adaptive_kl=False, init_kl_coef=KL_COEF, kl_in_loss=grpo, gradient_checkpointing=False, bf16=bf16,
         reward_check_pairs=0, learning_rate=1e-6, num_logged_samples=0, max_updates=updates + 1, seed=0,
+        attn_implementation=attention,
     )  # fmt: skip
     trainer = build_ppo_trainer(config)
     algorithm = trainer.algorithm
@@ -288,13 +290,15 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=3, help="Timed updates per run (after one warm-up).")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process.")
     parser.add_argument("--cases", nargs="*", default=[c[0] for c in CASES], help="Subset of the cases.")
+    parser.add_argument("--ours-attention", default="auto", help="Our --attn-implementation (auto, eager, sdpa).")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "UPDATES", "OUT"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
         run_worker(opts.worker[0], opts.model, int(opts.worker[1]), opts.worker[2])
         return 0
     os.makedirs(WORK, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1",
+               SPEED_OURS_ATTENTION=opts.ours_attention)  # fmt: skip
     runs: dict[str, list[dict]] = {}
     for round_index in range(opts.rounds):
         for case in opts.cases:
@@ -311,9 +315,9 @@ def main() -> int:
                 runs.setdefault(case, []).append(json.load(f))
             print(f"round {round_index} {case}: {time.perf_counter() - started:.0f} s", flush=True)
     table = summarise(runs)
-    with open(os.path.join(WORK, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"threads": opts.threads, "rounds": opts.rounds, "updates": opts.updates, "cases": table}, f,
-                  indent=2)  # fmt: skip
+    with open(os.path.join(WORK, f"results-ours-{opts.ours_attention}.json"), "w", encoding="utf-8") as f:
+        json.dump({"threads": opts.threads, "rounds": opts.rounds, "updates": opts.updates,
+                   "ours_attention": opts.ours_attention, "cases": table}, f, indent=2)  # fmt: skip
     for case, row in table.items():
         extra = f"  x{row['speedup_cpu']:.2f} (wall x{row['speedup_wall']:.2f})" if "speedup_cpu" in row else ""
         print(f"{case:<16} cpu {row['cpu_s_per_update']:6.1f} s  wall {row['wall_s_per_update']:6.1f} s  "

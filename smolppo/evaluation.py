@@ -21,7 +21,6 @@ from smolppo.configs.ppo import names_a_reward_model
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
-    attention_for,
     eos_token_ids,
     load_causal_lm,
     load_reward_reader,
@@ -191,12 +190,13 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
 
 
 def prepare_for_inference(model, device, bf16: bool) -> None:
-    """The attention kernel that is fastest on `device`; body weights stored in bf16 under bf16 (bit-identical
-    under autocast, see `store_body_linears_in_bf16`; evaluation never saves a model). The LM head keeps requiring
+    """Eager attention on CPU (faster there; evaluation trains nothing, so the learning caveat of
+    `smolppo.models.attention_for` does not apply); body weights stored in bf16 under bf16 (bit-identical under
+    autocast, see `store_body_linears_in_bf16`; evaluation never saves a model). The LM head keeps requiring
     grad, so autocast casts it once per generation instead of once per token."""
     if model is None:
         return
-    set_attention(attention_for("auto", device), model)
+    set_attention("eager" if torch.device(device).type == "cpu" else None, model)
     if bf16:
         store_body_linears_in_bf16(model)
 

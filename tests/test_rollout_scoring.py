@@ -182,11 +182,11 @@ def test_frozen_body_in_bf16_is_bit_identical_under_autocast(smoke_paths, tokeni
 
 
 def test_eager_attention_matches_sdpa_to_float_rounding(smoke_paths):
-    """The CPU default (eager) computes what SDPA computes, left padding included."""
+    """Eager (opt-in; evaluation's choice on CPU) computes what SDPA computes, left padding included."""
     from smolppo.models import attention_for, set_attention
 
-    assert attention_for("auto", "cpu") == "eager"
-    assert attention_for("auto", "cuda") is None  # the model's own (SDPA) on GPUs
+    assert attention_for("auto", "cpu") is None  # the model's own (SDPA)
+    assert attention_for("eager", "cuda") == "eager"
     assert attention_for("sdpa", "cpu") == "sdpa"
     policy = load_causal_lm(smoke_paths["policy"]).eval()
     prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13]], pad_id=EOS)

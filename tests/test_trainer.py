@@ -121,13 +121,13 @@ def test_bf16_autocast_takes_effect(tmp_path):
     reference = trainer.algorithm.ref_policy  # frozen: its body weights stored as autocast would cast them
     assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert reference.get_output_embeddings().weight.dtype == torch.float32
-    assert trainer.policy.config._attn_implementation == "eager"  # the CPU default
+    assert trainer.policy.config._attn_implementation == "sdpa"  # the model's own by default
     AcceleratorState._reset_state(reset_partial_state=True)
-    fp32 = make_trainer(tmp_path / "fp32", "--attn-implementation", "sdpa")
+    fp32 = make_trainer(tmp_path / "fp32", "--attn-implementation", "eager")
     fp32.step()
     assert fp32.observed["update_matmul_dtype"] == "torch.float32"
     assert all(p.dtype == torch.float32 for p in fp32.algorithm.ref_policy.parameters())
-    assert fp32.policy.config._attn_implementation == "sdpa"
+    assert fp32.policy.config._attn_implementation == "eager"
 
 
 def test_first_update_trains_under_a_warm_up(tmp_path):

@@ -137,8 +137,8 @@ class PrecisionFields:
     attn_implementation: str = field(
         default="auto",
         metadata=_help(
-            "Attention kernel: auto (eager on CPU, where it measured faster than SDPA; the model's own elsewhere), "
-            "eager or sdpa."
+            "Attention kernel: auto (the model's own, SDPA for Llama), eager (about 20 %% faster on CPU, more memory) "
+            "or sdpa."
         ),
     )
 
