@@ -1,7 +1,7 @@
 """Side-by-side speed on the real SmolLM2-135M: our PPO vs trl 1.12's `PPOTrainer`, our GRPO vs trl's `GRPOTrainer`.
 
     python -m smolppo.real_model .real_model          # the real weights, once (see docs/PERFORMANCE.md)
-    python benchmarks/real_learning.py --stages model task reward    # the real-task reward model, once
+    python benchmarks/real_learning.py --only model task reward      # the real-task reward model, once
     python benchmarks/compare_trl12.py setup           # .venv-trl12 with trl 1.12 (PPO), once
     python benchmarks/compare_speed.py --rounds 2 --updates 2   # .speed_compare/results-ours-auto.json
 
@@ -92,6 +92,21 @@ class UpdateClock:
         self.cpu, self.wall = [], []
         self._last = (time.process_time(), time.perf_counter())
 
+    def restart(self) -> None:
+        self._last = (time.process_time(), time.perf_counter())
+
+    def callback(self):
+        """A `transformers` callback that marks the end of each optimizer step (one update here)."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Mark(TrainerCallback):
+            def on_step_end(self, *args, **kwargs):
+                clock.mark()
+
+        return Mark()
+
     def mark(self) -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         self.cpu.append(cpu - self._last[0])
@@ -153,7 +168,7 @@ def _trl_models(model: str, reward: str):
 def trl12_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
     from smolppo.data import render_prompt
@@ -179,27 +194,14 @@ def trl12_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
     probe = Probe(policy, eos)
     clock = UpdateClock()
 
-    class Mark(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            clock.mark()
-
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
                          reward_model=classifier(), value_model=classifier(), train_dataset=dataset,
-                         eval_dataset=dataset.select(range(1)), callbacks=[Mark()])  # fmt: skip
-    clock._last = (time.process_time(), time.perf_counter())
-    trainer.train()
-    return {
-        "cpu": clock.cpu,
-        "wall": clock.wall,
-        "generated": probe.generated,
-        "eos_sampled": probe.eos_sampled,
-        "dtypes": probe.dtypes,
-    }
+                         eval_dataset=dataset.select(range(1)), callbacks=[clock.callback()])  # fmt: skip
+    return train_and_measure(trainer, clock, probe)
 
 
 def trl_grpo_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from smolppo.data import render_prompt
@@ -218,21 +220,17 @@ def trl_grpo_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
     probe = Probe(policy, tokenizer.eos_token_id)
     clock = UpdateClock()
 
-    class Mark(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            clock.mark()
-
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_dir, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Mark()])  # fmt: skip
-    clock._last = (time.process_time(), time.perf_counter())
+                          processing_class=tokenizer, callbacks=[clock.callback()])  # fmt: skip
+    return train_and_measure(trainer, clock, probe)
+
+
+def train_and_measure(trainer, clock: UpdateClock, probe: Probe) -> dict:
+    """Run a trl trainer to the end; its per-update times and probes."""
+    clock.restart()
     trainer.train()
-    return {
-        "cpu": clock.cpu,
-        "wall": clock.wall,
-        "generated": probe.generated,
-        "eos_sampled": probe.eos_sampled,
-        "dtypes": probe.dtypes,
-    }
+    return {"cpu": clock.cpu, "wall": clock.wall, "generated": probe.generated, "eos_sampled": probe.eos_sampled,
+            "dtypes": probe.dtypes}  # fmt: skip
 
 
 def run_worker(case: str, model: str, updates: int, out: str) -> None:

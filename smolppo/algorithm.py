@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from smolppo import ppo_math
+from smolppo.behaviour import behaviour_metrics
 from smolppo.data import PromptSet
 from smolppo.experience import Experience, MicroBatchLoss, PolicyAndValue
 from smolppo.models import (
@@ -43,6 +44,7 @@ from smolppo.rollout import (
     pad_response_width,
     response_logprobs,
     response_texts,
+    response_tokens,
     sampling_config,
     selective_log_softmax,
     trim_padding,
@@ -321,6 +323,7 @@ class Algorithm:
             metrics["value/clip_fraction"] = train_stats["value_clip_fraction"]
         if "kl_loss" in train_stats:
             metrics["loss/kl"] = train_stats["kl_loss"]
+        metrics.update(behaviour_metrics(response_tokens(exp.rollout), (~exp.rollout.ended_with_eos).tolist()))
         for name, values in exp.reward_parts.items():  # each source's mean over the responses it applies to
             applies = ~values.isnan()
             metrics[f"rewards/{name}"] = values[applies].mean().item() if bool(applies.any()) else 0.0

@@ -158,6 +158,12 @@ def generate_rollout(model, prompts: list[list[int]], tokenizer, eos_ids: list[i
     return build_rollout(prompt_ids, prompt_mask, responses, eos_ids, tokenizer.pad_token_id)
 
 
+def response_tokens(rollout: Rollout) -> list[list[int]]:
+    """Each response's real tokens, without its EOS."""
+    lengths = (rollout.response_lengths - rollout.ended_with_eos.long()).tolist()
+    return [row[:length].tolist() for row, length in zip(rollout.responses, lengths)]
+
+
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:
     """Each response as text, without its EOS and special tokens: what a reward model reads."""
     lengths = rollout.response_lengths.tolist()
