@@ -48,3 +48,103 @@ def behaviour_metrics(responses: list[list[int]], truncated: list[bool]) -> dict
         "response/repeated_3gram_share": sum(map(repeated_ngram_share, responses)) / count,
         "response/degenerate_rate": sum(map(is_degenerate, responses)) / count,
     }
+
+
+class BehaviourWatch:
+    """Watches the behaviour scalars for the signs of reward hacking and says so once per kind.
+
+    From ``2 * window`` updates on, the mean of the last `window` updates is compared with the first `window`:
+
+    * ``diversity``: the reward rose while distinct-2 fell below `diversity_fraction` of its start;
+    * ``degenerate``: at least `degenerate_rate` of the responses repeat a 3-gram 4+ times, up from the start;
+    * ``length``: at least `truncated_rate` of the responses run out of tokens, where fewer did at the start;
+    * ``dominant_source``: with several reward sources, one brings at least `dominant_share` of the (weighted)
+      reward gain.
+
+    `observe` returns the new warnings; `warnings` keeps them all; `state_dict` / `load_state_dict` carry the watch
+    across a resume.
+    """
+
+    WATCHED = ("rewards/mean", "response/distinct_2", "response/degenerate_rate", "response/truncated_rate")
+
+    def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
+                 degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9):  # fmt: skip
+        self.reward_weights = dict(reward_weights)
+        self.window, self.diversity_fraction = window, diversity_fraction
+        self.degenerate_rate, self.truncated_rate, self.dominant_share = (
+            degenerate_rate,
+            truncated_rate,
+            dominant_share,
+        )
+        self.history: list[dict[str, float]] = []
+        self.warnings: list[dict] = []
+
+    def observe(self, metrics: dict[str, float], update: int) -> list[dict]:
+        keys = self.WATCHED + tuple(f"rewards/{name}" for name in self.reward_weights)
+        self.history.append({k: float(metrics[k]) for k in keys if k in metrics})
+        if len(self.history) < 2 * self.window:
+            return []
+        start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
+        fired = {w["kind"] for w in self.warnings}
+        new = [
+            {"kind": kind, "update": update, "message": message}
+            for kind, message in self._findings(start, now)
+            if kind not in fired
+        ]
+        self.warnings.extend(new)
+        return new
+
+    def _findings(self, start: dict, now: dict):
+        reward_gain = now["rewards/mean"] - start["rewards/mean"]
+        d2_start, d2_now = start.get("response/distinct_2", 0.0), now.get("response/distinct_2", 0.0)
+        if reward_gain > 0 and d2_start > 0 and d2_now < self.diversity_fraction * d2_start:
+            message = (
+                f"responses lost diversity while the reward rose (distinct-2 {d2_now:.2f}, from {d2_start:.2f}; "
+                f"reward {reward_gain:+.2f}): the policy may be exploiting the reward; raise --init-kl-coef or "
+                "lower --target, and read the logged samples"
+            )
+            yield "diversity", message
+        degenerate, degenerate_start = (
+            now.get("response/degenerate_rate", 0.0),
+            start.get("response/degenerate_rate", 0.0),
+        )
+        if degenerate >= self.degenerate_rate and degenerate > degenerate_start:
+            message = (
+                f"{degenerate:.0%} of responses repeat a 3-gram 4+ times (from {degenerate_start:.0%}): degenerate "
+                "text the reward pays for; lower --target (KL), raise --init-kl-coef, or add a repetition penalty "
+                "with --reward-funcs / --reward-weights"
+            )
+            yield "degenerate", message
+        truncated, truncated_start = now.get("response/truncated_rate", 0.0), start.get("response/truncated_rate", 1.0)
+        if truncated >= self.truncated_rate > truncated_start:
+            message = (
+                f"{truncated:.0%} of responses now run out of --max-new-tokens (from {truncated_start:.0%}): the "
+                "reward may pay for length; set --missing-eos-score (or --missing-eos-penalty) so that an unfinished "
+                "answer scores low"
+            )
+            yield "length", message
+        gains = {
+            name: weight * (now.get(f"rewards/{name}", 0.0) - start.get(f"rewards/{name}", 0.0))
+            for name, weight in self.reward_weights.items()
+        }
+        total = sum(gains.values())
+        if len(gains) > 1 and total > 0:
+            name, gain = max(gains.items(), key=lambda item: item[1])
+            if gain >= self.dominant_share * total:
+                message = (
+                    f"reward source {name!r} brings {gain / total:.0%} of the reward gain, the others barely move: "
+                    "check its scale and --reward-weights"
+                )
+                yield "dominant_source", message
+
+    @staticmethod
+    def _mean(rows: list[dict]) -> dict[str, float]:
+        keys = set().union(*rows)
+        return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "warnings": self.warnings}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+        self.warnings = list(state.get("warnings", []))

@@ -97,6 +97,7 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
             "kl_engaged": getattr(controller, "engaged", None),
             checkpointing.OPTIMIZER_STATE_KEY: not algorithm.deepspeed,
             "last_metrics": counters["last_metrics"],
+            "watch": counters.get("watch", {}),
             "config": asdict(config),
         }
         with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:

@@ -51,6 +51,11 @@ class MetricsWriter:
         self._writer.add_text("samples", "\n".join(rows), step)
         self._writer.flush()
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+            self._writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

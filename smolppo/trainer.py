@@ -15,6 +15,7 @@ import torch
 
 from smolppo import checkpointing, hub, output_dir, run_state
 from smolppo.algorithm import Algorithm
+from smolppo.behaviour import BehaviourWatch
 from smolppo.cli import GracefulStop
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import cpu_has_fast_bf16
@@ -58,6 +59,8 @@ class Trainer:
         self._signals = GracefulStop("")
         self._stop_signal: str | None = None  # the signal that stopped the run, on any process
         self.writer: MetricsWriter | None = None
+        reward = algorithm.reward
+        self.watch = BehaviourWatch(dict(zip(reward.names, reward.weights)))
 
     @property
     def policy(self):
@@ -82,6 +85,11 @@ class Trainer:
         metrics["episodes"] = float(self.episodes)
         self.last_metrics = metrics
         self._remember_samples(exp)
+        for warning in self.watch.observe(metrics, self.update):
+            if self.accelerator.is_main_process:
+                logger.warning("update %d: %s", self.update, warning["message"])
+                if self.writer:
+                    self.writer.text("warnings", warning["message"], self.update)
         return metrics
 
     # ------------------------------------------------------------------ the loop
@@ -240,7 +248,8 @@ class Trainer:
 
     def save_checkpoint(self) -> str | None:
         """Everything needed to continue exactly: models, optimizer, scheduler, KL controller, RNG, counters."""
-        counters = {"update": self.update, "episodes": self.episodes, "last_metrics": self.last_metrics}
+        counters = {"update": self.update, "episodes": self.episodes, "last_metrics": self.last_metrics,
+                    "watch": self.watch.state_dict()}  # fmt: skip
         return run_state.save_checkpoint(self.algorithm, self.config, counters)
 
     def load_checkpoint(self, path: str) -> None:
@@ -248,6 +257,7 @@ class Trainer:
         state = run_state.load_checkpoint(self.algorithm, self.config, path)
         self.update, self.episodes = state["update"], state["episodes"]
         self.last_metrics = state.get("last_metrics", {})
+        self.watch.load_state_dict(state.get("watch", {}))
         logger.info("resumed from %s at update %d (%d episodes)", path, self.update, self.episodes)
 
     # ------------------------------------------------------------------ helpers
@@ -315,6 +325,7 @@ class Trainer:
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
             "kl_coef_next_update": self.algorithm.kl_controller.value,  # final_metrics' objective/kl_coef: the last
             "kl_target_reached": getattr(self.algorithm.kl_controller, "engaged", None),
+            "warnings": self.watch.warnings,  # what the behaviour watch saw (smolppo.behaviour.BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),
             "num_processes": self.accelerator.num_processes,

@@ -1,8 +1,10 @@
 """Behaviour scalars of a batch (diversity, repetition, truncation): hand-computed cases and the trainer's own."""
 
+import json
+
 import pytest
 
-from smolppo.behaviour import behaviour_metrics, distinct_n, is_degenerate, repeated_ngram_share
+from smolppo.behaviour import BehaviourWatch, behaviour_metrics, distinct_n, is_degenerate, repeated_ngram_share
 
 
 def test_distinct_n_by_hand():
@@ -50,3 +52,83 @@ def test_trainer_logs_them_for_its_own_responses(tmp_path):
     assert metrics["response/distinct_1"] == pytest.approx(len(set(unigrams)) / len(unigrams))
     assert metrics["response/truncated_rate"] == pytest.approx(1 - metrics["response/eos_rate"])
     assert 0.0 <= metrics["response/degenerate_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------------- the watch
+def healthy(update: int) -> dict:
+    return {"rewards/mean": 0.1 * update, "response/distinct_2": 0.8, "response/degenerate_rate": 0.0,
+            "response/truncated_rate": 0.3}  # fmt: skip
+
+
+def feed(watch, rows):
+    return [w for update, row in enumerate(rows, start=1) for w in watch.observe(row, update)]
+
+
+def test_watch_is_quiet_on_a_healthy_run():
+    watch = BehaviourWatch({"reward_model": 1.0})
+    assert feed(watch, [healthy(u) for u in range(40)]) == [] and watch.warnings == []
+
+
+def test_watch_names_a_diversity_collapse_once():
+    rows = [healthy(u) for u in range(3)] + [dict(healthy(u), **{"response/distinct_2": 0.3}) for u in range(3, 30)]
+    fired = feed(BehaviourWatch({"reward_model": 1.0}), rows)
+    assert [w["kind"] for w in fired] == ["diversity"]
+    assert fired[0]["update"] == 6  # first moment the last 3 updates can be compared with the first 3
+    assert "distinct-2 0.30, from 0.80" in fired[0]["message"] and "--init-kl-coef" in fired[0]["message"]
+
+
+def test_watch_needs_the_reward_to_rise_for_a_diversity_warning():
+    rows = [dict(healthy(0), **{"response/distinct_2": 0.8 if u < 3 else 0.2}) for u in range(20)]  # flat reward
+    assert feed(BehaviourWatch({"reward_model": 1.0}), rows) == []
+
+
+def test_watch_names_degenerate_text_length_saturation_and_a_dominant_source():
+    rows = [dict(healthy(u), **{"rewards/reward_model": 0.0, "rewards/length": 0.0}) for u in range(3)]
+    hacked = {"response/degenerate_rate": 0.25, "response/truncated_rate": 0.95, "rewards/reward_model": 0.0}
+    rows += [dict(healthy(u), **hacked, **{"rewards/length": 0.5 * u}) for u in range(3, 12)]
+    fired = feed(BehaviourWatch({"reward_model": 1.0, "length": 2.0}), rows)
+    kinds = {w["kind"]: w["message"] for w in fired}
+    assert set(kinds) == {"degenerate", "length", "dominant_source"}
+    assert "25% of responses repeat a 3-gram" in kinds["degenerate"]
+    assert "--missing-eos-score" in kinds["length"]
+    assert "'length' brings 100% of the reward gain" in kinds["dominant_source"]
+
+
+def test_watch_state_survives_a_resume():
+    rows = [healthy(u) for u in range(3)] + [dict(healthy(u), **{"response/distinct_2": 0.3}) for u in range(3, 10)]
+    first = BehaviourWatch({"reward_model": 1.0})
+    feed(first, rows[:7])
+    resumed = BehaviourWatch({"reward_model": 1.0})
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as the checkpoint's JSON holds it
+    assert [w for u, row in enumerate(rows[7:], start=8) for w in resumed.observe(row, u)] == []  # fired already
+    assert [w["kind"] for w in resumed.warnings] == ["diversity"]
+
+
+def test_the_normal_smoke_run_is_quiet(smoke_run):
+    with open(smoke_run / "run_summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["warnings"] == []
+    assert 0.0 < summary["final_metrics"]["response/distinct_2"] <= 1.0
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_warning_reaches_the_log_tensorboard_the_summary_and_the_checkpoint(tmp_path, caplog):
+    """A watch made over-sensitive (any reward rise counts as a diversity collapse) fires on the learning smoke run:
+    the warning goes out once through every channel, and the checkpoint carries it."""
+    from conftest import make_smoke_trainer
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_smoke_trainer(tmp_path / "run", "--max-updates", "20", "--save-steps", "20")
+    trainer.watch = BehaviourWatch(dict(trainer.watch.reward_weights), diversity_fraction=2.0)
+    with caplog.at_level("WARNING", logger="smolppo.trainer"):
+        summary = trainer.train()
+    assert [w["kind"] for w in summary["warnings"]] == ["diversity"]
+    assert sum("responses lost diversity" in r.getMessage() for r in caplog.records) == 1
+    with open(tmp_path / "run" / "run_summary.json", encoding="utf-8") as f:
+        assert json.load(f)["warnings"] == summary["warnings"]
+    with open(tmp_path / "run" / "checkpoint-20" / "trainer_state.json", encoding="utf-8") as f:
+        assert json.load(f)["watch"]["warnings"] == summary["warnings"]
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("warnings/text_summary")]
+    assert len(texts) == 1 and "responses lost diversity" in texts[0]
