@@ -1,4 +1,5 @@
-"""Plot a PPO run's progress (loss, learning rate, mean reward, KL) and export every scalar to CSV.
+"""Plot a run's progress (loss, learning rate, mean reward, KL; and, in a second figure, the responses' length,
+truncation, diversity and repetition) and export every scalar to CSV.
 
     python plot_training_progress.py
     python plot_training_progress.py --log-dir ./ppo_smoke_output/logs --smooth 0.6
@@ -24,11 +25,21 @@ def main() -> int:
     config = parse_config(PlotConfig)
 
     from smolppo.output_dir import write_atomically
-    from smolppo.plotting import find_runs, kl_targets, plot_progress, read_scalars
+    from smolppo.plotting import (
+        BEHAVIOUR_PANELS,
+        default_title,
+        find_runs,
+        has_behaviour,
+        kl_targets,
+        plot_progress,
+        read_scalars,
+        run_algorithms,
+    )
 
     runs = find_runs(config.log_dir)
     frame = read_scalars(runs)
-    figure, missing = plot_progress(frame, config.smooth, config.title, kl_targets(runs))
+    algorithms = run_algorithms(runs)
+    figure, missing = plot_progress(frame, config.smooth, config.title, kl_targets(runs), algorithms)
     first = os.path.abspath(config.log_dir[0])
     base_dir = os.path.dirname(first) if os.path.basename(first) == "logs" else first
     output = config.output or os.path.join(base_dir, "training_progress.png")
@@ -41,11 +52,18 @@ def main() -> int:
     extension = os.path.splitext(output)[1].lstrip(".") or "png"
     write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=120, format=extension))
     write_atomically(csv, lambda tmp: frame.to_csv(tmp, index=False))
+    written = [output, csv]
+    if has_behaviour(frame):
+        stem, ext = os.path.splitext(output)
+        behaviour_path = f"{stem}_behaviour{ext or '.png'}"
+        title = f"{config.title}: responses" if config.title else default_title(algorithms, "responses")
+        behaviour, _ = plot_progress(frame, config.smooth, title, None, algorithms, BEHAVIOUR_PANELS)
+        write_atomically(behaviour_path, lambda tmp: behaviour.savefig(tmp, dpi=120, format=extension))
+        written.insert(1, behaviour_path)
     for run, panel in missing:
         logger.warning("run %s logged no scalar for the %r panel; it is not drawn there", run, panel)
-    logger.info(
-        "wrote %s (%d run%s) and %s (%d rows)", output, len(runs), "" if len(runs) == 1 else "s", csv, len(frame)
-    )
+    logger.info("wrote %s (%d run%s, %d scalar rows)", ", ".join(written), len(runs), "" if len(runs) == 1 else "s",
+                len(frame))  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Read TensorBoard scalars into a long-form table and draw the 4-panel training-progress figure."""
+"""Read TensorBoard scalars into a long-form table and draw the training-progress figures (4 panels, and the
+behaviour of the responses when the run logged it)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ PANELS = [
                                           "objective/scores", "train/accuracy", "eval/accuracy", "accuracy")),
     ("kl", "KL divergence from reference", ("kl_divergence", "train/kl", "kl", "train/objective/kl", "objective/kl")),
 ]  # fmt: skip
+# The second figure: what the responses look like (the scalars of `smolppo.behaviour`), for runs that logged them.
+BEHAVIOUR_PANELS = [
+    ("length", "Response length (tokens)", ("response/length_mean",)),
+    ("truncated", "Share out of max_new_tokens", ("response/truncated_rate",)),
+    ("diversity", "Distinct-2 over the batch", ("response/distinct_2",)),
+    ("degenerate", "Share repeating a 3-gram 4+ times", ("response/degenerate_rate",)),
+]
 COLUMNS = ["run", "tag", "step", "wall_time", "value"]
+ALGORITHM_NAMES = {"gae": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
 
 
 def _has_events(directory: str) -> bool:
@@ -84,38 +93,66 @@ def panel_tag(frame: pd.DataFrame, run: str, aliases: tuple[str, ...]) -> str | 
     return next((tag for tag in aliases if tag in logged), None)
 
 
-def kl_targets(runs: dict[str, str]) -> dict[str, float]:
-    """The adaptive-KL target of each run whose `run_summary.json` (beside its logs) records one."""
+def _run_config(directory: str) -> dict:
+    """The config in the `run_summary.json` beside a run's logs ({} when there is none or it is unreadable)."""
     import json
 
+    path = os.path.join(os.path.dirname(os.path.abspath(directory)), "run_summary.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def kl_targets(runs: dict[str, str]) -> dict[str, float]:
+    """The adaptive-KL target of each run whose `run_summary.json` (beside its logs) records one."""
     targets = {}
     for run, directory in runs.items():
-        path = os.path.join(os.path.dirname(os.path.abspath(directory)), "run_summary.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f).get("config", {})
-        except (OSError, ValueError, AttributeError):
-            continue
+        config = _run_config(directory)
         if config.get("adaptive_kl") and isinstance(config.get("target"), (int, float)):
             targets[run] = float(config["target"])
     return targets
 
 
-def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str = "PPO training progress", targets=None):
-    """The 4-panel figure; returns ``(figure, [(run, panel title) that could not be filled])``.
+def run_algorithms(runs: dict[str, str]) -> dict[str, str]:
+    """``run -> "PPO" / "GRPO" / "RLOO" / "REINFORCE++"`` from each run's recorded advantage estimator."""
+    names = {}
+    for run, directory in runs.items():
+        estimator = _run_config(directory).get("advantage_estimator")
+        if estimator in ALGORITHM_NAMES:
+            names[run] = ALGORITHM_NAMES[estimator]
+    return names
+
+
+def default_title(algorithms: dict[str, str], what: str = "training progress") -> str:
+    """``"PPO training progress"``, ``"PPO and GRPO training progress"``; ``"Training progress"`` when unknown."""
+    named = list(dict.fromkeys(algorithms.values()))
+    if not named:
+        return what[:1].upper() + what[1:]
+    return (" and ".join(named) if len(named) <= 2 else ", ".join(named)) + " " + what
+
+
+def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = None, targets=None,
+                  algorithms: dict[str, str] | None = None, panels=PANELS):  # fmt: skip
+    """The 2 x 2 figure of `panels`; returns ``(figure, [(run, panel title) that could not be filled])``.
 
     A panel whose values are one constant across every run (a constant learning rate) shows that value as a
-    note instead of a flat line; `targets` (run -> KL target) adds dashed target lines to the KL panel.
+    note instead of a flat line; `targets` (run -> KL target) adds dashed target lines to the KL panel;
+    `algorithms` (run -> "PPO", "GRPO", ...) names each run's algorithm in the legend and the default title. A run
+    with a single logged point is drawn as a marker.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    algorithms = algorithms or {}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     missing = []
     runs = list(dict.fromkeys(frame["run"]))
-    for ax, (key, panel_title, aliases) in zip(axes.flat, PANELS):
+    for ax, (key, panel_title, aliases) in zip(axes.flat, panels):
         ax.set_title(panel_title)
         ax.set_xlabel("update / step")
         ax.grid(alpha=0.3)
@@ -137,12 +174,20 @@ def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str = "PPO tr
                     transform=ax.transAxes)  # fmt: skip
             continue
         for run, (_, data) in series.items():
-            ax.plot(data["step"], smooth(data["value"], weight), label=run)
+            label = f"{run} ({algorithms[run]})" if run in algorithms else run
+            ax.plot(data["step"], smooth(data["value"], weight), label=label, marker="o" if len(data) == 1 else None)
         if key == "kl":
             for run, target in (targets or {}).items():
                 if run in series:
                     ax.axhline(target, linestyle="--", linewidth=1, color="gray", label=f"target {target:g} ({run})")
         ax.legend(fontsize=8)
+    title = title or default_title({run: algorithms[run] for run in runs if run in algorithms})
     fig.suptitle(f"{title}: {', '.join(runs)}" + (f" (smoothing {weight})" if weight else ""))
     fig.tight_layout()
     return fig, missing
+
+
+def has_behaviour(frame: pd.DataFrame) -> bool:
+    """Whether any run logged the behaviour scalars (runs from before they existed, or trl's, did not)."""
+    tags = set(frame["tag"])
+    return any(alias in tags for _, _, aliases in BEHAVIOUR_PANELS for alias in aliases)

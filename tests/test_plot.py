@@ -4,7 +4,17 @@ import pandas as pd
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from smolppo.plotting import find_runs, kl_targets, plot_progress, read_scalars, smooth
+from smolppo.plotting import (
+    BEHAVIOUR_PANELS,
+    default_title,
+    find_runs,
+    has_behaviour,
+    kl_targets,
+    plot_progress,
+    read_scalars,
+    run_algorithms,
+    smooth,
+)
 from tests.conftest import run_script
 
 
@@ -85,7 +95,10 @@ def test_trl_trainer_runs_fill_the_panels_alone_and_beside_a_ppo_run(smoke_run, 
     grpo = tmp_path / "grpo_out" / "logs"
     _trainer_style_run(grpo, ["train/loss", "train/reward", "train/kl", "train/learning_rate"])
     figure, missing = plot_progress(read_scalars(find_runs([str(grpo)])))
-    assert missing == [] and all(len(ax.lines) == 1 for ax in figure.axes)
+    assert missing == []
+    for ax in figure.axes:  # a line, or the note of a constant (no response of the smoke run degenerates)
+        assert len(ax.lines) == 1 or ax.texts[0].get_text().startswith("constant 0 in out"), ax.get_title()
+    assert len(figure.axes[2].lines) == 1  # distinct-2 moves
     both = find_runs([str(smoke_run / "logs"), str(grpo)])
     figure, missing = plot_progress(read_scalars(both))
     assert missing == [] and all(len(ax.lines) == 2 for ax in figure.axes)
@@ -100,3 +113,44 @@ def test_a_reward_trainer_run_plots_accuracy_and_warns_for_kl(tmp_path):
     assert "run rm logged no scalar for the 'KL divergence from reference' panel" in result.stderr
     figure, missing = plot_progress(read_scalars(find_runs([str(rm)])))
     assert figure.axes[2].get_ylabel() == "train/accuracy" and len(figure.axes[2].lines) == 1
+
+
+def test_titles_and_legends_name_the_algorithm_and_a_single_point_shows(tmp_path):
+    """A GRPO run is not titled 'PPO training progress'; a run with one logged update is still visible."""
+    import json
+
+    for run, estimator, steps in (("a", "grpo", 1), ("b", "gae", 3)):
+        out = tmp_path / "runs" / run
+        writer = SummaryWriter(str(out / "logs"))
+        for step in range(1, steps + 1):
+            for tag in ("loss", "rewards/mean", "response/distinct_2", "response/length_mean"):
+                writer.add_scalar(tag, 0.1 * step, step)
+        writer.close()
+        (out / "run_summary.json").write_text(json.dumps({"config": {"advantage_estimator": estimator}}))
+    single = {"a": str(tmp_path / "runs" / "a" / "logs")}
+    figure, _ = plot_progress(read_scalars(single), algorithms=run_algorithms(single))
+    assert figure._suptitle.get_text().startswith("GRPO training progress")
+    reward = figure.axes[2]
+    assert reward.lines[0].get_marker() == "o" and len(reward.lines[0].get_xdata()) == 1
+    assert reward.get_legend().get_texts()[0].get_text() == "a (GRPO)"
+    result = run_script("plot_training_progress.py", "--log-dir", single["a"], str(tmp_path / "runs" / "b" / "logs"),
+                        "--output", str(tmp_path / "both.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "both_behaviour.png").read_bytes()[:4] == b"\x89PNG"
+    assert "both_behaviour.png" in result.stderr
+    both = {"a": single["a"], "b": str(tmp_path / "runs" / "b" / "logs")}
+    assert default_title(run_algorithms(both)) == "GRPO and PPO training progress"
+    assert default_title({}) == "Training progress" and default_title({}, "responses") == "Responses"
+
+
+def test_behaviour_figure_of_a_real_smoke_run(smoke_run):
+    runs = find_runs([str(smoke_run / "logs")])
+    frame = read_scalars(runs)
+    assert has_behaviour(frame)
+    figure, missing = plot_progress(frame, algorithms=run_algorithms(runs), panels=BEHAVIOUR_PANELS)
+    assert missing == []
+    for ax in figure.axes:  # a line, or the note of a constant (no response of the smoke run degenerates)
+        assert len(ax.lines) == 1 or ax.texts[0].get_text().startswith("constant 0 in out"), ax.get_title()
+    assert len(figure.axes[2].lines) == 1  # distinct-2 moves
+    assert figure._suptitle.get_text().startswith("PPO training progress")
+    assert not has_behaviour(frame[~frame["tag"].str.startswith("response/")])

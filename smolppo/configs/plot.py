@@ -25,7 +25,10 @@ class PlotConfig(ConfigBase):
         default=None, metadata=_help("CSV path for every scalar; default: training_scalars.csv beside the PNG.")
     )
     smooth: float = field(default=0.0, metadata=_help("Exponential smoothing weight in [0, 1); 0 plots raw values."))
-    title: str = field(default="PPO training progress", metadata=_help("Figure title."))
+    title: Optional[str] = field(
+        default=None,
+        metadata=_help("Figure title; default: the runs' algorithms, e.g. 'GRPO training progress'."),
+    )
 
     def _check_plot(self) -> None:
         if not 0.0 <= self.smooth < 1.0:
