@@ -77,14 +77,14 @@ def main() -> int:
     parser.add_argument("--output", default=None)
     opts = parser.parse_args()
     from smolppo.data import render_prompt
-    from smolppo.models import attention_for, eos_token_ids, load_causal_lm, load_tokenizer, set_attention
+    from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer, set_attention
     from smolppo.rollout import generate_rollout, sampling_config
 
     device = torch.device(opts.device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "matmul_gflops": matmul_rates(device)}
     tokenizer = load_tokenizer(opts.model)
     model = load_causal_lm(opts.model).to(device).eval()
-    set_attention(attention_for("auto", device), model)
+    set_attention("eager" if device.type == "cpu" else None, model)  # as measured in docs/PERFORMANCE.md
     prompts = [tokenizer(render_prompt(tokenizer, "", q), add_special_tokens=False)["input_ids"] for q in QUESTIONS]
     eos = eos_token_ids(tokenizer, model)
     config = sampling_config(tokenizer, eos, 32, 0.7)

@@ -117,7 +117,7 @@ class Algorithm:
             frozen_model.to(acc.device).eval().requires_grad_(False)
             if config.bf16:
                 store_body_linears_in_bf16(frozen_model)
-        set_attention(attention_for(config.attn_implementation, acc.device), policy, value_model, *frozen)
+        set_attention(attention_for(config.attn_implementation), policy, value_model, *frozen)
         self.ref_policy = ref_policy
         if config.adaptive_kl:
             self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, schedule.kl_horizon)

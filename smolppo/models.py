@@ -206,14 +206,13 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def attention_for(setting: str, device) -> str | None:
+def attention_for(setting: str) -> str | None:
     """The attention kernel `setting` asks for; None (``auto``) keeps the model's own (SDPA for Llama).
 
     ``eager`` is faster on CPU (forward + backward of the SmolLM2-135M body in bf16: 20 % at 122 tokens, 21 % at 512,
     with about 1 GB more memory at 2 x 512 tokens), but it is not the default: on the smoke task its runs learned
     less than SDPA's (mean gain 0.16 vs 0.62 over seeds 42 and 1-4), a difference not explained yet
-    (docs/PERFORMANCE.md). `device` is accepted so that a per-device default can return once that is understood."""
-    del device
+    (docs/PERFORMANCE.md)."""
     return None if setting == "auto" else setting
 
 

@@ -185,9 +185,9 @@ def test_eager_attention_matches_sdpa_to_float_rounding(smoke_paths):
     """Eager (opt-in; evaluation's choice on CPU) computes what SDPA computes, left padding included."""
     from smolppo.models import attention_for, set_attention
 
-    assert attention_for("auto", "cpu") is None  # the model's own (SDPA)
-    assert attention_for("eager", "cuda") == "eager"
-    assert attention_for("sdpa", "cpu") == "sdpa"
+    assert attention_for("auto") is None  # the model's own (SDPA)
+    assert attention_for("eager") == "eager"
+    assert attention_for("sdpa") == "sdpa"
     policy = load_causal_lm(smoke_paths["policy"]).eval()
     prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13]], pad_id=EOS)
     rollout = build_rollout(prompt_ids, prompt_mask, torch.randint(3, 90, (2, 5)), [EOS], pad_id=EOS)
