@@ -5,6 +5,8 @@
         HuggingFaceTB/smollm2-135M-SFT-Only
     python evaluate_generations.py --model-path ./ppo_out ./grpo_out --num-prompts 50
     python evaluate_generations.py --model-path ./ppo_smoke_output   # after `train_ppo.py --preset smoke`
+    python evaluate_generations.py --baseline-model smoke:policy --model-path ./ppo_smoke_output \
+        --report ./smoke_report   # report.md: preference adherence vs capability kept, side by side
 
 Every field of `smolppo.configs.EvalConfig` is a flag (see --help). Writes one JSON file (layout in the README) and
 prints a table. With several models, all are evaluated on the same prompts and compared with the first.
@@ -25,11 +27,17 @@ def main() -> int:
 
     from smolppo.evaluation import check_output_writable, default_output_path, evaluate, format_table
     from smolppo.output_dir import write_json_atomically
+    from smolppo.report import check_report_dir, write_report
 
+    if config.report:
+        check_report_dir(config.report)
     output = default_output_path(config)
     check_output_writable(output)
     report = evaluate(config)
     write_json_atomically(output, report)  # a kill mid-write leaves the previous report, never an empty file
+    if config.report:
+        for path in write_report(config.report, report):
+            logger.info("wrote %s", path)
     print(format_table(report))
     logger.info("wrote %s", output)
     return 0

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from smolppo import capability
+from smolppo.behaviour import behaviour_metrics
 from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
 from smolppo.configs.ppo import names_a_reward_model
@@ -30,58 +32,11 @@ from smolppo.models import (
     store_body_linears_in_bf16,
 )
 from smolppo.paths import looks_like_local_path
+from smolppo.report import compare, rank_labels, resample_indices, summarise
 from smolppo.reward_sources import CombinedReward, RewardBatch, build_reward
-from smolppo.rollout import generate_rollout, response_texts, sampling_config
+from smolppo.rollout import generate_rollout, response_texts, response_tokens, sampling_config
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------- pure statistics
-def rank_labels(rewards: list[float]) -> list[str]:
-    """BEST for the highest reward, WORST for the lowest, MEDIUM in between. Equal rewards share a label, and
-    when every completion of a prompt has the same reward they are all TIE."""
-    high, low = max(rewards), min(rewards)
-    if high == low:
-        return ["TIE"] * len(rewards)
-    return ["BEST" if r == high else "WORST" if r == low else "MEDIUM" for r in rewards]
-
-
-def summarise(rewards: np.ndarray, lengths: np.ndarray, ended: np.ndarray) -> dict:
-    """Statistics of a ``[prompts, completions]`` reward matrix and its response lengths / EOS flags."""
-    flat = rewards.ravel()
-    return {
-        "reward_mean": float(flat.mean()),
-        "reward_std": float(flat.std(ddof=1)) if flat.size > 1 else 0.0,
-        "reward_median": float(np.median(flat)),
-        "reward_min": float(flat.min()),
-        "reward_max": float(flat.max()),
-        "per_prompt_spread_mean": float((rewards.max(1) - rewards.min(1)).mean()),
-        "response_length_mean": float(lengths.mean()),
-        "eos_rate": float(ended.mean()),
-        "num_completions": int(flat.size),
-    }
-
-
-def compare(rewards: np.ndarray, baseline: np.ndarray, bootstrap_samples: int, seed: int) -> dict:
-    """Model vs baseline on the same prompts (``[prompts, completions]`` each).
-
-    A prompt is won when the model's mean reward over its completions is higher than the baseline's; ties
-    are counted apart. The mean reward difference gets a bootstrap 95% interval over prompts.
-    """
-    per_prompt = rewards.mean(1) - baseline.mean(1)
-    wins, ties = int((per_prompt > 0).sum()), int((per_prompt == 0).sum())
-    rng = np.random.default_rng(seed)
-    resampled = rng.integers(0, len(per_prompt), size=(bootstrap_samples, len(per_prompt)))
-    boot = per_prompt[resampled].mean(1)
-    return {
-        "wins": wins,
-        "ties": ties,
-        "losses": len(per_prompt) - wins - ties,
-        "win_rate": wins / len(per_prompt),
-        "tie_rate": ties / len(per_prompt),
-        "mean_reward_difference": float(rewards.mean() - baseline.mean()),
-        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-    }
 
 
 # ---------------------------------------------------------------------- training run context
@@ -215,7 +170,7 @@ def load_eval_reward(plan: EvalPlan, tokenizer, batch_size: int, device) -> Comb
 
 @torch.no_grad()
 def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progress=True) -> dict:
-    """Completions, rewards and ranks for every prompt; returns a JSON-ready dict for one model."""
+    """Completions, rewards and ranks for every prompt, with each model's rollouts kept for the report's KL."""
     from tqdm.auto import tqdm
 
     eos_ids = eos_token_ids(tokenizer, model)
@@ -227,6 +182,9 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
     lengths = np.zeros((len(prompts), n))
     ended = np.zeros((len(prompts), n), dtype=bool)
     texts: list[list[str]] = [[] for _ in prompts]
+    tokens: list[list[list[int]]] = [[] for _ in prompts]
+    parts: dict[str, np.ndarray] = {name: np.zeros((len(prompts), n)) for name in reward.names}
+    rollouts = []
     torch.manual_seed(cfg.seed)
     bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not progress)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less left padding per batch
@@ -234,22 +192,29 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
         group = by_length[start : start + per_batch]
         batch = [prompt_ids[i] for i in group for _ in range(n)]
         rollout = generate_rollout(model, batch, tokenizer, eos_ids, gen_config)
+        rollouts.append(rollout)
         responses = response_texts(tokenizer, rollout)
+        response_ids = response_tokens(rollout)
         batch_rewards = RewardBatch(
             conversations=[row_conversation(prompt_rows[i][1]) for i in group for _ in range(n)],
             prompts=[prompts[i] for i in group for _ in range(n)],
             completions=responses,
             rows=[prompt_rows[i][1] for i in group for _ in range(n)],
         )
-        scores = reward.score(batch_rewards)[0].float().numpy()
+        total, by_source = reward.score(batch_rewards)
+        scores = total.float().numpy()
         for k, i in enumerate(group):
             for j in range(n):
                 row = k * n + j
                 rewards[i, j], lengths[i, j] = scores[row], int(rollout.response_lengths[row])
                 ended[i, j] = bool(rollout.ended_with_eos[row])
                 texts[i].append(responses[row])
+                tokens[i].append(response_ids[row])
+                for name, values in by_source.items():
+                    parts[name][i, j] = float(values[row])
         bar.update(len(group))
     bar.close()
+    order = [(i, j) for k in range(0, len(prompts), per_batch) for i in by_length[k : k + per_batch] for j in range(n)]
     completions = []
     for i, (row_index, _) in enumerate(prompt_rows):
         prompt_rewards = rewards[i].tolist()
@@ -265,13 +230,25 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
                     "rank": rank,
                     "length": int(lengths[i, j]),
                     "ended_with_eos": bool(ended[i, j]),
+                    **(
+                        {"rewards_by_source": {k: _number(v[i, j]) for k, v in parts.items()}}
+                        if len(parts) > 1
+                        else {}
+                    ),
                 }
             )
+    behaviour = behaviour_metrics([t for per_prompt in tokens for t in per_prompt], (~ended.ravel()).tolist())
     return {
         "prompts": prompts,
         "completions": completions,
-        "summary": summarise(rewards, lengths, ended),
         "rewards": rewards,
+        "lengths": lengths,
+        "ended": ended,
+        "source_means": {name: _nanmean(values) for name, values in parts.items()},
+        "behaviour": {key.split("/", 1)[1]: value for key, value in behaviour.items()},
+        "tokens": tokens,
+        "rollouts": rollouts,
+        "order": order,  # (prompt, completion) of each rollout row, in rollout order
     }
 
 
@@ -282,10 +259,9 @@ def evaluate(cfg) -> dict:
     first_local = next((n for n in cfg.model_path if looks_like_local_path(n)), None)
     training = training_config_for(first_local) if first_local else None
     plan = resolve_plan(cfg, training)
-    reward = None
-    prompt_rows = None
+    reward = prompt_rows = references = baseline = None
     results = []
-    for name in names:
+    for index, name in enumerate(names):
         model, tokenizer, path = load_policy_for_eval(name, device)
         if reward is None:
             reward = load_eval_reward(plan, tokenizer, cfg.batch_size, device)
@@ -293,22 +269,72 @@ def evaluate(cfg) -> dict:
         prepare_for_inference(model, device, cfg.bf16)
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
+            eos = tokenizer.eos_token_id
+            references = capability.reference_sequences(
+                tokenizer, [row for _, row in prompt_rows], eos, cfg.reference_max_tokens
+            )
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             result = generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device)
+            if cfg.report:
+                result["capability"] = _capability(cfg, model, baseline, tokenizer, references, result)
         results.append({"name": name, "path": path, **result})
+        if cfg.report and index == 0 and len(names) > 1:
+            baseline = model  # kept for the KL of every other model
         del model
-    base = results[0]
-    comparisons = [
-        {
-            "model": r["name"],
-            "baseline": base["name"],
-            **compare(r["rewards"], base["rewards"], cfg.bootstrap_samples, cfg.seed),
-        }
-        for r in results[1:]
-    ]
+    return _assemble(cfg, plan, reward, prompt_rows, results)
+
+
+def _capability(cfg, model, baseline, tokenizer, references, result) -> dict:
+    """Reference-answer likelihood and, for every model after the first, KL to the first on its completions."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logprobs = capability.reference_logprobs(model, references, pad_id, max(1, cfg.batch_size // 4))
+    out = capability.likelihood_summary(logprobs, references)
+    out["reference_logprobs"] = logprobs
+    if baseline is None:
+        return out
+    if not capability.same_vocabulary(model, baseline):
+        logger.warning("the model's vocabulary differs from the baseline's; no KL to the baseline")
+        return out
+    per_row = capability.kl_to_baseline(model, baseline, result["rollouts"], cfg.temperature)
+    kl = np.zeros(result["rewards"].shape)
+    for (i, j), value in zip(result["order"], per_row):
+        kl[i, j] = value
+    per_token = float(kl.sum() / max(result["lengths"].sum(), 1))
+    out.update(kl_to_baseline=kl, kl_to_baseline_mean=float(kl.mean()), kl_to_baseline_per_token=per_token)
+    return out
+
+
+def _assemble(cfg, plan, reward, prompt_rows, results) -> dict:
+    """The JSON-ready evaluation: settings, prompts, each model's summary and completions, comparisons."""
     from dataclasses import asdict
 
+    resampled = resample_indices(len(prompt_rows), cfg.bootstrap_samples, cfg.seed)
+    base = results[0]
+    models = []
+    for r in results:
+        summary = {
+            **summarise(r["rewards"], r["lengths"], r["ended"], resampled),
+            **r["behaviour"],
+            "reward_source_means": r["source_means"],
+        }
+        capability_kept = r.get("capability", {})
+        summary.update({k: v for k, v in capability_kept.items() if not isinstance(v, (list, np.ndarray))})
+        completions = r["completions"]
+        if cfg.report:
+            kl = capability_kept.get("kl_to_baseline")
+            for c in completions:
+                i, j = c["prompt_index"], c["completion_index"]
+                c["token_ids"] = r["tokens"][i][j]
+                if kl is not None:
+                    c["kl_to_baseline"] = float(kl[i, j])
+        models.append({"name": r["name"], "path": r["path"], "summary": summary, "completions": completions})
+        if cfg.report:
+            models[-1]["reference_logprobs"] = capability_kept.get("reference_logprobs")
+    comparisons = [
+        {"model": r["name"], "baseline": base["name"], **compare(r["rewards"], base["rewards"], resampled)}
+        for r in results[1:]
+    ]
     return {
         "settings": {
             **asdict(cfg),
@@ -319,15 +345,22 @@ def evaluate(cfg) -> dict:
             "skipped_rows": plan.skip_rows,
         },
         "prompts": [
-            {"prompt_index": i, "dataset_row": row_index, "text": text}
-            for i, ((row_index, _), text) in enumerate(zip(prompt_rows, results[0]["prompts"]))
+            {"prompt_index": i, "dataset_row": row_index, "text": text, "question": row_conversation(row)[1]}
+            for i, ((row_index, row), text) in enumerate(zip(prompt_rows, results[0]["prompts"]))
         ],
-        "models": [
-            {"name": r["name"], "path": r["path"], "summary": r["summary"], "completions": r["completions"]}
-            for r in results
-        ],
+        "models": models,
         "comparisons": comparisons,
     }
+
+
+def _number(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    """Mean over the completions a reward source applies to (it returned None for the others)."""
+    applies = ~np.isnan(values)
+    return float(values[applies].mean()) if applies.any() else None
 
 
 def check_output_writable(path: str) -> None:
@@ -346,6 +379,10 @@ def check_output_writable(path: str) -> None:
 def default_output_path(cfg) -> str:
     if cfg.output:
         return cfg.output
+    if cfg.report:
+        from smolppo.report import REPORT_FILES
+
+        return os.path.join(cfg.report, REPORT_FILES["json"])
     first = cfg.model_path[0]
     if os.path.isdir(first):
         return os.path.join(first, "evaluation.json")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from smolppo.evaluation import compare, rank_labels, summarise
+from smolppo.report import compare, rank_labels, resample_indices, summarise
 from tests.conftest import run_script
 
 
@@ -19,7 +19,9 @@ def test_rank_labels():
 
 def test_summarise_hand_computed():
     rewards = np.array([[1.0, 3.0], [2.0, 2.0]])
-    s = summarise(rewards, np.array([[4, 6], [5, 5]]), np.array([[True, False], [True, True]]))
+    every_prompt_once = np.array([[0, 1], [1, 0]])  # both resamples hold each prompt once: the interval is the mean
+    s = summarise(rewards, np.array([[4, 6], [5, 5]]), np.array([[True, False], [True, True]]), every_prompt_once)
+    assert s["reward_mean_ci95"] == [2.0, 2.0]
     assert s["reward_mean"] == 2.0 and s["reward_median"] == 2.0
     assert s["reward_min"] == 1.0 and s["reward_max"] == 3.0
     assert s["reward_std"] == pytest.approx(math.sqrt(2 / 3))
@@ -29,11 +31,22 @@ def test_summarise_hand_computed():
 def test_compare_counts_ties_apart_and_difference_of_means():
     model = np.array([[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]])
     base = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 3.0]])
-    c = compare(model, base, bootstrap_samples=500, seed=0)
+    c = compare(model, base, resample_indices(3, 500, seed=0))
     assert (c["wins"], c["ties"], c["losses"]) == (1, 1, 1)
     assert c["win_rate"] == pytest.approx(1 / 3) and c["tie_rate"] == pytest.approx(1 / 3)
     assert c["mean_reward_difference"] == pytest.approx(model.mean() - base.mean())
     assert c["ci95"][0] <= c["mean_reward_difference"] <= c["ci95"][1]
+    assert c["win_rate_ci95"][0] <= c["win_rate"] <= c["win_rate_ci95"][1]
+
+
+def test_bootstrap_interval_hand_computed():
+    from smolppo.report import bootstrap_ci
+
+    won = np.array([1.0, 0.0, 0.0])  # prompt 0 won, 1 and 2 lost
+    draws = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])  # resampled means 1, 0, 0, 1/3
+    low, high = bootstrap_ci(won, draws)
+    # numpy's linear percentile over the sorted means [0, 0, 1/3, 1]: 2.5 % -> 0, 97.5 % -> 1/3 + 0.925 * 2/3
+    assert low == 0.0 and high == pytest.approx(1 / 3 + 0.925 * 2 / 3)
 
 
 def _evaluate(*args):

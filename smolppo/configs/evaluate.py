@@ -68,6 +68,19 @@ class EvalConfig(ConfigBase):
     output: Optional[str] = field(
         default=None, metadata=_help("JSON output path; default: evaluation.json in the first model's directory.")
     )
+    report: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Directory for the comparison report: report.md, report.json (every number) and PNG figures; adds "
+            "reference-answer perplexity and KL to the first model. The JSON goes there unless --output is given."
+        ),
+    )
+    report_examples: int = field(
+        default=3, metadata=_help("Prompts shown with every model's completions in report.md.")
+    )
+    reference_max_tokens: int = field(
+        default=256, metadata=_help("Reference (`chosen`) answers are scored on at most this many tokens.")
+    )
     device: Optional[str] = field(default=None, metadata=_help("cpu or cuda; default: cuda when available."))
     bf16: bool = field(
         default=False,
@@ -75,7 +88,17 @@ class EvalConfig(ConfigBase):
     )
 
     def _check_eval(self) -> None:
-        check_positive(self, "num_prompts", "max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples")
+        check_positive(
+            self,
+            "num_prompts",
+            "max_new_tokens",
+            "max_prompt_length",
+            "batch_size",
+            "bootstrap_samples",
+            "reference_max_tokens",
+        )
+        if self.report_examples < 0:
+            raise ValueError(f"report_examples must be >= 0, got {self.report_examples}")
         if self.num_completions < 2:
             raise ValueError(f"num_completions must be at least 2 to rank BEST/WORST, got {self.num_completions}")
         if not self.temperature > 0:

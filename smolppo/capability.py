@@ -1,0 +1,128 @@
+"""What a trained model kept of its capability: likelihood of reference answers and KL to a baseline model.
+
+Both are measured on held-out prompts only. The maths (`token_kl`, `perplexity`) is pure and tested on hand-built
+tensors; the two model passes reuse the trainer's `response_logits` (fp32 LM head), so a log-prob here is the one
+training would compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smolppo.data import left_pad, row_prompt
+from smolppo.rollout import Rollout, build_rollout, response_logits, selective_log_softmax, trim_padding
+
+
+# ---------------------------------------------------------------------- pure maths
+def token_kl(logits: torch.Tensor, baseline_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum over masked positions of the exact KL(softmax(logits) || softmax(baseline_logits)).
+
+    ``logits``/``baseline_logits``: ``[B, R, V]``; ``mask``: ``[B, R]``. The whole vocabulary is summed at every
+    position, so only the contexts are sampled: no estimator variance and never negative.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(baseline_logits.float(), dim=-1)
+    per_position = (logp.exp() * (logp - logq)).sum(-1)
+    return (per_position * mask).sum(-1)
+
+
+def perplexity(total_logprob: float, num_tokens: int) -> float:
+    """``exp(-mean log-prob per token)``; nan without tokens."""
+    return math.exp(-total_logprob / num_tokens) if num_tokens else float("nan")
+
+
+# ---------------------------------------------------------------------- reference answers
+def reference_sequences(tokenizer, rows: list[dict], eos_id: int | None, max_tokens: int) -> list[tuple[list, list]]:
+    """``(prompt ids, answer ids)`` of each row with a non-empty ``chosen`` answer (else ``None`` in its place).
+
+    The answer is the row's ``chosen`` text as the assistant's turn, cut at `max_tokens`; an answer that fits
+    ends with EOS, so a model is also scored on ending where the reference ends."""
+    out = []
+    for row in rows:
+        answer = str(row.get("chosen") or "").strip()
+        if not answer:
+            out.append(None)
+            continue
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(ids) < max_tokens and eos_id is not None:
+            ids = ids + [eos_id]
+        out.append((row_prompt(tokenizer, row)[1], ids[:max_tokens]))
+    return out
+
+
+def _teacher_forced(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Rollout:
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max(len(a) for a in answers)
+    responses = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    for i, answer in enumerate(answers):
+        responses[i, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+    rollout = build_rollout(prompt_ids, prompt_mask, responses, eos_ids=[-1], pad_id=pad_id)
+    lengths = torch.tensor([len(a) for a in answers])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    rollout.response_mask, rollout.response_lengths = mask, lengths
+    rollout.attention_mask[:, prompt_ids.shape[1] :] = mask.long()
+    return rollout
+
+
+@torch.no_grad()
+def reference_logprobs(model, references, pad_id: int, batch_size: int, progress: bool = True) -> list[float | None]:
+    """Summed log-prob (temperature 1) of each reference answer given its prompt; ``None`` where there is none."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    present = [i for i, ref in enumerate(references) if ref is not None]
+    out: list[float | None] = [None] * len(references)
+    for start in tqdm(range(0, len(present), batch_size), desc="reference answers", disable=not progress):
+        group = present[start : start + batch_size]
+        rollout = _teacher_forced([references[i][0] for i in group], [references[i][1] for i in group], pad_id)
+        rollout = _to(trim_padding(rollout), device)
+        logprobs = selective_log_softmax(response_logits(model, rollout), rollout.responses) * rollout.response_mask
+        for i, value in zip(group, logprobs.sum(-1).tolist()):
+            out[i] = value
+    return out
+
+
+def likelihood_summary(logprobs: list[float | None], references) -> dict:
+    """Token-weighted log-likelihood per token and perplexity over the references that exist."""
+    total = sum(lp for lp in logprobs if lp is not None)
+    tokens = sum(len(ref[1]) for ref in references if ref is not None)
+    return {
+        "reference_logprob_per_token": total / tokens if tokens else float("nan"),
+        "reference_perplexity": perplexity(total, tokens),
+        "num_references": sum(ref is not None for ref in references),
+        "num_reference_tokens": tokens,
+    }
+
+
+# ---------------------------------------------------------------------- KL to the baseline
+@torch.no_grad()
+def kl_to_baseline(model, baseline, rollouts: list[Rollout], temperature: float, chunk: int = 4) -> list[float]:
+    """Per-completion KL of `model` from `baseline` over its own sampled completions, both at `temperature`
+    (the temperature they were sampled at, as training's KL penalty uses)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for rollout in rollouts:
+        for start in range(0, len(rollout), chunk):
+            part = _to(trim_padding(rollout.select(slice(start, start + chunk))), device)
+            ours = response_logits(model, part) / temperature
+            theirs = response_logits(baseline, part) / temperature
+            out.extend(token_kl(ours, theirs, part.response_mask).tolist())
+    return out
+
+
+def same_vocabulary(model, baseline) -> bool:
+    return model.get_output_embeddings().weight.shape == baseline.get_output_embeddings().weight.shape
+
+
+def _to(rollout: Rollout, device) -> Rollout:
+    return Rollout(
+        input_ids=rollout.input_ids.to(device),
+        attention_mask=rollout.attention_mask.to(device),
+        position_ids=rollout.position_ids.to(device),
+        response_mask=rollout.response_mask.to(device),
+        response_lengths=rollout.response_lengths,
+        ended_with_eos=rollout.ended_with_eos,
+        context_length=rollout.context_length,
+    )
