@@ -14,7 +14,7 @@ import torch
 
 from smolppo import real_model
 from smolppo.errors import UserError
-from tests.conftest import REPO, make_smoke_trainer
+from tests.conftest import REPO, make_smoke_trainer, run_script
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -217,3 +217,42 @@ def test_two_ppo_updates_on_the_real_model_read_rewards_exactly(real_dir, real_r
     assert len(changed) > 100  # every layer moved during update 1
     second = trainer.step()
     assert second["kl_divergence"] != 0.0 and all(map(torch.isfinite, map(torch.tensor, second.values())))
+
+
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+            ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Peru", "Lima"), ("Greece", "Athens"), ("Chile", "Santiago"),
+            ("Poland", "Warsaw"), ("Canada", "Ottawa")]  # fmt: skip
+
+
+@pytest.mark.soak
+def test_report_for_the_base_and_a_short_ppo_run_on_the_real_model(real_dir, real_reward_model, tmp_path):
+    """The spec's last step on the real SmolLM2: base vs a 2-update PPO run, report.md with every section."""
+    data = tmp_path / "capitals.jsonl"
+    rows = [{"system": "", "question": f"What is the capital of {country}?",
+             "chosen": f"The capital of {country} is {city}.", "rejected": f"I am not sure about {country}."}
+            for country, city in CAPITALS]  # fmt: skip
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "ppo"
+    trained = run_script(
+        "train_ppo.py", "--policy-model", real_dir, "--reward-model", real_reward_model, "--dataset", str(data),
+        "--num-samples", "8", "--rollout-batch-size", "4", "--mini-batch-size", "4",
+        "--per-device-train-batch-size", "2", "--max-new-tokens", "16", "--ppo-epochs", "1", "--max-updates", "2",
+        "--reward-check-pairs", "0", "--learning-rate", "1e-5", "--bf16", "--output-dir", str(out),
+        timeout=1200,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report_dir = tmp_path / "report"
+    result = run_script(
+        "evaluate_generations.py", "--baseline-model", real_dir, "--model-path", str(out), "--report",
+        str(report_dir), "--num-prompts", "4", "--num-completions", "2", "--max-new-tokens", "24", "--bf16",
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["settings"]["skipped_rows"] == 8 and [p["dataset_row"] for p in report["prompts"]] == [8, 9, 10, 11]
+    base, ppo = (m["summary"] for m in report["models"])
+    for summary in (base, ppo):
+        assert summary["num_references"] == 4 and 1.0 < summary["reference_perplexity"] < 100.0  # a real LM
+    assert 0.0 < ppo["kl_to_baseline_mean"] < 50.0
+    text = (report_dir / "report.md").read_text()
+    assert "## Capability kept" in text and "What is the capital of" in text
