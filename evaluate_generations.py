@@ -25,9 +25,9 @@ logger = logging.getLogger("evaluate_generations")
 def main() -> int:
     config = parse_config(EvalConfig)
 
-    from smolppo.evaluation import check_output_writable, default_output_path, evaluate, format_table
-    from smolppo.output_dir import write_json_atomically
-    from smolppo.report import check_report_dir, write_report
+    from smolppo.evaluation.evaluate import check_output_writable, default_output_path, evaluate, format_table
+    from smolppo.evaluation.report import check_report_dir, write_report
+    from smolppo.runs.output_dir import write_json_atomically
 
     if config.report:
         check_report_dir(config.report)

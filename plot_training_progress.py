@@ -24,8 +24,7 @@ logger = logging.getLogger("plot_training_progress")
 def main() -> int:
     config = parse_config(PlotConfig)
 
-    from smolppo.output_dir import write_atomically
-    from smolppo.plotting import (
+    from smolppo.evaluation.plotting import (
         BEHAVIOUR_PANELS,
         default_title,
         find_runs,
@@ -35,6 +34,7 @@ def main() -> int:
         read_scalars,
         run_algorithms,
     )
+    from smolppo.runs.output_dir import write_atomically
 
     runs = find_runs(config.log_dir)
     frame = read_scalars(runs)

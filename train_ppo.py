@@ -37,9 +37,9 @@ def main() -> int:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    from smolppo import output_dir
     from smolppo.distributed import use_cpu
-    from smolppo.pipeline import build_ppo_trainer, check_output_dir_for, plan_resume
+    from smolppo.job.build import build_ppo_trainer, check_output_dir_for, plan_resume
+    from smolppo.runs import output_dir
     from smolppo.smoke import resolve as resolve_smoke_name
 
     state = PartialState(cpu=use_cpu())  # one process, or one of several under `accelerate launch`
@@ -71,7 +71,7 @@ def main() -> int:
             config.output_dir,
         )
     if config.push_to_hub and summary["status"] == "finished" and state.is_main_process:
-        from smolppo.hub import push_to_hub
+        from smolppo.runs.hub import push_to_hub
 
         push_to_hub(config.output_dir, config.hub_model_id, config.hub_private_repo)
     return 0 if summary["status"] == "finished" else signal_exit_code(summary["stopped_by"])

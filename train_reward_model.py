@@ -26,9 +26,9 @@ logger = logging.getLogger("train_reward_model")
 def main() -> int:
     config = parse_config(RewardModelConfig, recipes="train_reward_model")
 
-    from smolppo import output_dir
-    from smolppo.checkpointing import check_output_dir, latest_checkpoint
-    from smolppo.reward_modeling import SUMMARY_FILE, train_reward_model
+    from smolppo.rewards.training import SUMMARY_FILE, train_reward_model
+    from smolppo.runs import output_dir
+    from smolppo.runs.checkpointing import check_output_dir, latest_checkpoint
 
     resume_from = check_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE

@@ -77,13 +77,13 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, set_seed
 
     from smolppo import smoke
-    from smolppo.algorithm import Algorithm
+    from smolppo.algorithm.engine import Algorithm
     from smolppo.configs import PPOConfig
     from smolppo.data import PromptSet
+    from smolppo.job.trainer import Trainer
     from smolppo.models import apply_lora, load_tokenizer
-    from smolppo.reward_sources import CombinedReward, RewardModelSource
-    from smolppo.rewards import RewardReader
-    from smolppo.trainer import Trainer
+    from smolppo.rewards.reader import RewardReader
+    from smolppo.rewards.sources import CombinedReward, RewardModelSource
 
     device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(smoke.TOKENIZER_DIR)

@@ -53,7 +53,7 @@ def matmul_rates(device) -> dict:
 
 
 def logprobs_with(model, rollout, bf16_body: bool, bf16_head: bool, chunk: int) -> torch.Tensor:
-    from smolppo.rollout import response_logits, selective_log_softmax, trim_padding
+    from smolppo.algorithm.rollout import response_logits, selective_log_softmax, trim_padding
 
     out = []
     for start in range(0, len(rollout), chunk):
@@ -76,9 +76,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None)
     opts = parser.parse_args()
+    from smolppo.algorithm.rollout import generate_rollout, sampling_config
     from smolppo.data import render_prompt
     from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer, set_attention
-    from smolppo.rollout import generate_rollout, sampling_config
 
     device = torch.device(opts.device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "matmul_gflops": matmul_rates(device)}
@@ -91,8 +91,8 @@ def main() -> int:
     torch.manual_seed(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         config.output_logits, config.return_dict_in_generate = True, True
+        from smolppo.algorithm.rollout import sample
         from smolppo.data import left_pad
-        from smolppo.rollout import sample
 
         ids, mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
         torch.manual_seed(0)
@@ -100,7 +100,7 @@ def main() -> int:
     # log-probs generate computed while sampling, for the tokens it sampled (same seed: the same tokens)
     steps = torch.stack(generated.logits, 1).float() / 0.7
     sampled = generated.sequences[:, ids.shape[1] :]
-    from smolppo.rollout import build_rollout, selective_log_softmax
+    from smolppo.algorithm.rollout import build_rollout, selective_log_softmax
 
     gen_rollout = build_rollout(ids, mask, sampled, eos, tokenizer.pad_token_id)
     from_generate = selective_log_softmax(steps, sampled) * gen_rollout.response_mask

@@ -123,7 +123,7 @@ def task_rows(count: int) -> list[dict]:
 def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -> dict:
     attention = os.environ.get("SPEED_OURS_ATTENTION", "auto")
     from smolppo.configs import PPOConfig
-    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.job.build import build_ppo_trainer
 
     rows = task_rows(prompts_for(estimator))
     work = tempfile.mkdtemp(prefix="speed-ours-")

@@ -123,7 +123,7 @@ def our_trainer(task: str, out: str, seed: int, updates: int, **overrides):
     from accelerate.state import AcceleratorState
 
     from smolppo.configs import PPOConfig
-    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.job.build import build_ppo_trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     h = dict(HYPER, **overrides)
@@ -274,8 +274,8 @@ def _grad_diffs(ours: dict, theirs: dict) -> tuple[float, str, int]:
 def diff(workdir: str) -> dict:
     import torch
 
-    from smolppo import ppo_math
-    from smolppo.experience import Experience
+    from smolppo.algorithm import ppo_math
+    from smolppo.algorithm.experience import Experience
 
     task = build_task(workdir)
     work = os.path.join(workdir, "diff")
@@ -368,9 +368,9 @@ def common_reward(policy_dir: str, task: str, seed: int = 1234) -> float:
     trained (our `RewardReader`), the same yardstick for both engines."""
     import torch
 
+    from smolppo.algorithm.rollout import generate_rollout, response_texts, sampling_config
     from smolppo.data import load_rows, row_conversation, row_prompt
     from smolppo.models import load_causal_lm, load_reward_reader, load_tokenizer
-    from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
     tokenizer = load_tokenizer(os.path.join(task, "policy"))
     policy = load_causal_lm(policy_dir).eval()

@@ -82,7 +82,7 @@ def run(command: list[str], log_path: str) -> float:
 
 def kl_figures(output_dir: str, target: float) -> dict:
     """Per-update KL from the run's TensorBoard logs: its second-half mean against the target."""
-    from smolppo.plotting import find_runs, read_scalars
+    from smolppo.evaluation.plotting import find_runs, read_scalars
 
     frame = read_scalars(find_runs([os.path.join(output_dir, "logs")]))
     kl = frame[frame.tag == "kl_divergence"].sort_values("step")["value"].tolist()

@@ -119,9 +119,9 @@ def pick_pair(samples: list[tuple[str, bool]]) -> tuple[str, str] | None:
 def sample_responses(model_dir: str, prompts: list[str], bf16: bool, batch_size: int) -> list[list[tuple[str, bool]]]:
     import torch
 
+    from smolppo.algorithm.rollout import generate_rollout, response_texts, sampling_config
     from smolppo.data import row_prompt
     from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer
-    from smolppo.rollout import generate_rollout, response_texts, sampling_config
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
@@ -144,7 +144,7 @@ def sample_responses(model_dir: str, prompts: list[str], bf16: bool, batch_size:
 
 
 def build(model_dir: str, out_dir: str, bf16: bool, batch_size: int) -> dict:
-    from smolppo.output_dir import write_json_atomically
+    from smolppo.runs.output_dir import write_json_atomically
 
     started = time.time()
     prompts = task_prompts()

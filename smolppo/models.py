@@ -17,7 +17,7 @@ from torch import nn
 
 from smolppo.errors import UserError
 from smolppo.paths import looks_like_local_path
-from smolppo.rewards import RewardReader, recorded_template
+from smolppo.rewards.reader import RewardReader, recorded_template
 from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
 
 def damaged_weights(directory: str) -> str | None:
     """The first ``*.safetensors`` file in `directory` whose header cannot be read, or None."""
-    from smolppo.checkpointing import safetensors_readable
+    from smolppo.runs.checkpointing import safetensors_readable
 
     names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     return next((n for n in names if not safetensors_readable(os.path.join(directory, n))), None)
@@ -322,7 +322,7 @@ def load_reward_tokenizer(path: str, fallback):
 
 
 def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batch_size: int = 16) -> RewardReader:
-    """The reward model with its own tokenizer, read as it was trained (see `smolppo.rewards`)."""
+    """The reward model with its own tokenizer, read as it was trained (see `smolppo.rewards.reader`)."""
     path = resolve_model_path(name, "reward-model")
     model = load_sequence_classifier(path, "reward-model")
     tokenizer = load_reward_tokenizer(path, fallback_tokenizer)

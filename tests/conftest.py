@@ -91,7 +91,7 @@ def make_smoke_trainer(output_dir, *flags):
     """The job `train_ppo.py --preset smoke` builds, in-process, writing to `output_dir`."""
     from smolppo.cli import parse_config
     from smolppo.configs import PPOConfig
-    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.job.build import build_ppo_trainer
 
     config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", str(output_dir), *flags], "train_ppo")
     return build_ppo_trainer(config)

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from smolppo.behaviour import BehaviourWatch, behaviour_metrics, distinct_n, is_degenerate, repeated_ngram_share
+from smolppo.algorithm.behaviour import (
+    BehaviourWatch,
+    behaviour_metrics,
+    distinct_n,
+    is_degenerate,
+    repeated_ngram_share,
+)
 
 
 def test_distinct_n_by_hand():
@@ -120,7 +126,7 @@ def test_a_warning_reaches_the_log_tensorboard_the_summary_and_the_checkpoint(tm
 
     trainer = make_smoke_trainer(tmp_path / "run", "--max-updates", "20", "--save-steps", "20")
     trainer.watch = BehaviourWatch(dict(trainer.watch.reward_weights), diversity_fraction=2.0)
-    with caplog.at_level("WARNING", logger="smolppo.trainer"):
+    with caplog.at_level("WARNING", logger="smolppo.job.trainer"):
         summary = trainer.train()
     assert [w["kind"] for w in summary["warnings"]] == ["diversity"]
     assert sum("responses lost diversity" in r.getMessage() for r in caplog.records) == 1

@@ -185,7 +185,7 @@ def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache
 
     from tests.conftest import make_smoke_trainer
 
-    caplog.set_level(logging.INFO, logger="smolppo.trainer")
+    caplog.set_level(logging.INFO, logger="smolppo.job.trainer")
     out = tmp_path / "run"
     make_smoke_trainer(out, "--use_peft", "--report_to", "tensorboard", "--max-updates", "2").train()
     assert "gae: 2 updates (5 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \

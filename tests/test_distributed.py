@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from smolppo import output_dir
+from smolppo.runs import output_dir
 from tests.conftest import REPO
 
 CONFIG_DIR = os.path.join(REPO, "accelerate_configs")

@@ -58,7 +58,7 @@ def test_reward_function_alone_trains_and_is_logged(tmp_path):
                            "examples/reward_functions.py:readable_text", "--reward-weights", "10")  # fmt: skip
     assert trainer.algorithm.reward.reader is None and trainer.reward_check is None
     summary = trainer.train()
-    from smolppo.plotting import read_scalars
+    from smolppo.evaluation.plotting import read_scalars
 
     scalars = read_scalars({"run": str(tmp_path / "logs")})
     readable = scalars[scalars.tag == "rewards/readable_text"].sort_values("step").value.to_numpy()
@@ -86,7 +86,7 @@ def test_grpo_run_writes_and_resumes_without_a_value_model(tmp_path, smoke_cache
 def test_evaluation_scores_a_function_only_run_with_its_functions(tmp_path):
     from examples.reward_functions import readable_text
     from smolppo.configs import EvalConfig
-    from smolppo.evaluation import evaluate
+    from smolppo.evaluation.evaluate import evaluate
 
     function = ["--reward-funcs", "examples/reward_functions.py:readable_text", "--reward-weights", "10"]
     trainer = make_trainer(tmp_path, "--reward-model", "none", *function, "--max-updates", "1")

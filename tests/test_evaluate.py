@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from smolppo.report import compare, rank_labels, resample_indices, summarise
+from smolppo.evaluation.report import compare, rank_labels, resample_indices, summarise
 from tests.conftest import run_script
 
 
@@ -40,7 +40,7 @@ def test_compare_counts_ties_apart_and_difference_of_means():
 
 
 def test_bootstrap_interval_hand_computed():
-    from smolppo.report import bootstrap_ci
+    from smolppo.evaluation.report import bootstrap_ci
 
     won = np.array([1.0, 0.0, 0.0])  # prompt 0 won, 1 and 2 lost
     draws = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])  # resampled means 1, 0, 0, 1/3

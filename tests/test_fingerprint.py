@@ -32,7 +32,7 @@ def fingerprint(output_dir: str, *flags: str) -> dict:
 
     from smolppo.cli import parse_config
     from smolppo.configs import PPOConfig
-    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.job.build import build_ppo_trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", output_dir, *flags], "train_ppo")

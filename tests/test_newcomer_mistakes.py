@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from smolppo import checkpointing, output_dir
 from smolppo.cli import parse_config
 from smolppo.configs import PPOConfig
 from smolppo.errors import UserError
+from smolppo.job.build import held_out_pairs
 from smolppo.models import load_causal_lm, resolve_model_path
-from smolppo.pipeline import held_out_pairs
-from smolppo.rewards import RewardReader, check_reward_model
+from smolppo.rewards.reader import RewardReader, check_reward_model
+from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, run_script
 
 

@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from smolppo import checkpointing, output_dir
 from smolppo.errors import UserError
+from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, run_script
 
 SMOKE = ("--preset", "smoke")

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from smolppo.plotting import (
+from smolppo.evaluation.plotting import (
     BEHAVIOUR_PANELS,
     default_title,
     find_runs,

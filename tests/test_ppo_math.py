@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from smolppo import ppo_math
+from smolppo.algorithm import ppo_math
 
 
 def test_gae_undiscounted_hand_computed():

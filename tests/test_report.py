@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from smolppo.capability import perplexity, token_kl
+from smolppo.evaluation.capability import perplexity, token_kl
 from tests.conftest import run_script
 
 TEMPERATURE = 0.7

@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from smolppo.reward_modeling import split_pairs
+from smolppo.rewards.training import split_pairs
 from tests.conftest import run_script
 
 

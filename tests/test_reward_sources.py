@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from smolppo.errors import UserError
-from smolppo.reward_sources import (
+from smolppo.rewards.sources import (
     CombinedReward,
     RewardBatch,
     RewardFunctionSource,

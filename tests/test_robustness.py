@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from smolppo import checkpointing, output_dir
+from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, run_script
 
 SMOKE = ("--preset", "smoke")
@@ -252,7 +252,7 @@ def test_resident_memory_is_flat_over_many_updates(tmp_path):
 
     from smolppo.cli import parse_config
     from smolppo.configs import PPOConfig
-    from smolppo.pipeline import build_ppo_trainer
+    from smolppo.job.build import build_ppo_trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     config = parse_config(PPOConfig, [*SMOKE, "--output-dir", str(tmp_path), "--max-updates", "200"], "train_ppo")

@@ -3,9 +3,7 @@
 import torch
 from torch.testing import assert_close
 
-from smolppo.data import left_pad
-from smolppo.models import load_causal_lm, load_sequence_classifier
-from smolppo.rollout import (
+from smolppo.algorithm.rollout import (
     build_rollout,
     generate_rollout,
     response_logprobs,
@@ -13,7 +11,9 @@ from smolppo.rollout import (
     sampling_config,
     selective_log_softmax,
 )
-from smolppo.scoring import TokenScorer, token_values
+from smolppo.algorithm.value import TokenScorer, token_values
+from smolppo.data import left_pad
+from smolppo.models import load_causal_lm, load_sequence_classifier
 
 EOS = 2
 
@@ -69,7 +69,7 @@ def test_logprobs_do_not_depend_on_left_padding(smoke_paths, tokenizer):
 def test_rollout_samples_only_with_temperature_whatever_the_model_generation_config_says(smoke_paths, tokenizer):
     """A checkpoint's repetition_penalty / min_p / no_repeat_ngram_size must not reshape what the rollout samples:
     the distribution generate() actually sampled from equals log_softmax(logits / T), the recorded log-probs."""
-    from smolppo.rollout import sample
+    from smolppo.algorithm.rollout import sample
 
     policy = load_causal_lm(smoke_paths["policy"]).eval()
     policy.generation_config.repetition_penalty = 3.0
@@ -131,7 +131,7 @@ def test_building_smoke_models_leaves_the_global_rng_alone(tmp_path, monkeypatch
 
 
 def test_trimming_padding_columns_changes_no_real_output(smoke_paths, tokenizer):
-    from smolppo.rollout import pad_response_width, trim_padding
+    from smolppo.algorithm.rollout import pad_response_width, trim_padding
 
     policy = load_causal_lm(smoke_paths["policy"]).eval()
     eos = tokenizer.eos_token_id
@@ -155,7 +155,7 @@ def test_frozen_body_in_bf16_is_bit_identical_under_autocast(smoke_paths, tokeni
     import copy
 
     from smolppo.models import store_body_linears_in_bf16
-    from smolppo.rewards import RewardReader
+    from smolppo.rewards.reader import RewardReader
 
     torch.manual_seed(0)
     policy = load_causal_lm(smoke_paths["policy"]).eval()

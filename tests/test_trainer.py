@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from smolppo.rollout import response_logits
+from smolppo.algorithm.rollout import response_logits
 from tests.conftest import assert_learned, make_smoke_trainer, policy_rewards
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")

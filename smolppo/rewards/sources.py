@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from smolppo.errors import UserError
-from smolppo.rewards import RewardReader
+from smolppo.rewards.reader import RewardReader
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RewardBatch:
 
 
 class RewardModelSource:
-    """The reward model, read as it was trained (see `smolppo.rewards`)."""
+    """The reward model, read as it was trained (see `smolppo.rewards.reader`)."""
 
     def __init__(self, reader: RewardReader):
         self.reader = reader

@@ -1,6 +1,6 @@
 """Training the reward model with `trl`'s `RewardTrainer`, and measuring it the way PPO will read it.
 
-Each pair is tokenised by `smolppo.rewards.RewardReader.render`: the conversation (system, question, answer)
+Each pair is tokenised by `smolppo.rewards.reader.RewardReader.render`: the conversation (system, question, answer)
 through the chat template (``--reward-template``), exactly as `RewardTrainer` renders conversational data, so
 the trained model is read by PPO and evaluation with the code that made its training data. The model keeps the
 tokenizer's pad id (SmolLM2: pad == EOS): its own pooling, used in training and when reading it, then scores the
@@ -18,12 +18,12 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from smolppo import output_dir
 from smolppo.cli import GracefulStop
 from smolppo.data import load_rows, row_conversation
 from smolppo.errors import UserError
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
-from smolppo.rewards import PLAIN, REWARD_SUMMARY_FILE, RewardReader, pairwise_check
+from smolppo.rewards.reader import PLAIN, REWARD_SUMMARY_FILE, RewardReader, pairwise_check
+from smolppo.runs import output_dir
 
 logger = logging.getLogger(__name__)
 

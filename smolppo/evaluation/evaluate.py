@@ -1,7 +1,7 @@
 """Sample completions for unseen prompts, score them with the reward model, rank, summarise and compare models.
 
-Generation and scoring reuse the trainer's code (`smolppo.rollout`, `smolppo.rewards`), so a reward here means
-exactly what `rewards/mean` meant during training: the reward model's own reading of the conversation.
+Generation and scoring reuse the trainer's code (`smolppo.algorithm.rollout`, `smolppo.rewards.reader`), so a
+reward here means exactly what `rewards/mean` meant during training: the reward model's own reading of the conversation.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from smolppo import capability
-from smolppo.behaviour import behaviour_metrics
-from smolppo.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
+from smolppo.algorithm.behaviour import behaviour_metrics
+from smolppo.algorithm.rollout import generate_rollout, response_texts, response_tokens, sampling_config
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
 from smolppo.configs.ppo import names_a_reward_model
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
+from smolppo.evaluation import capability
+from smolppo.evaluation.report import compare, rank_labels, resample_indices, summarise
 from smolppo.models import (
     eos_token_ids,
     load_causal_lm,
@@ -32,9 +33,8 @@ from smolppo.models import (
     store_body_linears_in_bf16,
 )
 from smolppo.paths import looks_like_local_path
-from smolppo.report import compare, rank_labels, resample_indices, summarise
-from smolppo.reward_sources import CombinedReward, RewardBatch, build_reward
-from smolppo.rollout import generate_rollout, response_texts, response_tokens, sampling_config
+from smolppo.rewards.sources import CombinedReward, RewardBatch, build_reward
+from smolppo.runs.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def default_output_path(cfg) -> str:
     if cfg.output:
         return cfg.output
     if cfg.report:
-        from smolppo.report import REPORT_FILES
+        from smolppo.evaluation.report import REPORT_FILES
 
         return os.path.join(cfg.report, REPORT_FILES["json"])
     first = cfg.model_path[0]

@@ -21,7 +21,7 @@ PANELS = [
                                           "objective/scores", "train/accuracy", "eval/accuracy", "accuracy")),
     ("kl", "KL divergence from reference", ("kl_divergence", "train/kl", "kl", "train/objective/kl", "objective/kl")),
 ]  # fmt: skip
-# The second figure: what the responses look like (the scalars of `smolppo.behaviour`), for runs that logged them.
+# The second figure: what the responses look like (`smolppo.algorithm.behaviour`), for runs that logged them.
 BEHAVIOUR_PANELS = [
     ("length", "Response length (tokens)", ("response/length_mean",)),
     ("truncated", "Share out of max_new_tokens", ("response/truncated_rate",)),

@@ -11,8 +11,8 @@ import math
 
 import torch
 
+from smolppo.algorithm.rollout import Rollout, build_rollout, response_logits, selective_log_softmax, trim_padding
 from smolppo.data import left_pad, row_prompt
-from smolppo.rollout import Rollout, build_rollout, response_logits, selective_log_softmax, trim_padding
 
 
 # ---------------------------------------------------------------------- pure maths

@@ -13,9 +13,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from smolppo import checkpointing, output_dir
 from smolppo.errors import UserError
 from smolppo.models import load_weights_into
+from smolppo.runs import checkpointing, output_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`evaluate_generations.py --report DIR`: the preference-adherence vs capability report of several models.
 
-Input is the evaluation dict of `smolppo.evaluation.evaluate` (every number is in it; the script writes it as
+Input is the evaluation dict of `smolppo.evaluation.evaluate.evaluate` (every number is in it; the script writes it as
 ``report.json``). This module computes the report's statistics and renders ``report.md`` and three PNG figures.
 Every file is written atomically, and only these file names are touched in DIR.
 """
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from smolppo.errors import UserError
-from smolppo.output_dir import write_atomically
+from smolppo.runs.output_dir import write_atomically
 
 logger = logging.getLogger(__name__)
 

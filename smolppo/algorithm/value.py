@@ -2,7 +2,7 @@
 
 The value model is a 1-output sequence classifier run as body + head: the head is applied to the hidden state
 before each response token, giving one value per response position. (Rewards are read differently, by the
-reward model's own forward on text: see `smolppo.rewards`.)
+reward model's own forward on text: see `smolppo.rewards.reader`.)
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smolppo.algorithm.rollout import Rollout
 from smolppo.models import backbone, score_head
-from smolppo.rollout import Rollout
 
 
 class TokenScorer(nn.Module):

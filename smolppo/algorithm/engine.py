@@ -9,7 +9,7 @@
 6. ``optimise``: ``ppo_epochs`` passes of the clipped surrogate (+ value loss with a critic) over mini-batches.
 
 The ratio is new policy / rollout policy; the reference enters only through the KL. The formulas are in
-`smolppo.ppo_math`; the loop, checkpoints and logging around this are the job's (`smolppo.trainer`).
+`smolppo.algorithm.ppo_math`; the loop, checkpoints and logging around this are the job's (`smolppo.job.trainer`).
 """
 
 from __future__ import annotations
@@ -23,21 +23,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from smolppo import ppo_math
-from smolppo.behaviour import behaviour_metrics
-from smolppo.data import PromptSet
-from smolppo.experience import Experience, MicroBatchLoss, PolicyAndValue
-from smolppo.models import (
-    attention_for,
-    enable_gradient_checkpointing,
-    eos_token_ids,
-    eval_mode,
-    reference_context,
-    set_attention,
-    store_body_linears_in_bf16,
-)
-from smolppo.reward_sources import CombinedReward, RewardBatch
-from smolppo.rollout import (
+from smolppo.algorithm import ppo_math
+from smolppo.algorithm.behaviour import behaviour_metrics
+from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
+from smolppo.algorithm.rollout import (
     Rollout,
     check_logits_reproduced,
     generate_rollout,
@@ -49,7 +38,18 @@ from smolppo.rollout import (
     selective_log_softmax,
     trim_padding,
 )
-from smolppo.scoring import TokenScorer, token_values
+from smolppo.algorithm.value import TokenScorer, token_values
+from smolppo.data import PromptSet
+from smolppo.models import (
+    attention_for,
+    enable_gradient_checkpointing,
+    eos_token_ids,
+    eval_mode,
+    reference_context,
+    set_attention,
+    store_body_linears_in_bf16,
+)
+from smolppo.rewards.sources import CombinedReward, RewardBatch
 from smolppo.tracking import StageTimer
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from smolppo import ppo_math
-from smolppo.rollout import Rollout, response_logits, trim_padding
-from smolppo.scoring import TokenScorer, value_positions
+from smolppo.algorithm import ppo_math
+from smolppo.algorithm.rollout import Rollout, response_logits, trim_padding
+from smolppo.algorithm.value import TokenScorer, value_positions
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The job around the algorithm: the update loop, progress and logging, checkpoints and resume, signals, the
 divergence stop and the run summary. One update is `Trainer.step`: the algorithm's ``make_experience`` for this
-update's prompts, then its ``optimise`` (see `smolppo.algorithm`), then the schedules move on.
+update's prompts, then its ``optimise`` (see `smolppo.algorithm.engine`), then the schedules move on.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import asdict
 
 import torch
 
-from smolppo import checkpointing, hub, output_dir, run_state
-from smolppo.algorithm import Algorithm
-from smolppo.behaviour import BehaviourWatch
+from smolppo.algorithm.behaviour import BehaviourWatch
+from smolppo.algorithm.engine import Algorithm
+from smolppo.algorithm.experience import Experience
 from smolppo.cli import GracefulStop
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
-from smolppo.experience import Experience
-from smolppo.rewards import PairwiseCheck
+from smolppo.rewards.reader import PairwiseCheck
+from smolppo.runs import checkpointing, hub, output_dir, run_state
 from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
 
 logger = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ class Trainer:
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
             "kl_coef_next_update": self.algorithm.kl_controller.value,  # final_metrics' objective/kl_coef: the last
             "kl_target_reached": getattr(self.algorithm.kl_controller, "engaged", None),
-            "warnings": self.watch.warnings,  # what the behaviour watch saw (smolppo.behaviour.BehaviourWatch)
+            "warnings": self.watch.warnings,  # what the behaviour watch saw (BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),
             "num_processes": self.accelerator.num_processes,

@@ -6,9 +6,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
-from smolppo import checkpointing, output_dir
 from smolppo.data import PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
+from smolppo.runs import checkpointing, output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,16 @@ def held_out_pairs(config, rows: list[dict], tokenizer) -> list[dict]:
 
 def build_ppo_trainer(config, accelerator=None):
     """Seed, load the models, the prompts and the reward sources, check the reward model, and assemble the
-    algorithm and the job that runs it (a `smolppo.trainer.Trainer`)."""
+    algorithm and the job that runs it (a `smolppo.job.trainer.Trainer`)."""
     from accelerate import Accelerator
     from transformers import set_seed
 
-    from smolppo.algorithm import Algorithm
+    from smolppo.algorithm.engine import Algorithm
     from smolppo.distributed import use_cpu
+    from smolppo.job.trainer import Trainer
     from smolppo.models import load_ppo_models
-    from smolppo.reward_sources import build_reward
-    from smolppo.rewards import check_reward_model
-    from smolppo.trainer import Trainer
+    from smolppo.rewards.reader import check_reward_model
+    from smolppo.rewards.sources import build_reward
 
     set_seed(config.seed)
     models = load_ppo_models(config)

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 
 from smolppo.errors import UserError
-from smolppo.output_dir import STAGING_PREFIX, remove_entry
+from smolppo.runs.output_dir import STAGING_PREFIX, remove_entry
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int) -> None:
 def drop_optimizer_state(output_dir: str, keep: str) -> None:
     """Remove the optimizer state from every checkpoint but `keep` (the newest): marked in its state file first,
     then the file goes, so an interruption between the two leaves a checkpoint that resumes either way."""
-    from smolppo.output_dir import write_json_atomically
+    from smolppo.runs.output_dir import write_json_atomically
 
     for _, path in list_checkpoints(output_dir):
         optimizer = os.path.join(path, OPTIMIZER_FILE)
@@ -190,7 +190,7 @@ def _comparable(key: str, value):
     """A setting as compared on resume: reward-function files by absolute path (a relative and an absolute path to
     the same file are the same setting)."""
     if key == "reward_funcs" and isinstance(value, list):
-        from smolppo.reward_sources import reward_function_file
+        from smolppo.rewards.sources import reward_function_file
 
         out = []
         for spec in value:
@@ -259,7 +259,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from: str | None, 
 
     A finished or interrupted run is never replaced unless the user asks (``--overwrite-output-dir``).
     """
-    from smolppo.output_dir import check_collisions, check_writable
+    from smolppo.runs.output_dir import check_collisions, check_writable
 
     check_writable(output_dir)
     if not overwrite or resume_from:
