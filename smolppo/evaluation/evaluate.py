@@ -1,7 +1,8 @@
 """Sample completions for unseen prompts, score them with the reward model, rank, summarise and compare models.
 
 Generation and scoring reuse the trainer's code (`smolppo.algorithm.rollout`, `smolppo.rewards.reader`), so a
-reward here means exactly what `rewards/mean` meant during training: the reward model's own reading of the conversation.
+reward here means exactly what `rewards/mean` meant during training: the reward model's own reading of the
+conversation.
 """
 
 from __future__ import annotations
