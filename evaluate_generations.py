@@ -25,8 +25,8 @@ logger = logging.getLogger("evaluate_generations")
 def main() -> int:
     config = parse_config(EvalConfig)
 
-    from smolppo.evaluation.evaluate import check_output_writable, default_output_path, evaluate, format_table
-    from smolppo.evaluation.report import check_report_dir, write_report
+    from smolppo.evaluation.evaluate import check_output_writable, default_output_path, evaluate
+    from smolppo.evaluation.report import check_report_dir, format_table, write_report
     from smolppo.runs.output_dir import write_json_atomically
 
     if config.report:

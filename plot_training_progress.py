@@ -24,6 +24,7 @@ logger = logging.getLogger("plot_training_progress")
 def main() -> int:
     config = parse_config(PlotConfig)
 
+    from smolppo import files
     from smolppo.evaluation.plotting import (
         BEHAVIOUR_PANELS,
         default_title,
@@ -41,9 +42,9 @@ def main() -> int:
     algorithms = run_algorithms(runs)
     figure, missing = plot_progress(frame, config.smooth, config.title, kl_targets(runs), algorithms)
     first = os.path.abspath(config.log_dir[0])
-    base_dir = os.path.dirname(first) if os.path.basename(first) == "logs" else first
-    output = config.output or os.path.join(base_dir, "training_progress.png")
-    csv = config.csv or os.path.join(os.path.dirname(os.path.abspath(output)), "training_scalars.csv")
+    base_dir = os.path.dirname(first) if os.path.basename(first) == files.LOGS_DIR else first
+    output = config.output or os.path.join(base_dir, files.PROGRESS_FIGURE)
+    csv = config.csv or os.path.join(os.path.dirname(os.path.abspath(output)), files.SCALARS_CSV)
     for path in (output, csv):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

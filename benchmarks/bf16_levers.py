@@ -78,7 +78,8 @@ def main() -> int:
     opts = parser.parse_args()
     from smolppo.algorithm.rollout import generate_rollout, sampling_config
     from smolppo.data import render_prompt
-    from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer, set_attention
+    from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer
+    from smolppo.runtime import set_attention
 
     device = torch.device(opts.device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "matmul_gflops": matmul_rates(device)}

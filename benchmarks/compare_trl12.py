@@ -370,7 +370,8 @@ def common_reward(policy_dir: str, task: str, seed: int = 1234) -> float:
 
     from smolppo.algorithm.rollout import generate_rollout, response_texts, sampling_config
     from smolppo.data import load_rows, row_conversation, row_prompt
-    from smolppo.models import load_causal_lm, load_reward_reader, load_tokenizer
+    from smolppo.models import load_causal_lm, load_tokenizer
+    from smolppo.rewards.reader import load_reward_reader
 
     tokenizer = load_tokenizer(os.path.join(task, "policy"))
     policy = load_causal_lm(policy_dir).eval()

@@ -1,4 +1,4 @@
-"""Loading the four PPO models (policy, reference, reward, value) and their tokenizer, with clear failures.
+"""Loading causal LMs, sequence classifiers and tokenizers by hub id or path (LoRA too), with clear failures.
 
 Any causal LM / sequence classifier that `transformers` can load works; reward checkpoints written by
 `trl`'s `RewardTrainer` (``checkpoint-N`` directories) load as they are.
@@ -9,15 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from smolppo.errors import UserError
 from smolppo.paths import looks_like_local_path
-from smolppo.rewards.reader import RewardReader, recorded_template
 from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
@@ -52,8 +49,6 @@ MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
 
 def damaged_weights(directory: str) -> str | None:
     """The first ``*.safetensors`` file in `directory` whose header cannot be read, or None."""
-    from smolppo.runs.checkpointing import safetensors_readable
-
     names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     return next((n for n in names if not safetensors_readable(os.path.join(directory, n))), None)
 
@@ -189,72 +184,6 @@ def apply_lora(policy, config):
     return model
 
 
-def reference_context(policy):
-    """A context in which `policy` computes the reference model's outputs (LoRA: adapters disabled)."""
-    if hasattr(policy, "disable_adapter"):
-        return policy.disable_adapter()
-    return nullcontext()
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each layer's activations in backward (non-reentrant, so LoRA needs no input grads)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
-
-
-def attention_for(setting: str) -> str | None:
-    """The attention kernel `setting` asks for; None (``auto``) keeps the model's own (SDPA for Llama).
-
-    ``eager`` is faster on CPU (forward + backward of the SmolLM2-135M body in bf16: 20 % at 122 tokens, 21 % at 512,
-    with about 1 GB more memory at 2 x 512 tokens), but it is not the default: on the smoke task its runs learned
-    less than SDPA's (mean gain 0.16 vs 0.62 over seeds 42 and 1-4), a difference not explained yet
-    (docs/PERFORMANCE.md)."""
-    return None if setting == "auto" else setting
-
-
-def set_attention(implementation: str | None, *models: nn.Module | None) -> None:
-    """Switch each model (a PEFT model included) to `implementation`; None leaves them as loaded."""
-    if implementation is None:
-        return
-    for model in models:
-        if model is not None:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.set_attn_implementation(implementation)
-
-
-def store_body_linears_in_bf16(model: nn.Module) -> None:
-    """Keep a frozen model's body `nn.Linear` weights in bf16, for use under bf16 autocast only.
-
-    Autocast casts every Linear weight to bf16 on each call, and it caches that cast only for weights that require
-    grad, so a frozen model paid a full cast per forward. Stored in bf16 (the same round-to-nearest cast), its outputs
-    are bit-identical and it uses half the memory. Embeddings, norms, the LM head and a score head stay fp32."""
-    heads = [model.get_output_embeddings()] if hasattr(model, "get_output_embeddings") else []
-    if hasattr(model, "score"):
-        heads.append(model.score)
-    skip = {id(p) for head in heads if head is not None for p in head.parameters()}
-    skip |= {id(p) for p in model.get_input_embeddings().parameters()}
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in skip:
-            module.to(torch.bfloat16)
-
-
-@contextmanager
-def eval_mode(*models: nn.Module):
-    """Temporarily put `models` in eval mode (restoring train mode afterwards)."""
-    previous = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in zip(models, previous):
-            m.train(was_training)
-
-
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS plus those in the model's generation config."""
     ids = {tokenizer.eos_token_id}
@@ -266,38 +195,6 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def load_weights_into(model: nn.Module, directory: str) -> None:
-    """Load weights written by `save_pretrained` (full model or LoRA adapter) back into `model` in place."""
-    from safetensors.torch import load_file
-
-    adapter_file = os.path.join(directory, "adapter_model.safetensors")
-    if os.path.isfile(adapter_file):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(adapter_file))
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"adapter in {directory!r} does not match the policy: {result.unexpected_keys[:3]}")
-        return
-    state = load_file(os.path.join(directory, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-        raise UserError(
-            f"weights in {directory!r} do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-
-
-@dataclass
-class PPOModels:
-    """The policy tokenizer, the three trained/frozen networks of a PPO run and the reward reader."""
-
-    tokenizer: object
-    policy: nn.Module
-    ref_policy: nn.Module | None
-    value_model: nn.Module | None  # gae only
-    reward: RewardReader | None  # None with --reward-model none
-
-
 def check_embeddings(model, tokenizer, what: str, fix: str) -> None:
     """One line when `tokenizer` has ids that `model` has no embedding for."""
     vocab = model.get_input_embeddings().num_embeddings
@@ -307,72 +204,13 @@ def check_embeddings(model, tokenizer, what: str, fix: str) -> None:
         )
 
 
-def load_reward_tokenizer(path: str, fallback):
-    """The reward model's own tokenizer (RewardTrainer saves it beside the weights), else `fallback`."""
-    from transformers import AutoTokenizer
+def safetensors_readable(path: str) -> bool:
+    """True when the safetensors file's header parses (a truncated or overwritten file does not)."""
+    from safetensors import safe_open
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        logger.warning("no tokenizer found with reward model %s; reading it with the policy's tokenizer", path)
-        return fallback
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batch_size: int = 16) -> RewardReader:
-    """The reward model with its own tokenizer, read as it was trained (see `smolppo.rewards.reader`)."""
-    path = resolve_model_path(name, "reward-model")
-    model = load_sequence_classifier(path, "reward-model")
-    tokenizer = load_reward_tokenizer(path, fallback_tokenizer)
-    check_embeddings(model, tokenizer, f"reward model {path!r}", "save the tokenizer it was trained with beside it")
-    return RewardReader(model, tokenizer, template or recorded_template(path), batch_size=batch_size, name=path)
-
-
-def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardReader | None):
-    """The value model reads the policy's token ids: ``--value-model``, else the reward model when it shares the
-    policy's vocabulary, else the policy's body with a fresh 1-output head."""
-    if config.value_model:
-        path = resolve_model_path(config.value_model, "value-model")
-        model = load_sequence_classifier(path, "value-model")
-    elif reward is not None and reward.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
-        model = load_sequence_classifier(reward.model.name_or_path, "reward-model")
-    else:
-        why = "no reward model" if reward is None else "reward model has another vocabulary"
-        logger.info("%s: value model = policy body + a new 1-output head", why)
-        from transformers.utils import logging as hf_logging
-
-        previous = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its "LOAD REPORT" (LM head unused, score head new) is what we intend
-        try:
-            model = load_sequence_classifier(
-                policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
-            )
-        finally:
-            hf_logging.set_verbosity(previous)
-    fix = "pass --value-model with a classifier trained from the policy's tokenizer"
-    check_embeddings(model, policy_tokenizer, "value model", fix)
-    return model
-
-
-def load_ppo_models(config) -> PPOModels:
-    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader (when a reward model is used) and
-    value model (only for the gae estimator)."""
-    for name, flag in ((config.reward_model if config.uses_reward_model else None, "reward-model"),
-                       (config.value_model, "value-model")):  # fmt: skip
-        if name:  # local paths first: a missing one fails at once, before the hub is asked for anything
-            resolve_model_path(name, flag)
-    policy_path = resolve_model_path(config.policy_model, "policy-model")
-    tokenizer = load_tokenizer(policy_path, "policy-model")
-    reward = None
-    if config.uses_reward_model:
-        reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
-    policy = load_causal_lm(policy_path, "policy-model")
-    check_embeddings(policy, tokenizer, "policy", "they were not trained together")
-    value_model = load_value_model(config, policy_path, tokenizer, reward) if config.uses_value_model else None
-    if config.use_lora:
-        policy, ref_policy = apply_lora(policy, config), None
-    else:
-        ref_policy = load_causal_lm(policy_path, "policy-model")
-    return PPOModels(tokenizer, policy, ref_policy, value_model, reward)
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception:  # noqa: BLE001 - any parse failure means a damaged file
+        return False
+    return True

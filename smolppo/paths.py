@@ -20,3 +20,11 @@ def looks_like_local_path(name: str) -> bool:
     if os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet", ".csv"):
         return True
     return not _HUB_ID.match(name) or name.count("/") > 1
+
+
+def reward_function_file(target: str) -> str | None:
+    """The absolute path a ``--reward-funcs`` target names when it is a file (``x.py`` or a path), else None (a
+    module name)."""
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return os.path.abspath(os.path.expanduser(target))
+    return None

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from smolppo.runs import output_dir
+from smolppo import files
 from tests.conftest import REPO
 
 CONFIG_DIR = os.path.join(REPO, "accelerate_configs")
@@ -66,7 +66,7 @@ def test_two_processes_write_one_set_of_outputs(two_process_run, smoke_run):
     assert summary["num_processes"] == 2 and summary["updates"] == 4
     assert summary["schedule"]["global_rollout_batch"] == 32
     assert len([f for f in os.listdir(out / "logs") if f.startswith("events.out")]) == 1
-    assert [d for d in os.listdir(out) if d.startswith(("checkpoint-", output_dir.STAGING_PREFIX))] == ["checkpoint-4"]
+    assert [d for d in os.listdir(out) if d.startswith(("checkpoint-", files.STAGING_PREFIX))] == ["checkpoint-4"]
     assert (out / "model.safetensors").exists()
     # Twice the episodes of one process with the same per-device batch, update for update.
     two = dict(scalars(out / "logs", "episodes"))

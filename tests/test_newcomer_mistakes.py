@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from smolppo import files
 from smolppo.cli import parse_config
 from smolppo.configs import PPOConfig
 from smolppo.errors import UserError
@@ -84,7 +85,7 @@ def test_a_broken_reward_template_is_one_line(smoke_paths, tokenizer):
 def _checkpoint(tmp_path, **config):
     path = tmp_path / "checkpoint-2"
     path.mkdir()
-    (path / checkpointing.STATE_FILE).write_text(json.dumps({"update": 2, "config": config}))
+    (path / files.STATE_FILE).write_text(json.dumps({"update": 2, "config": config}))
     return str(path)
 
 
@@ -164,7 +165,7 @@ def test_a_report_write_that_fails_leaves_the_previous_report(tmp_path):
 
 
 def test_a_missing_local_reward_model_fails_before_the_hub_is_asked(tmp_path):
-    from smolppo.models import load_ppo_models
+    from smolppo.job.build import load_ppo_models
 
     cfg = parse("--output-dir", str(tmp_path), "--reward-model", str(tmp_path / "no_rm"))
     with pytest.raises(UserError, match=r"reward model '.*no_rm' does not exist"):
@@ -201,7 +202,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         assert "needs about 1.6 MB free" in last and "checkpoint-2) is intact" in last, last
         assert "Traceback" not in result.stderr
         assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]
-        assert not [n for n in os.listdir(out) if n.startswith(output_dir.STAGING_PREFIX)]  # its space was freed
+        assert not [n for n in os.listdir(out) if n.startswith(files.STAGING_PREFIX)]  # its space was freed
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         resumed = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), "--max-updates", "4",
                              "--save-steps", "2", "--save-total-limit", "2", "--report-to", "none",

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from smolppo import files
 from smolppo.errors import UserError
 from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, run_script
@@ -80,7 +81,7 @@ def test_user_files_with_names_like_our_temporary_ones_are_never_ours(tmp_path):
     names = [".tmp-mynotes.txt", ".trash-old", ".smolppo-staging", ".smolppo-trash-notes.txt", "checkpoint-x"]
     for name in names:
         (out / name).write_text("notes")
-    ours = [f"{output_dir.STAGING_PREFIX}final-123", f"{output_dir.TRASH_PREFIX}checkpoint-4-123-456"]
+    ours = [f"{files.STAGING_PREFIX}final-123", f"{files.TRASH_PREFIX}checkpoint-4-123-456"]
     for name in ours:
         (out / name).mkdir()
     assert sorted(output_dir.foreign_entries(str(out))) == sorted(names)
@@ -104,7 +105,7 @@ def test_overwrite_replaces_our_own_run(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_summary.json").read_text())["updates"] == 2
     assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]  # the old run's checkpoints are gone
-    assert not [n for n in os.listdir(out) if n.startswith((output_dir.STAGING_PREFIX, output_dir.TRASH_PREFIX))]
+    assert not [n for n in os.listdir(out) if n.startswith((files.STAGING_PREFIX, files.TRASH_PREFIX))]
 
 
 def test_overwrite_refuses_the_current_directory_a_parent_and_a_git_clone(tmp_path):
@@ -155,10 +156,10 @@ def test_a_second_run_on_a_live_directory_is_refused(tmp_path):
     out = tmp_path / "run"
     first = _start(out, "--max-updates", "12", "--max-new-tokens", "64", "--ppo-epochs", "6")
     deadline = time.time() + 60
-    while not (out / output_dir.LOCK).exists():
+    while not (out / files.LOCK).exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.05)
-    lock = json.loads((out / output_dir.LOCK).read_text())
+    lock = json.loads((out / files.LOCK).read_text())
     assert lock["pid"] == first.pid
     for extra in ([], ["--overwrite-output-dir"]):
         second = _train(out, "--max-updates", "1", *extra)
@@ -167,7 +168,7 @@ def test_a_second_run_on_a_live_directory_is_refused(tmp_path):
     assert first.returncode == 0, stderr[-2000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["updates"] == 12
-    assert not (out / output_dir.LOCK).exists()
+    assert not (out / files.LOCK).exists()
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
@@ -177,10 +178,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     import socket
 
     stale = {"pid": int(dead.stdout), "host": socket.gethostname(), "process_started": 1.0, "started": "long ago"}
-    (out / output_dir.LOCK).write_text(json.dumps(stale))
+    (out / files.LOCK).write_text(json.dumps(stale))
     result = _train(out, "--max-updates", "1")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "no longer alive" in result.stderr and not (out / output_dir.LOCK).exists()
+    assert "no longer alive" in result.stderr and not (out / files.LOCK).exists()
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -300,7 +301,7 @@ def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path):
             (ckpt / "shards").mkdir(parents=True)
             for i in range(3000):
                 (ckpt / "shards" / f"{i}.bin").write_bytes(b"x")
-            (ckpt / checkpointing.STATE_FILE).write_text("{}")
+            (ckpt / files.STATE_FILE).write_text("{}")
         proc = subprocess.Popen(
             [sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
         )
@@ -311,9 +312,9 @@ def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path):
         for name in os.listdir(run_dir):  # every checkpoint-N left is whole: nothing half-deleted keeps its name
             if name.startswith("checkpoint-"):
                 assert len(os.listdir(run_dir / name / "shards")) == 3000, (attempt, name)
-                assert (run_dir / name / checkpointing.STATE_FILE).exists()
+                assert (run_dir / name / files.STATE_FILE).exists()
         output_dir.remove_leftovers(str(run_dir))
-        assert not [n for n in os.listdir(run_dir) if n.startswith(output_dir.TRASH_PREFIX)]
+        assert not [n for n in os.listdir(run_dir) if n.startswith(files.TRASH_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------- final outputs

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from smolppo import smoke
-from smolppo.models import load_reward_reader
+from smolppo.rewards.reader import load_reward_reader
 from smolppo.smoke import load_smoke_rows
 from tests.conftest import run_script
 

@@ -36,7 +36,8 @@ def test_held_out_accuracy_clearly_above_chance(reward_run):
 
 def test_saved_model_is_read_by_its_own_forward(reward_run):
     """PPO's reading of the saved model is the model's own forward on the chat-rendered conversation."""
-    from smolppo.models import load_reward_reader, load_tokenizer
+    from smolppo.models import load_tokenizer
+    from smolppo.rewards.reader import load_reward_reader
     from smolppo.smoke import load_smoke_rows
 
     model = AutoModelForSequenceClassification.from_pretrained(reward_run).eval()

@@ -58,7 +58,7 @@ def test_functions_get_trl_arguments_and_are_weighted(tmp_path):
 
 
 def test_a_module_function_and_a_reward_model_together(smoke_paths, tokenizer):
-    from smolppo.models import load_reward_reader
+    from smolppo.rewards.reader import load_reward_reader
 
     reader = load_reward_reader(smoke_paths["reward"], None, tokenizer)
     reward = build_reward(reader, ["examples.reward_functions:readable_text"], [1.0, 3.0])

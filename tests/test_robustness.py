@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from smolppo import files
 from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, run_script
 
@@ -167,7 +168,7 @@ def test_second_interrupt_stops_at_once(tmp_path):
 def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
     def write(directory):
         (tmp_path / "x").write_text("")
-        with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
+        with open(os.path.join(directory, files.STATE_FILE), "w") as f:
             f.write("{}")
 
     checkpointing.save_checkpoint(str(tmp_path), 5, write, save_total_limit=1)
@@ -182,7 +183,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
     assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("checkpoint-5")
     assert not (tmp_path / "checkpoint-10").exists()
     output_dir.remove_leftovers(str(tmp_path))
-    assert not any(p.name.startswith(output_dir.STAGING_PREFIX) for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(files.STAGING_PREFIX) for p in tmp_path.iterdir())
     checkpointing.save_checkpoint(str(tmp_path), 15, write, save_total_limit=1)
     assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [15]
 

@@ -154,8 +154,8 @@ def test_frozen_body_in_bf16_is_bit_identical_under_autocast(smoke_paths, tokeni
     are bit-identical, the body's Linear weights are bf16, embeddings / LM head / score head stay fp32."""
     import copy
 
-    from smolppo.models import store_body_linears_in_bf16
     from smolppo.rewards.reader import RewardReader
+    from smolppo.runtime import store_body_linears_in_bf16
 
     torch.manual_seed(0)
     policy = load_causal_lm(smoke_paths["policy"]).eval()
@@ -183,7 +183,7 @@ def test_frozen_body_in_bf16_is_bit_identical_under_autocast(smoke_paths, tokeni
 
 def test_eager_attention_matches_sdpa_to_float_rounding(smoke_paths):
     """Eager (opt-in; evaluation's choice on CPU) computes what SDPA computes, left padding included."""
-    from smolppo.models import attention_for, set_attention
+    from smolppo.runtime import attention_for, set_attention
 
     assert attention_for("auto") is None  # the model's own (SDPA)
     assert attention_for("eager") == "eager"

@@ -40,16 +40,16 @@ from smolppo.algorithm.rollout import (
 )
 from smolppo.algorithm.value import TokenScorer, token_values
 from smolppo.data import PromptSet
-from smolppo.models import (
+from smolppo.models import eos_token_ids
+from smolppo.rewards.sources import CombinedReward, RewardBatch
+from smolppo.runtime import (
     attention_for,
     enable_gradient_checkpointing,
-    eos_token_ids,
     eval_mode,
     reference_context,
     set_attention,
     store_body_linears_in_bf16,
 )
-from smolppo.rewards.sources import CombinedReward, RewardBatch
 from smolppo.tracking import StageTimer
 
 

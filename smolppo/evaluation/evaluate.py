@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from smolppo import files
 from smolppo.algorithm.behaviour import behaviour_metrics
 from smolppo.algorithm.rollout import generate_rollout, response_texts, response_tokens, sampling_config
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
@@ -24,18 +25,12 @@ from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.evaluation import capability
 from smolppo.evaluation.report import compare, rank_labels, resample_indices, summarise
-from smolppo.models import (
-    eos_token_ids,
-    load_causal_lm,
-    load_reward_reader,
-    load_tokenizer,
-    resolve_model_path,
-    set_attention,
-    store_body_linears_in_bf16,
-)
+from smolppo.files import RUN_SUMMARY_FILE, STATE_FILE
+from smolppo.models import eos_token_ids, load_causal_lm, load_tokenizer, resolve_model_path
 from smolppo.paths import looks_like_local_path
+from smolppo.rewards.reader import load_reward_reader
 from smolppo.rewards.sources import CombinedReward, RewardBatch, build_reward
-from smolppo.runs.checkpointing import RUN_SUMMARY_FILE, STATE_FILE
+from smolppo.runtime import set_attention, store_body_linears_in_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +119,7 @@ def select_prompt_rows(cfg, plan: EvalPlan, tokenizer) -> list[tuple[int, dict]]
 def load_policy_for_eval(name: str, device: torch.device):
     """``(model, tokenizer, resolved path)`` for a full model dir, a LoRA adapter dir, a checkpoint or a hub id."""
     path = resolve_model_path(name, "model-path")
-    adapter_config = os.path.join(path, "adapter_config.json")
+    adapter_config = os.path.join(path, files.ADAPTER_CONFIG)
     if os.path.isfile(adapter_config):
         return _load_adapter(path, adapter_config, device)
     model = load_causal_lm(path, "model-path").to(device).eval()
@@ -147,7 +142,7 @@ def _load_adapter(path: str, adapter_config: str, device: torch.device):
 
 def prepare_for_inference(model, device, bf16: bool) -> None:
     """Eager attention on CPU (faster there; evaluation trains nothing, so the learning caveat of
-    `smolppo.models.attention_for` does not apply); body weights stored in bf16 under bf16 (bit-identical under
+    `smolppo.runtime.attention_for` does not apply); body weights stored in bf16 under bf16 (bit-identical under
     autocast, see `store_body_linears_in_bf16`; evaluation never saves a model). The LM head keeps requiring
     grad, so autocast casts it once per generation instead of once per token."""
     if model is None:
@@ -381,36 +376,10 @@ def default_output_path(cfg) -> str:
     if cfg.output:
         return cfg.output
     if cfg.report:
-        from smolppo.evaluation.report import REPORT_FILES
+        from smolppo.files import REPORT_FILES
 
         return os.path.join(cfg.report, REPORT_FILES["json"])
     first = cfg.model_path[0]
     if os.path.isdir(first):
-        return os.path.join(first, "evaluation.json")
-    return "evaluation.json"
-
-
-def format_table(report: dict) -> str:
-    """A compact console table of per-model summaries and comparisons."""
-    lines = [
-        f"{'model':<40} {'mean':>8} {'std':>7} {'median':>8} {'min':>8} {'max':>8} {'spread':>7} {'len':>6} {'eos':>5}"
-    ]
-    for model in report["models"]:
-        s = model["summary"]
-        lines.append(
-            f"{_short(model['name']):<40} {s['reward_mean']:>8.4f} {s['reward_std']:>7.4f} {s['reward_median']:>8.4f} "
-            f"{s['reward_min']:>8.4f} {s['reward_max']:>8.4f} {s['per_prompt_spread_mean']:>7.4f} "
-            f"{s['response_length_mean']:>6.1f} {s['eos_rate']:>5.2f}"
-        )
-    for c in report["comparisons"]:
-        lo, hi = c["ci95"]
-        lines.append(
-            f"{_short(c['model'])} vs {_short(c['baseline'])}: win {c['win_rate']:.2f} (W/T/L {c['wins']}/"
-            f"{c['ties']}/{c['losses']}), mean reward diff {c['mean_reward_difference']:+.4f} "
-            f"[95% CI {lo:+.4f}, {hi:+.4f}]"
-        )
-    return "\n".join(lines)
-
-
-def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3) :]
+        return os.path.join(first, files.EVALUATION_FILE)
+    return files.EVALUATION_FILE

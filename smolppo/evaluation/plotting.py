@@ -8,6 +8,7 @@ import os
 
 import pandas as pd
 
+from smolppo import files
 from smolppo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def _run_name(log_dir: str, directory: str, multiple: bool) -> str:
     if multiple:
         return os.path.relpath(directory, log_dir)
     path = os.path.abspath(directory)
-    if os.path.basename(path) == "logs":
+    if os.path.basename(path) == files.LOGS_DIR:
         path = os.path.dirname(path)
     return os.path.basename(path)
 
@@ -97,7 +98,7 @@ def _run_config(directory: str) -> dict:
     """The config in the `run_summary.json` beside a run's logs ({} when there is none or it is unreadable)."""
     import json
 
-    path = os.path.join(os.path.dirname(os.path.abspath(directory)), "run_summary.json")
+    path = os.path.join(os.path.dirname(os.path.abspath(directory)), files.RUN_SUMMARY_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f).get("config", {})

@@ -14,17 +14,11 @@ import os
 import numpy as np
 
 from smolppo.errors import UserError
+from smolppo.files import REPORT_FILES
 from smolppo.runs.output_dir import write_atomically
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILES = {
-    "markdown": "report.md",
-    "json": "report.json",
-    "reward_vs_kl": "reward_vs_kl.png",
-    "reward_vs_perplexity": "reward_vs_perplexity.png",
-    "lengths": "lengths.png",
-}
 BEHAVIOUR_COLUMNS = [
     ("response_length_mean", "length"),
     ("eos_rate", "EOS rate"),
@@ -350,3 +344,29 @@ def _fmt(value) -> str:
 
 def _interval(ci: list[float], signed: bool = False) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_table(report: dict) -> str:
+    """A compact console table of per-model summaries and comparisons."""
+    lines = [
+        f"{'model':<40} {'mean':>8} {'std':>7} {'median':>8} {'min':>8} {'max':>8} {'spread':>7} {'len':>6} {'eos':>5}"
+    ]
+    for model in report["models"]:
+        s = model["summary"]
+        lines.append(
+            f"{_short(model['name']):<40} {s['reward_mean']:>8.4f} {s['reward_std']:>7.4f} {s['reward_median']:>8.4f} "
+            f"{s['reward_min']:>8.4f} {s['reward_max']:>8.4f} {s['per_prompt_spread_mean']:>7.4f} "
+            f"{s['response_length_mean']:>6.1f} {s['eos_rate']:>5.2f}"
+        )
+    for c in report["comparisons"]:
+        lo, hi = c["ci95"]
+        lines.append(
+            f"{_short(c['model'])} vs {_short(c['baseline'])}: win {c['win_rate']:.2f} (W/T/L {c['wins']}/"
+            f"{c['ties']}/{c['losses']}), mean reward diff {c['mean_reward_difference']:+.4f} "
+            f"[95% CI {lo:+.4f}, {hi:+.4f}]"
+        )
+    return "\n".join(lines)
+
+
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3) :]

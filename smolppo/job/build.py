@@ -6,8 +6,20 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from torch import nn
+
+from smolppo import files
 from smolppo.data import PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
+from smolppo.models import (
+    apply_lora,
+    check_embeddings,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_model_path,
+)
+from smolppo.rewards.reader import RewardReader, load_reward_reader
 from smolppo.runs import checkpointing, output_dir
 
 logger = logging.getLogger(__name__)
@@ -71,7 +83,6 @@ def build_ppo_trainer(config, accelerator=None):
     from smolppo.algorithm.engine import Algorithm
     from smolppo.distributed import use_cpu
     from smolppo.job.trainer import Trainer
-    from smolppo.models import load_ppo_models
     from smolppo.rewards.reader import check_reward_model
     from smolppo.rewards.sources import build_reward
 
@@ -109,7 +120,7 @@ def build_ppo_trainer(config, accelerator=None):
 def check_output_dir_for(config) -> str | None:
     """Refuse, before anything is loaded or written, what would replace or delete something by mistake."""
     resume_from = checkpointing.check_output_dir(
-        config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, checkpointing.RUN_SUMMARY_FILE
+        config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, files.RUN_SUMMARY_FILE
     )
     if config.overwrite_output_dir and not resume_from:
         inputs = {
@@ -145,3 +156,62 @@ def plan_resume(config, resume_from: str | None, deepspeed: bool) -> ResumePlan:
             "Pass --discard-newer-checkpoints to drop the newer ones, or resume from 'latest'"
         )
     return ResumePlan(path, changes, newer)
+
+
+@dataclass
+class PPOModels:
+    """The policy tokenizer, the three trained/frozen networks of a PPO run and the reward reader."""
+
+    tokenizer: object
+    policy: nn.Module
+    ref_policy: nn.Module | None
+    value_model: nn.Module | None  # gae only
+    reward: RewardReader | None  # None with --reward-model none
+
+
+def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardReader | None):
+    """The value model reads the policy's token ids: ``--value-model``, else the reward model when it shares the
+    policy's vocabulary, else the policy's body with a fresh 1-output head."""
+    if config.value_model:
+        path = resolve_model_path(config.value_model, "value-model")
+        model = load_sequence_classifier(path, "value-model")
+    elif reward is not None and reward.tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+        model = load_sequence_classifier(reward.model.name_or_path, "reward-model")
+    else:
+        why = "no reward model" if reward is None else "reward model has another vocabulary"
+        logger.info("%s: value model = policy body + a new 1-output head", why)
+        from transformers.utils import logging as hf_logging
+
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "LOAD REPORT" (LM head unused, score head new) is what we intend
+        try:
+            model = load_sequence_classifier(
+                policy_path, "policy-model", num_labels=1, pad_token_id=policy_tokenizer.pad_token_id
+            )
+        finally:
+            hf_logging.set_verbosity(previous)
+    fix = "pass --value-model with a classifier trained from the policy's tokenizer"
+    check_embeddings(model, policy_tokenizer, "value model", fix)
+    return model
+
+
+def load_ppo_models(config) -> PPOModels:
+    """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader (when a reward model is used) and
+    value model (only for the gae estimator)."""
+    for name, flag in ((config.reward_model if config.uses_reward_model else None, "reward-model"),
+                       (config.value_model, "value-model")):  # fmt: skip
+        if name:  # local paths first: a missing one fails at once, before the hub is asked for anything
+            resolve_model_path(name, flag)
+    policy_path = resolve_model_path(config.policy_model, "policy-model")
+    tokenizer = load_tokenizer(policy_path, "policy-model")
+    reward = None
+    if config.uses_reward_model:
+        reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
+    policy = load_causal_lm(policy_path, "policy-model")
+    check_embeddings(policy, tokenizer, "policy", "they were not trained together")
+    value_model = load_value_model(config, policy_path, tokenizer, reward) if config.uses_value_model else None
+    if config.use_lora:
+        policy, ref_policy = apply_lora(policy, config), None
+    else:
+        ref_policy = load_causal_lm(policy_path, "policy-model")
+    return PPOModels(tokenizer, policy, ref_policy, value_model, reward)

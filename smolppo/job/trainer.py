@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import torch
 
+from smolppo import files
 from smolppo.algorithm.behaviour import BehaviourWatch
 from smolppo.algorithm.engine import Algorithm
 from smolppo.algorithm.experience import Experience
@@ -26,7 +27,7 @@ from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = checkpointing.RUN_SUMMARY_FILE
+SUMMARY_FILE = files.RUN_SUMMARY_FILE
 FINITE_METRICS = ("rewards/mean", "kl_divergence", "loss", "loss/value")
 
 
@@ -153,7 +154,7 @@ class Trainer:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if status == "finished":
                 with output_dir.publishing(cfg.output_dir, "card") as staging:
-                    with open(os.path.join(staging, hub.CARD_FILE), "w", encoding="utf-8") as f:
+                    with open(os.path.join(staging, files.CARD_FILE), "w", encoding="utf-8") as f:
                         f.write(hub.model_card(summary))
             if self.writer:
                 self.writer.samples(self.last_samples, self.update)
@@ -183,8 +184,8 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         output_dir.remove_leftovers(cfg.output_dir)
         run_name = os.path.basename(os.path.abspath(cfg.output_dir))
-        self.writer = MetricsWriter(os.path.join(cfg.output_dir, "logs"), self.update + 1, cfg.report_to, run_name,
-                                    asdict(cfg))  # fmt: skip
+        logs = os.path.join(cfg.output_dir, files.LOGS_DIR)
+        self.writer = MetricsWriter(logs, self.update + 1, cfg.report_to, run_name, asdict(cfg))
         self._log_plan()
         if self.reward_check is not None and self.update == 0:
             check = self.reward_check

@@ -25,11 +25,12 @@ import torch
 
 from smolppo.data import render_prompt, right_pad, row_conversation
 from smolppo.errors import UserError
+from smolppo.files import REWARD_SUMMARY_FILE
+from smolppo.models import check_embeddings, load_sequence_classifier, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 CHAT, PLAIN = "chat", "plain"
-REWARD_SUMMARY_FILE = "reward_model_summary.json"
 TEMPLATE_FIX = "pass --reward-template plain (prompt + response + EOS) or --reward-template FILE.jinja"
 
 
@@ -189,3 +190,26 @@ def check_reward_model(reader: RewardReader, rows: list[dict], min_accuracy: flo
             f"below --min-reward-accuracy {min_accuracy}; fix --reward-template or --reward-model, or lower the bar"
         )
     return check
+
+
+def load_reward_tokenizer(path: str, fallback):
+    """The reward model's own tokenizer (RewardTrainer saves it beside the weights), else `fallback`."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        logger.warning("no tokenizer found with reward model %s; reading it with the policy's tokenizer", path)
+        return fallback
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_reward_reader(name: str, template: str | None, fallback_tokenizer, batch_size: int = 16) -> RewardReader:
+    """The reward model with its own tokenizer, read as it was trained (see `smolppo.rewards.reader`)."""
+    path = resolve_model_path(name, "reward-model")
+    model = load_sequence_classifier(path, "reward-model")
+    tokenizer = load_reward_tokenizer(path, fallback_tokenizer)
+    check_embeddings(model, tokenizer, f"reward model {path!r}", "save the tokenizer it was trained with beside it")
+    return RewardReader(model, tokenizer, template or recorded_template(path), batch_size=batch_size, name=path)

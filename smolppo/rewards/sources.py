@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from smolppo.errors import UserError
+from smolppo.paths import reward_function_file
 from smolppo.rewards.reader import RewardReader
 
 logger = logging.getLogger(__name__)
@@ -105,14 +106,6 @@ def real_number(value) -> float | None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         return None
     return float(value)
-
-
-def reward_function_file(target: str) -> str | None:
-    """The absolute path a ``--reward-funcs`` target names when it is a file (``x.py`` or a path), else None (a
-    module name)."""
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        return os.path.abspath(os.path.expanduser(target))
-    return None
 
 
 def load_reward_function(spec: str):

@@ -18,11 +18,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from smolppo import files
 from smolppo.cli import GracefulStop
 from smolppo.data import load_rows, row_conversation
 from smolppo.errors import UserError
+from smolppo.files import REWARD_SUMMARY_FILE
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
-from smolppo.rewards.reader import PLAIN, REWARD_SUMMARY_FILE, RewardReader, pairwise_check
+from smolppo.rewards.reader import PLAIN, RewardReader, pairwise_check
 from smolppo.runs import output_dir
 
 logger = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    log_dir = os.path.join(config.output_dir, "logs")
+    log_dir = os.path.join(config.output_dir, files.LOGS_DIR)
     stopper = StopOnSignal()
     trainer = RewardTrainer(
         model=model,

@@ -16,15 +16,23 @@ import shutil
 from collections.abc import Callable
 
 from smolppo.errors import UserError
-from smolppo.runs.output_dir import STAGING_PREFIX, remove_entry
+from smolppo.files import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
+    MODEL_WEIGHTS,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STAGING_PREFIX,
+    STATE_FILE,
+    VALUE_MODEL_DIR,
+)
+from smolppo.models import safetensors_readable
+from smolppo.runs.output_dir import remove_entry
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: the optimizer state was dropped
-RUN_SUMMARY_FILE = "run_summary.json"  # written by a PPO run when it ends (finished or interrupted)
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 # Config fields that may differ when resuming: they change bookkeeping or the run's length, not its numbers.
@@ -126,30 +134,18 @@ def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
         int(state["update"]), state["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
-    required = ["scheduler.pt", "rng_state.pt"]
+    required = [SCHEDULER_FILE, RNG_FILE]
     if state["config"].get("advantage_estimator", "gae") == "gae":  # only PPO's GAE has a value model
-        required.append(os.path.join("value_model", "model.safetensors"))
+        required.append(os.path.join(VALUE_MODEL_DIR, MODEL_WEIGHTS))
     if needs_optimizer and state.get(OPTIMIZER_STATE_KEY, True):
         required.append(OPTIMIZER_FILE)
-    weights = "adapter_model.safetensors" if state["config"].get("use_lora") else "model.safetensors"
+    weights = ADAPTER_WEIGHTS if state["config"].get("use_lora") else MODEL_WEIGHTS
     for name in [weights, *required]:
         if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
             return f"{name} is missing"
         if name.endswith(".safetensors") and not safetensors_readable(os.path.join(path, name)):
             return f"{name} is damaged"
     return None
-
-
-def safetensors_readable(path: str) -> bool:
-    """True when the safetensors file's header parses (a truncated or overwritten file does not)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            f.keys()
-    except Exception:  # noqa: BLE001 - any parse failure means a damaged file
-        return False
-    return True
 
 
 def resolve_resume(output_dir: str, resume_from: str, needs_optimizer: bool = True) -> str:
@@ -190,7 +186,7 @@ def _comparable(key: str, value):
     """A setting as compared on resume: reward-function files by absolute path (a relative and an absolute path to
     the same file are the same setting)."""
     if key == "reward_funcs" and isinstance(value, list):
-        from smolppo.rewards.sources import reward_function_file
+        from smolppo.paths import reward_function_file
 
         out = []
         for spec in value:

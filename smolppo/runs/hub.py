@@ -10,7 +10,6 @@ from smolppo.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
 CARD_METRICS = ("rewards/mean", "kl_divergence", "loss", "objective/kl_coef", "response/length_mean")
 CARD_SETTINGS = (
     "advantage_estimator", "samples_per_prompt", "use_lora", "learning_rate", "rollout_batch_size",

@@ -23,28 +23,38 @@ import time
 from contextlib import contextmanager
 
 from smolppo.errors import UserError
+from smolppo.files import (
+    CHECKPOINT_PREFIX,
+    EVALUATION_FILE,
+    LOCK,
+    LOGS_DIR,
+    MANIFEST,
+    PROGRESS_FIGURE,
+    REWARD_SUMMARY_FILE,
+    RUN_SUMMARY_FILE,
+    SCALARS_CSV,
+    STAGING_PREFIX,
+    TRASH_PREFIX,
+    VALUE_MODEL_DIR,
+)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".smolppo-manifest.json"
-LOCK = ".smolppo.lock"
-STAGING_PREFIX = ".smolppo-staging-"  # names no user picks by chance: only these exact shapes are removed
-TRASH_PREFIX = ".smolppo-trash-"
 # Names only this project's scripts write.
 OWN_NAMES = {
     MANIFEST,
     LOCK,
-    "logs",
-    "value_model",
-    "run_summary.json",
-    "reward_model_summary.json",
-    "evaluation.json",
-    "training_progress.png",
-    "training_scalars.csv",
+    LOGS_DIR,
+    VALUE_MODEL_DIR,
+    RUN_SUMMARY_FILE,
+    REWARD_SUMMARY_FILE,
+    EVALUATION_FILE,
+    PROGRESS_FIGURE,
+    SCALARS_CSV,
 }
-OWN_DIRS = {"logs", "value_model"}  # ours only when they are directories
+OWN_DIRS = {LOGS_DIR, VALUE_MODEL_DIR}  # ours only when they are directories
 LEFTOVER_PATTERN = re.compile(rf"^({re.escape(STAGING_PREFIX)}[\w.-]+|{re.escape(TRASH_PREFIX)}.+-\d+-\d+)$")
-OWN_PATTERN = re.compile(rf"^checkpoint-\d+$|{LEFTOVER_PATTERN.pattern}")
+OWN_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}\d+$|{LEFTOVER_PATTERN.pattern}")
 # What `save_pretrained` writes for a model, adapter or tokenizer: ours in a legacy run directory only.
 MODEL_FILE_PATTERN = re.compile(
     r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
@@ -52,7 +62,7 @@ MODEL_FILE_PATTERN = re.compile(
     r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt|"
     r"training_args\.bin)$"
 )
-LEGACY_MARKERS = ("run_summary.json", "reward_model_summary.json")
+LEGACY_MARKERS = (RUN_SUMMARY_FILE, REWARD_SUMMARY_FILE)
 
 
 # ---------------------------------------------------------------------- ownership
@@ -83,7 +93,7 @@ def foreign_entries(output_dir: str) -> list[str]:
     legacy = not os.path.isfile(os.path.join(output_dir, MANIFEST)) and any(m in names for m in LEGACY_MARKERS)
 
     def ours(name: str) -> bool:
-        if name in OWN_DIRS or name.startswith("checkpoint-"):
+        if name in OWN_DIRS or name.startswith(CHECKPOINT_PREFIX):
             return os.path.isdir(os.path.join(output_dir, name)) and not os.path.islink(os.path.join(output_dir, name))
         return (
             name in manifest

@@ -12,14 +12,20 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from torch import nn
 
+from smolppo import files
 from smolppo.errors import UserError
-from smolppo.models import load_weights_into
+from smolppo.files import (
+    ADAPTER_WEIGHTS,
+    MODEL_WEIGHTS,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    VALUE_MODEL_DIR,
+)
 from smolppo.runs import checkpointing, output_dir
 
 logger = logging.getLogger(__name__)
-
-VALUE_MODEL_DIR = "value_model"
 
 
 def save_model(algorithm, target: str) -> None:
@@ -86,9 +92,9 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
     def write(directory: str) -> None:
         write_models(algorithm, directory, state_dicts)
         if not algorithm.deepspeed:  # DeepSpeed shards optimizer state across ranks; see load_checkpoint
-            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, checkpointing.OPTIMIZER_FILE))
-        torch.save(algorithm.lr_scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-        torch.save(rng_states, os.path.join(directory, "rng_state.pt"))
+            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, files.OPTIMIZER_FILE))
+        torch.save(algorithm.lr_scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
+        torch.save(rng_states, os.path.join(directory, RNG_FILE))
         state = {
             "update": counters["update"],
             "episodes": counters["episodes"],
@@ -100,7 +106,7 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
             "watch": counters.get("watch", {}),
             "config": asdict(config),
         }
-        with open(os.path.join(directory, checkpointing.STATE_FILE), "w") as f:
+        with open(os.path.join(directory, files.STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
     path = checkpointing.save_checkpoint(config.output_dir, counters["update"], write, config.save_total_limit)
@@ -124,7 +130,7 @@ def load_checkpoint(algorithm, config, path: str) -> dict:
 
 def _load_checkpoint(algorithm, config, path: str) -> dict:
     acc = algorithm.accelerator
-    with open(os.path.join(path, checkpointing.STATE_FILE)) as f:
+    with open(os.path.join(path, files.STATE_FILE)) as f:
         state = json.load(f)
     load_weights_into(algorithm.policy, path)
     if algorithm.value_scorer is not None:
@@ -134,11 +140,11 @@ def _load_checkpoint(algorithm, config, path: str) -> dict:
     elif not state.get(checkpointing.OPTIMIZER_STATE_KEY, True):
         logger.warning("%s keeps weights only (its optimizer state was dropped): AdamW moments restart", path)
     else:
-        optimizer_file = os.path.join(path, checkpointing.OPTIMIZER_FILE)
+        optimizer_file = os.path.join(path, files.OPTIMIZER_FILE)
         algorithm.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
-    algorithm.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    algorithm.lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False))
     apply_configured_learning_rate(algorithm.lr_scheduler, algorithm.optimizer, config.learning_rate)
-    rng_states = torch.load(os.path.join(path, "rng_state.pt"), weights_only=False)
+    rng_states = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     if len(rng_states) != acc.num_processes:
         logger.warning(
             "checkpoint was written by %d processes, resuming with %d: random streams restart",
@@ -178,3 +184,24 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights_into(model: nn.Module, directory: str) -> None:
+    """Load weights written by `save_pretrained` (full model or LoRA adapter) back into `model` in place."""
+    from safetensors.torch import load_file
+
+    adapter_file = os.path.join(directory, ADAPTER_WEIGHTS)
+    if os.path.isfile(adapter_file):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter_file))
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"adapter in {directory!r} does not match the policy: {result.unexpected_keys[:3]}")
+        return
+    state = load_file(os.path.join(directory, MODEL_WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise UserError(
+            f"weights in {directory!r} do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
