@@ -1,0 +1,105 @@
+"""The house rules that keep the code enterable: layers import only downwards, no module grows too long, the
+README stays a front door whose links all lead somewhere, and CI runs the README's own test command."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+
+from tests.conftest import REPO
+
+PACKAGE = os.path.join(REPO, "smolppo")
+# A module may import from its own layer and the layers before it; the base (top-level modules and configs/)
+# imports no sub-package at all.
+LAYERS = ["base", "runs", "rewards", "algorithm", "evaluation", "job"]
+MAX_MODULE_LINES = 420
+MAX_README_LINES = 250
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for root, _, names in os.walk(PACKAGE):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                out[module] = path
+    return out
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "base"
+
+
+def _imports(path: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "smolppo":
+            if node.module in {"smolppo", *(f"smolppo.{layer}" for layer in LAYERS)}:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "smolppo")
+    return found
+
+
+def test_imports_only_point_down():
+    upward = []
+    for module, path in _modules().items():
+        own = LAYERS.index(_layer(module))
+        for target in _imports(path):
+            if LAYERS.index(_layer(target)) > own:
+                upward.append(f"{module} -> {target}")
+    assert not upward, upward
+
+
+def test_layer_rule_catches_an_upward_import(tmp_path):
+    """The check above can fail: an import from the job into the base is an upward import."""
+    module = tmp_path / "fake.py"
+    module.write_text("from smolppo.job.trainer import Trainer\n")
+    (target,) = _imports(str(module))
+    assert LAYERS.index(_layer(target)) > LAYERS.index(_layer("smolppo.models"))
+
+
+def test_no_module_over_the_limit():
+    lengths = {m: len(open(p, encoding="utf-8").readlines()) for m, p in _modules().items()}
+    assert not {m: n for m, n in lengths.items() if n > MAX_MODULE_LINES}
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_is_a_front_door_and_every_link_resolves():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert len(readme.splitlines()) <= MAX_README_LINES
+    pages = ["README.md"] + [os.path.join("docs", n) for n in os.listdir(os.path.join(REPO, "docs"))]
+    broken = []
+    for page in pages:
+        text = open(os.path.join(REPO, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")) or target.endswith(".png"):
+                continue
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(REPO, os.path.dirname(page), file or os.path.basename(page)))
+            if not os.path.exists(path):
+                broken.append(f"{page}: {target}")
+                continue
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", open(path, encoding="utf-8").read(), re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{page}: {target} (no such heading)")
+    assert not broken, broken
+    assert "docs/DEVELOPMENT.md" in readme and "docs/ALGORITHM.md" in readme  # the map to the rest
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    (command,) = re.findall(r"^pip install torch==\S+ && pip install -r requirements-dev.txt && (.+)$", readme, re.M)
+    ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
+    assert re.search(rf"^{re.escape(command)}$", ci, re.M), command
