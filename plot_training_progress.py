@@ -68,5 +68,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `smolppo-plot` command after `pip install -e .`: the same as this script."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 
-from smolppo.cli import parse_config, run_main, signal_exit_code
+from smolppo.cli import parse_config, run_main
 from smolppo.configs import PPOConfig
+from smolppo.signals import signal_exit_code
 
 logger = logging.getLogger("train_ppo")
 
@@ -77,5 +78,10 @@ def main() -> int:
     return 0 if summary["status"] == "finished" else signal_exit_code(summary["stopped_by"])
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `smolppo-train` command after `pip install -e .`: the same as this script."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 
-from smolppo.cli import parse_config, run_main, signal_exit_code
+from smolppo.cli import parse_config, run_main
 from smolppo.configs import RewardModelConfig
+from smolppo.signals import signal_exit_code
 
 logger = logging.getLogger("train_reward_model")
 
@@ -59,5 +60,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `smolppo-train-reward-model` command after `pip install -e .`: the same as this script."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -169,7 +169,8 @@ def run(bench: BenchConfig) -> dict:
     median = {k.removeprefix("time/"): statistics.median(m[k] for m in timed) for k in stages}
     total = median["update_total"]
     episodes = bench.rollout_batch_size * bench.samples_per_prompt
-    tokens = episodes * bench.response_length
+    length = statistics.median(m["response/length_mean"] for m in timed)  # measured, not assumed
+    tokens = episodes * length
     return {
         "config": asdict(bench),
         "device": str(device),
@@ -177,6 +178,7 @@ def run(bench: BenchConfig) -> dict:
         "episodes_per_s": episodes / total,
         "generated_tokens_per_s": tokens / median["rollout"],
         "seconds_per_update": total,
+        "response_length_measured": length,
         "stage_seconds": median,
         "stage_share": {k: v / total for k, v in median.items() if k != "update_total"},
         "peak_memory_bytes": peak_memory_bytes(device),

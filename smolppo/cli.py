@@ -1,10 +1,10 @@
-"""Command-line plumbing shared by the scripts: dataclass parsing with presets and YAML, and one-line errors."""
+"""Command-line plumbing shared by the scripts: dataclass parsing with presets and YAML, and one-line errors
+(signals are `smolppo.signals`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -13,6 +13,7 @@ import yaml
 from trl import TrlParser
 
 from smolppo.errors import UserError
+from smolppo.signals import signal_exit_code, stop_at_once_on_termination
 
 T = TypeVar("T")
 DEBUG_ENV = "SMOLPPO_DEBUG"
@@ -152,75 +153,6 @@ def check_yaml_values(config_cls, config_path: str, loaded) -> None:
 def wants_debug(args: Sequence[str] | None = None) -> bool:
     args = sys.argv[1:] if args is None else args
     return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def termination_signals() -> list:
-    """SIGTERM everywhere, and Ctrl-Break (SIGBREAK) on Windows: both are handled like SIGTERM."""
-    return [signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
-
-
-def signal_exit_code(name: str | None) -> int:
-    """The exit status shells and schedulers expect after a signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
-    try:
-        return 128 + signal.Signals[name].value
-    except (KeyError, TypeError):
-        return 128 + signal.SIGINT.value
-
-
-class Interrupted(KeyboardInterrupt):
-    """Stopped at once by a signal; `run_main` exits with `exit_code`."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + int(signum)
-
-
-class GracefulStop:
-    """While installed, SIGINT / SIGTERM (Ctrl-Break on Windows) asks the job to stop at its next safe point
-    (`signal_name` is then set and `message` logged); a second signal stops at once (`Interrupted`)."""
-
-    def __init__(self, message: str):
-        self.message = message
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def _handler(self, signum, frame):
-        if self.signal_name:
-            raise Interrupted(signum)
-        self.signal_name = signal.Signals(signum).name
-        logging.getLogger(__name__).warning("%s received: %s (again to stop now)", self.signal_name, self.message)
-
-    def install(self) -> GracefulStop:
-        for sig in (signal.SIGINT, *termination_signals()):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except (ValueError, OSError):  # not the main thread, or not settable here
-                pass
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __enter__(self) -> GracefulStop:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-
-def stop_at_once_on_termination() -> None:
-    """Before training starts nothing needs saving: SIGTERM stops like Ctrl-C (one line, exit 143)."""
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    for sig in termination_signals():
-        try:
-            signal.signal(sig, handler)
-        except (ValueError, OSError):  # not the main thread, or not settable here
-            pass
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 PROMPT_COLUMNS = ("system", "question")
+ANSWER_COLUMNS = ("chosen", "rejected")  # preference pairs: reward-model training, the start-up check, the report
+PAIR_COLUMNS = PROMPT_COLUMNS + ANSWER_COLUMNS
 FALLBACK_TEMPLATE = "{system}\n\nUser: {question}\nAssistant:"
 
 

@@ -120,3 +120,71 @@ def assert_learned(before, after, min_gain: float, min_t: float = 4.0) -> None:
     gain = after - before
     t = float(gain.mean() / (gain.std() / len(gain) ** 0.5))
     assert float(gain.mean()) > min_gain and t > min_t, f"gain {float(gain.mean()):.3f}, paired t {t:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+SMOKE = ("--preset", "smoke")
+
+
+def train_smoke(out, *args, cwd: str = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`train_ppo.py --preset smoke --output-dir OUT ARGS` as a user runs it (from `cwd`)."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_ppo.py"), *SMOKE, "--output-dir", str(out), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def scalars(log_dir, tag: str) -> dict[int, float]:
+    """``{step: value}`` of one TensorBoard scalar, read from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def snapshot(directory) -> dict[str, float]:
+    """Every file under `directory` with its modification time: compare two to prove nothing was touched."""
+    return {
+        os.path.relpath(os.path.join(root, name), directory): os.path.getmtime(os.path.join(root, name))
+        for root, _, names in os.walk(directory)
+        for name in names
+    }
+
+
+def one_line_error(result, *fragments: str, code: int = 2) -> str:
+    """The process failed with `code`, no traceback, and its last stderr line is ``error: ...`` naming `fragments`."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def run_script_in_process(script: str, *args: str, capsys) -> tuple[int, str]:
+    """A script's command-line entry (`run()`: parsing, `run_main`'s one-line errors and exit code) in this process,
+    for checks where the process boundary adds nothing: ``(exit code, stderr)``. Signal handlers are restored."""
+    import importlib
+    import signal
+
+    from smolppo.signals import termination_signals
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    saved = {sig: signal.getsignal(sig) for sig in termination_signals()}
+    argv, sys.argv = sys.argv, [script, *args]
+    code = 0
+    try:
+        module.run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return code, capsys.readouterr().err

@@ -25,9 +25,10 @@ def test_benchmark_reports_throughput_stages_and_memory(tmp_path):
     for line in ("episodes/s", "generated tokens/s", "rollout", "reward", "reference_logprobs", "values", "update"):
         assert line in result.stdout
     stages = report["stage_seconds"]
-    assert abs(sum(v for k, v in stages.items() if k != "update_total") - stages["update_total"]) < 1e-6
-    assert report["episodes_per_s"] > 0 and report["peak_memory_bytes"] > 0
-    assert report["generated_tokens_per_s"] == 8 * 8 / stages["rollout"]
+    assert set(stages) >= {"rollout", "reward", "policy_logprobs", "reference_logprobs", "values", "update"}
+    assert all(seconds > 0 for seconds in stages.values())
+    assert report["response_length_measured"] == 8  # the benchmark's fixed work was really generated
+    assert report["peak_memory_bytes"] > 100 * 2**20  # a process peak RSS, not a placeholder
 
 
 def test_benchmark_without_a_critic_has_no_value_stage(tmp_path):
@@ -38,4 +39,4 @@ def test_benchmark_without_a_critic_has_no_value_stage(tmp_path):
     report = json.loads(out.read_text())
     assert report["config"]["samples_per_prompt"] == 4  # grpo's default group
     assert "values" not in report["stage_seconds"]
-    assert report["generated_tokens_per_s"] == 4 * 4 * 8 / report["stage_seconds"]["rollout"]
+    assert report["response_length_measured"] == 8

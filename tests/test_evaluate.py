@@ -56,20 +56,17 @@ def _evaluate(*args):
 
 
 def _check_report(report, num_prompts, num_completions):
+    """Every prompt has its completions, finite rewards, and the ranks (tested by hand above) of its own rewards."""
     for model in report["models"]:
         completions = model["completions"]
         assert len(completions) == num_prompts * num_completions
         assert all(math.isfinite(c["reward"]) for c in completions)
         for p in range(num_prompts):
-            own = [c for c in completions if c["prompt_index"] == p]
+            own = sorted((c for c in completions if c["prompt_index"] == p), key=lambda c: c["completion_index"])
+            assert [c["completion_index"] for c in own] == list(range(num_completions))
             rewards = [c["reward"] for c in own]
-            if len(set(rewards)) == 1:
-                assert all(c["rank"] == "TIE" and c["tied"] for c in own)
-                continue
-            for c in own:
-                high, low = max(rewards), min(rewards)
-                expected = "BEST" if c["reward"] == high else "WORST" if c["reward"] == low else "MEDIUM"
-                assert c["rank"] == expected and c["tied"] == (rewards.count(c["reward"]) > 1)
+            assert [c["rank"] for c in own] == rank_labels(rewards)
+            assert [c["tied"] for c in own] == [rewards.count(r) > 1 for r in rewards]
 
 
 def test_evaluates_smoke_model_on_unseen_prompts_reproducibly(smoke_run, tmp_path):

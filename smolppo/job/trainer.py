@@ -17,12 +17,12 @@ from smolppo import files
 from smolppo.algorithm.behaviour import BehaviourWatch
 from smolppo.algorithm.engine import Algorithm
 from smolppo.algorithm.experience import Experience
-from smolppo.cli import GracefulStop
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
 from smolppo.rewards.reader import PairwiseCheck
 from smolppo.runs import checkpointing, hub, output_dir, run_state
+from smolppo.signals import GracefulStop
 from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,9 @@ class Trainer:
         algo = self.algorithm
         exp = algo.make_experience(self.prompts, self.sampler.indices(self.update))
         train_stats = algo.optimise(exp, self.update)
-        metrics = {**algo.metrics(exp, train_stats), **algo.timer.pop()}
-        metrics = self._reduce_metrics(metrics)
+        metrics = self._reduce_metrics(algo.metrics(exp, train_stats))
         self._check_finite(metrics)
-        algo.kl_controller.update(metrics["kl_divergence"], self.schedule.episodes_per_update)
+        algo.end_update(metrics["kl_divergence"])
         self.update += 1
         self.episodes += self.schedule.episodes_per_update
         metrics["episodes"] = float(self.episodes)
@@ -231,15 +230,15 @@ class Trainer:
 
     def _explain_kl(self, metrics: dict) -> None:
         """Say when the adaptive controller never acted: the KL stayed below its target all run."""
-        controller = self.algorithm.kl_controller
-        if getattr(controller, "engaged", True) or not metrics or not self.accelerator.is_main_process:
+        kl = self.algorithm.kl_status()
+        if kl["engaged"] in (True, None) or not metrics or not self.accelerator.is_main_process:
             return
         logger.info(
             "the KL never reached its target %.3g (last update: %.3g nats), so the adaptive controller held the "
             "coefficient at %.3g; lower --target to steer a run this short, or keep it: the penalty acted anyway",
-            controller.target,
+            kl["target"],
             metrics.get("kl_divergence", float("nan")),
-            controller.value,
+            kl["kl_coef"],
         )
 
     # ------------------------------------------------------------------ saving and resuming
@@ -255,7 +254,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore everything `save_checkpoint` wrote; a damaged file is one line naming it."""
-        state = run_state.load_checkpoint(self.algorithm, self.config, path)
+        state = run_state.load_checkpoint(self.algorithm, path)
         self.update, self.episodes = state["update"], state["episodes"]
         self.last_metrics = state.get("last_metrics", {})
         self.watch.load_state_dict(state.get("watch", {}))
@@ -324,8 +323,8 @@ class Trainer:
             ],
             "reward_sources": [{"name": n, "weight": w} for n, w in zip(reward.names, reward.weights)],
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
-            "kl_coef_next_update": self.algorithm.kl_controller.value,  # final_metrics' objective/kl_coef: the last
-            "kl_target_reached": getattr(self.algorithm.kl_controller, "engaged", None),
+            "kl_coef_next_update": self.algorithm.kl_status()["kl_coef"],  # final_metrics' objective/kl_coef: the last
+            "kl_target_reached": self.algorithm.kl_status()["engaged"],
             "warnings": self.watch.warnings,  # what the behaviour watch saw (BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),

@@ -19,18 +19,17 @@ import numpy as np
 import torch
 
 from smolppo import files
-from smolppo.cli import GracefulStop
-from smolppo.data import load_rows, row_conversation
+from smolppo.data import PAIR_COLUMNS, load_rows, row_conversation
 from smolppo.errors import UserError
 from smolppo.files import REWARD_SUMMARY_FILE
 from smolppo.models import load_tokenizer, lora_config_for, resolve_model_path
 from smolppo.rewards.reader import PLAIN, RewardReader, pairwise_check
 from smolppo.runs import output_dir
+from smolppo.signals import GracefulStop
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = REWARD_SUMMARY_FILE
-PAIR_COLUMNS = ("system", "question", "chosen", "rejected")
 
 
 def split_pairs(pairs: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -87,21 +87,22 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
     algorithm.accelerator.wait_for_everyone()
     if not algorithm.accelerator.is_main_process:
         return None
-    controller = algorithm.kl_controller
+    algorithm_state = algorithm.state_dict()
+    kl_state = algorithm_state["kl_controller"]
 
     def write(directory: str) -> None:
         write_models(algorithm, directory, state_dicts)
-        if not algorithm.deepspeed:  # DeepSpeed shards optimizer state across ranks; see load_checkpoint
-            torch.save(algorithm.optimizer.state_dict(), os.path.join(directory, files.OPTIMIZER_FILE))
-        torch.save(algorithm.lr_scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
+        if algorithm_state["optimizer"] is not None:  # None under DeepSpeed, which shards it; see load_checkpoint
+            torch.save(algorithm_state["optimizer"], os.path.join(directory, files.OPTIMIZER_FILE))
+        torch.save(algorithm_state["lr_scheduler"], os.path.join(directory, SCHEDULER_FILE))
         torch.save(rng_states, os.path.join(directory, RNG_FILE))
         state = {
             "update": counters["update"],
             "episodes": counters["episodes"],
-            "kl_coef": controller.value,
-            "kl_horizon": getattr(controller, "horizon", None),
-            "kl_engaged": getattr(controller, "engaged", None),
-            checkpointing.OPTIMIZER_STATE_KEY: not algorithm.deepspeed,
+            "kl_coef": kl_state["kl_coef"],
+            "kl_horizon": kl_state.get("kl_horizon"),
+            "kl_engaged": kl_state.get("kl_engaged"),
+            checkpointing.OPTIMIZER_STATE_KEY: algorithm_state["optimizer"] is not None,
             "last_metrics": counters["last_metrics"],
             "watch": counters.get("watch", {}),
             "config": asdict(config),
@@ -115,10 +116,10 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
     return path
 
 
-def load_checkpoint(algorithm, config, path: str) -> dict:
+def load_checkpoint(algorithm, path: str) -> dict:
     """Restore what `save_checkpoint` wrote into `algorithm`; returns the saved state (counters, metrics)."""
     try:
-        return _load_checkpoint(algorithm, config, path)
+        return _load_checkpoint(algorithm, path)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch/safetensors/json report damage in many types
@@ -128,22 +129,27 @@ def load_checkpoint(algorithm, config, path: str) -> dict:
         ) from exc
 
 
-def _load_checkpoint(algorithm, config, path: str) -> dict:
+def _load_checkpoint(algorithm, path: str) -> dict:
     acc = algorithm.accelerator
     with open(os.path.join(path, files.STATE_FILE)) as f:
         state = json.load(f)
     load_weights_into(algorithm.policy, path)
     if algorithm.value_scorer is not None:
         load_weights_into(algorithm.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
+    optimizer = None
     if algorithm.deepspeed:
         logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
     elif not state.get(checkpointing.OPTIMIZER_STATE_KEY, True):
         logger.warning("%s keeps weights only (its optimizer state was dropped): AdamW moments restart", path)
     else:
-        optimizer_file = os.path.join(path, files.OPTIMIZER_FILE)
-        algorithm.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
-    algorithm.lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False))
-    apply_configured_learning_rate(algorithm.lr_scheduler, algorithm.optimizer, config.learning_rate)
+        optimizer = torch.load(os.path.join(path, files.OPTIMIZER_FILE), weights_only=False)
+    algorithm.load_state_dict(
+        {
+            "optimizer": optimizer,
+            "lr_scheduler": torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False),
+            "kl_controller": {k: state.get(k) for k in ("kl_coef", "kl_horizon", "kl_engaged")},
+        }
+    )
     rng_states = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     if len(rng_states) != acc.num_processes:
         logger.warning(
@@ -152,23 +158,7 @@ def _load_checkpoint(algorithm, config, path: str) -> dict:
             acc.num_processes,
         )
     set_rng_state(rng_states[acc.process_index % len(rng_states)])
-    controller = algorithm.kl_controller
-    controller.value = state["kl_coef"]
-    if state.get("kl_horizon") and hasattr(controller, "horizon") and config.horizon is None:
-        controller.horizon = state["kl_horizon"]  # the run keeps its controller when resumed
-    if state.get("kl_engaged") is not None and hasattr(controller, "engaged"):
-        controller.engaged = state["kl_engaged"]
     return state
-
-
-def apply_configured_learning_rate(scheduler, optimizer, learning_rate: float) -> None:
-    """A scheduler's saved state brings back the old peak learning rate; use this run's (a no-op when equal),
-    so that a resume with --allow-config-change --learning-rate X really trains at X."""
-    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
-    if hasattr(scheduler, "lr_lambdas"):
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def rng_state() -> dict:

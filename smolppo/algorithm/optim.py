@@ -1,0 +1,28 @@
+"""The optimizer's schedule: a warm-started learning-rate schedule, and this run's peak rate applied on resume."""
+
+from __future__ import annotations
+
+import warnings
+
+
+def warm_started_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    """transformers' `name` schedule over `total_steps` optimizer steps, stepped once before training when it warms
+    up: a warm-up then starts at ``1 / warmup_steps`` of the peak instead of 0, so the first step trains."""
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps + 1)
+    if warmup_steps:
+        with warnings.catch_warnings():  # stepping before the first optimizer.step() is the point here
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+            scheduler.step()
+    return scheduler
+
+
+def apply_configured_learning_rate(scheduler, optimizer, learning_rate: float) -> None:
+    """A scheduler's saved state brings back the old peak learning rate; use this run's (a no-op when equal),
+    so that a resume with --allow-config-change --learning-rate X really trains at X."""
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    if hasattr(scheduler, "lr_lambdas"):
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

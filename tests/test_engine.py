@@ -1,0 +1,78 @@
+"""The engine's switches wired as they say, on the smoke models in-process: `--missing-eos-score`,
+`--whiten-rewards` and `--kl-in-loss` under GAE (the formulas themselves are tested by hand in test_ppo_math.py),
+and the algorithm's own state across a save and a load."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from smolppo.algorithm import ppo_math
+from tests.conftest import make_smoke_trainer
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+
+
+def _experience(trainer):
+    return trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(0))
+
+
+def test_missing_eos_score_replaces_the_reward_of_responses_that_never_end(tmp_path):
+    trainer = make_smoke_trainer(tmp_path, "--missing-eos-score", "-7.5", "--max-new-tokens", "3")
+    algo = trainer.algorithm
+    indices = trainer.sampler.indices(0)
+    rollout = algo.rollout([trainer.prompts.input_ids[i] for i in indices])
+    scores, parts = algo.rewards(rollout, trainer.prompts, indices)
+    ended = rollout.ended_with_eos
+    assert (~ended).sum() > 0, "3 tokens should leave some responses unfinished"
+    assert_close(scores[~ended], torch.full_like(scores[~ended], -7.5))
+    assert_close(scores[ended], parts["reward_model"][ended].to(scores.dtype))  # finished ones keep their reward
+
+
+def test_whitened_rewards_feed_gae(tmp_path):
+    trainer = make_smoke_trainer(tmp_path, "--whiten-rewards")
+    exp = _experience(trainer)
+    mask, cfg = exp.rollout.response_mask, trainer.config
+    kl_coef = trainer.algorithm.kl_status()["kl_coef"]
+    rewards = ppo_math.token_rewards(exp.scores, exp.kl, kl_coef, mask)
+    whitened = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+    raw, returns = ppo_math.gae_advantages(whitened, exp.old_values, mask, cfg.gamma, cfg.lam)
+    assert_close(exp.raw_advantages, raw)
+    assert_close(exp.returns, returns)
+    unwhitened, _ = ppo_math.gae_advantages(rewards, exp.old_values, mask, cfg.gamma, cfg.lam)
+    assert not torch.allclose(exp.raw_advantages, unwhitened)  # the switch changed something
+
+
+def test_gae_with_the_kl_in_the_loss(tmp_path):
+    trainer = make_smoke_trainer(tmp_path, "--kl-in-loss")
+    algo = trainer.algorithm
+    exp = _experience(trainer)
+    mask, cfg = exp.rollout.response_mask, trainer.config
+    # No KL penalty in the rewards: GAE sees the score alone, at the last real token.
+    raw, _ = ppo_math.gae_advantages(
+        ppo_math.token_rewards(exp.scores, exp.kl, 0.0, mask), exp.old_values, mask, cfg.gamma, cfg.lam
+    )
+    assert_close(exp.raw_advantages, raw)
+    # The loss: clipped surrogate + vf_coef x value loss + kl_coef x k3 KL to the reference.
+    parts = algo.micro_batch_loss(exp.select(torch.arange(4)).trimmed())
+    assert parts.value is not None and parts.kl is not None and parts.kl.item() >= 0.0
+    expected = parts.policy.loss + cfg.vf_coef * parts.value + algo.kl_status()["kl_coef"] * parts.kl
+    assert_close(parts.loss, expected)
+    assert "loss/kl" in trainer.step()
+
+
+def test_algorithm_state_round_trips(tmp_path):
+    """`state_dict` carries what resuming needs besides weights; `load_state_dict` brings it back exactly."""
+    trainer = make_smoke_trainer(tmp_path / "a", "--max-updates", "3")
+    for _ in range(2):
+        trainer.step()
+    saved = trainer.algorithm.state_dict()
+    assert set(saved) == {"optimizer", "lr_scheduler", "kl_controller"}
+    assert saved["optimizer"]["state"] and saved["kl_controller"]["kl_coef"] > 0
+    other = make_smoke_trainer(tmp_path / "b", "--max-updates", "3")
+    assert other.algorithm.state_dict()["lr_scheduler"] != saved["lr_scheduler"]
+    other.algorithm.load_state_dict(saved)
+    restored = other.algorithm.state_dict()
+    assert restored["kl_controller"] == saved["kl_controller"]
+    assert restored["lr_scheduler"] == saved["lr_scheduler"]
+    for key, value in saved["optimizer"]["state"].items():
+        assert_close(restored["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
