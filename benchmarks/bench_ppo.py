@@ -135,7 +135,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if bench.bf16 else "no",
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=config.accumulation_steps,
     )
     reader = RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size)
     algorithm = Algorithm(

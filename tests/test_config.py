@@ -18,10 +18,11 @@ def test_spec_defaults():
     assert (cfg.ppo_epochs, cfg.init_kl_coef, cfg.target, cfg.gamma, cfg.lam) == (4, 0.05, 6.0, 1.0, 0.95)
     assert (cfg.temperature, cfg.per_device_train_batch_size) == (0.7, 4)
     assert not hasattr(cfg, "top_p")  # evaluation has its own; rollouts sample the full distribution
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.num_train_epochs) == (16, 32, 5e-6, 3)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.peak_learning_rate, cfg.num_train_epochs) == (16, 32, 5e-6, 3)
     assert cfg.gradient_checkpointing and not cfg.bf16 and not cfg.use_lora
     assert (cfg.num_samples, cfg.save_total_limit, cfg.output_dir) == (10_000, 1, "./ppo_training_output")
-    assert cfg.gradient_accumulation_steps == cfg.mini_batch_size // cfg.per_device_train_batch_size
+    assert cfg.accumulation_steps == cfg.mini_batch_size // cfg.per_device_train_batch_size == 4
+    assert cfg.learning_rate is None and cfg.gradient_accumulation_steps is None  # derived values are not written back
 
 
 def test_cli_flags_are_kebab_case():
@@ -51,7 +52,7 @@ def test_precedence_default_preset_yaml_cli(tmp_path):
     cfg = parse("--preset", "smoke", "--config", str(yaml_file), "--learning-rate", "0.02")
     assert cfg.policy_model == "smoke:policy"  # preset
     assert cfg.max_new_tokens == 20  # YAML over preset
-    assert cfg.learning_rate == 0.02  # CLI over YAML
+    assert cfg.peak_learning_rate == cfg.learning_rate == 0.02  # CLI over YAML
     assert cfg.ppo_epochs == 2
 
 
@@ -126,11 +127,12 @@ def test_too_few_prompts_for_one_batch():
 
 
 def test_lora_gets_its_own_learning_rate_unless_one_is_given():
-    assert parse().learning_rate == 5e-6
-    assert parse("--use-lora").learning_rate == 5e-5  # 10x: adapters start at zero
-    assert parse("--use-lora", "--learning-rate", "1e-4").learning_rate == 1e-4  # explicit wins
-    assert parse("--preset", "smoke").learning_rate == 3e-3
-    assert parse("--preset", "smoke", "--use-lora").learning_rate == 3e-3  # adapter on the output head: no 10x
+    assert parse().peak_learning_rate == 5e-6
+    assert parse("--use-lora").peak_learning_rate == 5e-5  # 10x: adapters start at zero
+    assert parse("--use-lora", "--learning-rate", "1e-4").peak_learning_rate == 1e-4  # explicit wins
+    assert parse("--preset", "smoke").peak_learning_rate == 3e-3
+    assert parse("--preset", "smoke", "--use-lora").peak_learning_rate == 3e-3  # adapter on the output head: no 10x
+    assert parse("--use-lora").recorded()["learning_rate"] == 5e-5  # what runs record and resume compares
 
 
 def test_kl_horizon_is_one_update_whatever_the_estimator_or_length_unless_set():

@@ -43,7 +43,7 @@ def test_reward_rises_on_a_learnable_task(tmp_path, seed):
 
 def test_lora_learns_on_the_smoke_task(tmp_path):
     trainer = make_trainer(tmp_path, "--use-lora")
-    assert trainer.config.learning_rate == 3e-3 and "lm_head" in trainer.config.lora_target_modules
+    assert trainer.config.peak_learning_rate == 3e-3 and "lm_head" in trainer.config.lora_target_modules
     before = policy_rewards(trainer)
     history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
     assert_learned(before, policy_rewards(trainer), min_gain=0.15)
@@ -135,7 +135,7 @@ def test_first_update_trains_under_a_warm_up(tmp_path):
     assert trainer.schedule.warmup_steps == 8  # ceil(0.05 x 40 planned updates x 4 optimizer steps)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     first = trainer.step()
-    peak = trainer.config.learning_rate
+    peak = trainer.config.peak_learning_rate
     # Steps 1-4 of an 8-step warm-up: 1/8 ... 4/8 of the peak; the logged rate is their mean.
     assert first["learning_rate"] == pytest.approx(2.5 / 8 * peak)
     assert [k for k, v in trainer.policy.state_dict().items() if not torch.equal(v, before[k])]

@@ -90,7 +90,7 @@ class Algorithm:
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable_params,
-            lr=config.learning_rate,
+            lr=config.peak_learning_rate,
             weight_decay=config.weight_decay,
             fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
         )
@@ -303,7 +303,7 @@ class Algorithm:
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
+        apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.peak_learning_rate)
         self.kl_controller.load_state_dict(state["kl_controller"])
         if self.config.horizon is not None and hasattr(self.kl_controller, "horizon"):
             self.kl_controller.horizon = self.schedule.kl_horizon

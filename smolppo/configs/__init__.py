@@ -11,8 +11,9 @@ import os
 from smolppo.configs.evaluate import EvalConfig
 from smolppo.configs.parts import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_POLICY_MODEL, DEFAULT_REWARD_MODEL
 from smolppo.configs.plot import PlotConfig
-from smolppo.configs.ppo import ADVANTAGE_ESTIMATORS, KL_HORIZON_UPDATES, PPOConfig, Schedule
+from smolppo.configs.ppo import ADVANTAGE_ESTIMATORS, KL_HORIZON_UPDATES, PPOConfig
 from smolppo.configs.reward import RewardModelConfig
+from smolppo.configs.schedule import Schedule
 from smolppo.paths import REPO_DIR
 
 RECIPES_DIR = os.path.join(REPO_DIR, "recipes")

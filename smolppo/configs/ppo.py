@@ -11,7 +11,7 @@ Batch vocabulary (all counts are per process):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from smolppo.configs.parts import (
@@ -28,6 +28,7 @@ from smolppo.configs.parts import (
     check_positive,
     check_probability,
 )
+from smolppo.configs.schedule import Schedule
 
 KL_HORIZON_UPDATES = 1  # default horizon = this many updates' episodes: at most +-20% per update, any estimator
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
@@ -309,9 +310,28 @@ class PPOConfig(
     num_logged_samples: int = field(default=4, metadata=_help("Prompt/response/reward triples logged as text."))
     sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
 
+    @property
+    def peak_learning_rate(self) -> float:
+        """`learning_rate` when given, else `full_learning_rate` (`lora_learning_rate` with LoRA)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return self.lora_learning_rate if self.use_lora else self.full_learning_rate
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step: mini_batch_size / per_device_train_batch_size."""
+        return self.mini_batch_size // self.per_device_train_batch_size
+
+    def recorded(self) -> dict:
+        """The config as a run records it (summary, checkpoints, the resume check, trackers): every field, with the
+        learning rate and gradient accumulation as they apply."""
+        return {
+            **asdict(self),
+            "learning_rate": self.peak_learning_rate,
+            "gradient_accumulation_steps": self.accumulation_steps,
+        }
+
     def __post_init__(self) -> None:
-        if self.learning_rate is None:
-            self.learning_rate = self.lora_learning_rate if self.use_lora else self.full_learning_rate
         if self.num_mini_batches is not None:
             sequences = self.rollout_batch_size * self.samples_per_prompt
             if not (isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0):
@@ -325,8 +345,8 @@ class PPOConfig(
         super().__post_init__()
 
     def _check_ppo(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.peak_learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.peak_learning_rate}")
         check_positive(self, "max_prompt_length", "rollout_batch_size", "mini_batch_size")
         check_positive(self, "per_device_train_batch_size", "max_new_tokens", "sample_logging_steps")
         for name in ("max_updates", "total_episodes"):
@@ -343,10 +363,8 @@ class PPOConfig(
                 f"mini_batch_size ({self.mini_batch_size}) must be a multiple of per_device_train_batch_size "
                 f"({self.per_device_train_batch_size})"
             )
-        derived = self.mini_batch_size // self.per_device_train_batch_size
-        if self.gradient_accumulation_steps is None:
-            self.gradient_accumulation_steps = derived
-        elif self.gradient_accumulation_steps != derived:
+        derived = self.accumulation_steps
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != derived:
             raise ValueError(
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must equal mini_batch_size / "
                 f"per_device_train_batch_size = {derived}; set mini_batch_size, or leave gradient_accumulation_steps "
@@ -394,21 +412,3 @@ class PPOConfig(
             optimizer_steps_per_update=steps_per_update,
             warmup_steps=math.ceil(self.warmup_ratio * planned * steps_per_update),
         )
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Step counts derived from the config and the data; computed only by `PPOConfig.schedule`."""
-
-    kl_horizon: int
-    global_rollout_batch: int  # prompts per update, all processes
-    episodes_per_update: int  # sequences per update, all processes
-    updates_per_epoch: int
-    total_updates: int  # where this run stops (max_updates applies)
-    planned_updates: int  # the planned run (epochs or total_episodes): the LR schedule's length, same on resume
-    optimizer_steps_per_update: int
-    warmup_steps: int  # optimizer steps of learning-rate warm-up
-
-    @property
-    def planned_optimizer_steps(self) -> int:
-        return self.planned_updates * self.optimizer_steps_per_update

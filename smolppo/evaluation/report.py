@@ -130,6 +130,8 @@ def _write_figures(path: dict, report: dict) -> dict[str, str]:
         ("reward_vs_perplexity", "reference_perplexity", "perplexity of held-out reference answers"),
     ):
         points = [(m, m["summary"].get(x_key)) for m in models]
+        if x_key == "kl_to_baseline_mean" and len(models) > 1:
+            points[0] = (models[0], 0.0)  # the baseline is at KL 0 from itself
         points = [(m, x) for m, x in points if x is not None and math.isfinite(x)]
         if not points:
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -95,7 +95,7 @@ def build_ppo_trainer(config, accelerator=None):
         reward_check = check_reward_model(models.reward, pairs, config.min_reward_accuracy)
     accelerator = accelerator or Accelerator(
         cpu=use_cpu(),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=config.accumulation_steps,
         mixed_precision="bf16" if config.bf16 else "no",
     )
     try:
@@ -144,7 +144,7 @@ def plan_resume(config, resume_from: str | None, deepspeed: bool) -> ResumePlan:
         return ResumePlan()
     needs_optimizer = not deepspeed
     path = checkpointing.resolve_resume(config.output_dir, resume_from, needs_optimizer)
-    changes = checkpointing.check_resume_config(path, asdict(config), config.allow_config_change)
+    changes = checkpointing.check_resume_config(path, config.recorded(), config.allow_config_change)
     newer = checkpointing.newer_checkpoints(config.output_dir, path)
     usable = [p for p in newer if checkpointing.checkpoint_problem(p, needs_optimizer) is None]
     if usable and not config.discard_newer_checkpoints:  # damaged newer ones were passed over: they go anyway

@@ -184,7 +184,7 @@ class Trainer:
         output_dir.remove_leftovers(cfg.output_dir)
         run_name = os.path.basename(os.path.abspath(cfg.output_dir))
         logs = os.path.join(cfg.output_dir, files.LOGS_DIR)
-        self.writer = MetricsWriter(logs, self.update + 1, cfg.report_to, run_name, asdict(cfg))
+        self.writer = MetricsWriter(logs, self.update + 1, cfg.report_to, run_name, cfg.recorded())
         self._log_plan()
         if self.reward_check is not None and self.update == 0:
             check = self.reward_check
@@ -310,7 +310,7 @@ class Trainer:
             "updates": self.update,
             "episodes": self.episodes,
             "schedule": asdict(self.schedule),
-            "config": asdict(self.config),
+            "config": self.config.recorded(),
             "resolved_paths": self.resolved_paths,
             "num_prompts": len(self.prompts.input_ids),
             "prompts_dropped_too_long": self.prompts.num_too_long,

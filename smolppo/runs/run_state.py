@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import warnings
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -105,7 +104,7 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
             checkpointing.OPTIMIZER_STATE_KEY: algorithm_state["optimizer"] is not None,
             "last_metrics": counters["last_metrics"],
             "watch": counters.get("watch", {}),
-            "config": asdict(config),
+            "config": config.recorded(),
         }
         with open(os.path.join(directory, files.STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
