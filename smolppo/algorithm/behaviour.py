@@ -55,7 +55,7 @@ class BehaviourWatch:
 
     From ``2 * window`` updates on, the mean of the last `window` updates is compared with the first `window`:
 
-    * ``diversity``: the reward rose while distinct-2 fell below `diversity_fraction` of its start;
+    * ``diversity``: the reward rose while distinct-1 or distinct-2 fell below `diversity_fraction` of its start;
     * ``degenerate``: at least `degenerate_rate` of the responses repeat a 3-gram 4+ times, up from the start;
     * ``length``: at least `truncated_rate` of the responses run out of tokens, where fewer did at the start;
     * ``dominant_source``: with several reward sources, one brings at least `dominant_share` of the (weighted)
@@ -65,7 +65,8 @@ class BehaviourWatch:
     across a resume.
     """
 
-    WATCHED = ("rewards/mean", "response/distinct_2", "response/degenerate_rate", "response/truncated_rate")
+    WATCHED = ("rewards/mean", "response/distinct_1", "response/distinct_2", "response/degenerate_rate",
+               "response/truncated_rate")  # fmt: skip
 
     def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
                  degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9):  # fmt: skip
@@ -96,14 +97,17 @@ class BehaviourWatch:
 
     def _findings(self, start: dict, now: dict):
         reward_gain = now["rewards/mean"] - start["rewards/mean"]
-        d2_start, d2_now = start.get("response/distinct_2", 0.0), now.get("response/distinct_2", 0.0)
-        if reward_gain > 0 and d2_start > 0 and d2_now < self.diversity_fraction * d2_start:
-            message = (
-                f"responses lost diversity while the reward rose (distinct-2 {d2_now:.2f}, from {d2_start:.2f}; "
-                f"reward {reward_gain:+.2f}): the policy may be exploiting the reward; raise --init-kl-coef or "
-                "lower --target, and read the logged samples"
-            )
-            yield "diversity", message
+        for n in (1, 2):  # fewer distinct tokens, or fewer distinct token pairs: either is a collapse
+            key = f"response/distinct_{n}"
+            d_start, d_now = start.get(key, 0.0), now.get(key, 0.0)
+            if reward_gain > 0 and d_start > 0 and d_now < self.diversity_fraction * d_start:
+                message = (
+                    f"responses lost diversity while the reward rose (distinct-{n} {d_now:.2f}, from {d_start:.2f}; "
+                    f"reward {reward_gain:+.2f}): the policy may be exploiting the reward; raise --init-kl-coef or "
+                    "lower --target, and read the logged samples"
+                )
+                yield "diversity", message
+                break
         degenerate, degenerate_start = (
             now.get("response/degenerate_rate", 0.0),
             start.get("response/degenerate_rate", 0.0),
