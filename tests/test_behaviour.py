@@ -125,7 +125,7 @@ def test_a_run_paid_for_repetition_is_flagged_everywhere(tmp_path, caplog):
     the checkpoint, with the default thresholds."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.conftest import make_smoke_trainer
+    from tests.conftest import REPO, make_smoke_trainer
 
     function = os.path.join(REPO, "tests", "data", "repetition_reward.py") + ":repeated_pairs"
     reward = ["--reward-model", "none", "--reward-funcs", function]
