@@ -139,7 +139,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     )
     reader = RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size)
     algorithm = Algorithm(
-        config,
+        config.algorithm_settings(),
         config.schedule(len(prompts)),
         tokenizer,
         policy.to(device),

@@ -39,6 +39,8 @@ from smolppo.algorithm.rollout import (
     trim_padding,
 )
 from smolppo.algorithm.value import TokenScorer, token_values
+from smolppo.configs.algorithm import AlgorithmSettings
+from smolppo.configs.schedule import Schedule
 from smolppo.data import PromptSet
 from smolppo.models import eos_token_ids
 from smolppo.rewards.sources import CombinedReward, RewardBatch
@@ -56,6 +58,7 @@ from smolppo.tracking import StageTimer
 class Algorithm:
     """Clipped policy optimisation of a causal LM with a pluggable reward and advantage estimator.
 
+    `config` is the run's `AlgorithmSettings` (only what the algorithm reads) and `schedule` its derived counts.
     `policy` may be a PEFT model (LoRA); then `ref_policy` is None and the reference is the same network with its
     adapters disabled. `value_model` (a 1-output sequence classifier over the policy's tokens) is given exactly
     when the estimator is ``gae``.
@@ -63,8 +66,8 @@ class Algorithm:
 
     def __init__(
         self,
-        config,
-        schedule,
+        config: AlgorithmSettings,
+        schedule: Schedule,
         tokenizer,
         policy,
         reward: CombinedReward,
@@ -90,7 +93,7 @@ class Algorithm:
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable_params,
-            lr=config.peak_learning_rate,
+            lr=config.learning_rate,
             weight_decay=config.weight_decay,
             fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
         )
@@ -303,7 +306,7 @@ class Algorithm:
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.peak_learning_rate)
+        apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
         self.kl_controller.load_state_dict(state["kl_controller"])
         if self.config.horizon is not None and hasattr(self.kl_controller, "horizon"):
             self.kl_controller.horizon = self.schedule.kl_horizon

@@ -11,9 +11,10 @@ Batch vocabulary (all counts are per process):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.parts import (
     DEFAULT_REWARD_MODEL,
     ConfigBase,
@@ -321,6 +322,11 @@ class PPOConfig(
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step: mini_batch_size / per_device_train_batch_size."""
         return self.mini_batch_size // self.per_device_train_batch_size
+
+    def algorithm_settings(self) -> AlgorithmSettings:
+        """The fields the algorithm reads, resolved; the algorithm gets this, not the whole config."""
+        values = {f.name: getattr(self, f.name) for f in fields(AlgorithmSettings)}
+        return AlgorithmSettings(**{**values, "learning_rate": self.peak_learning_rate})
 
     def recorded(self) -> dict:
         """The config as a run records it (summary, checkpoints, the resume check, trackers): every field, with the

@@ -103,7 +103,7 @@ def build_ppo_trainer(config, accelerator=None):
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     algorithm = Algorithm(
-        config,
+        config.algorithm_settings(),
         schedule,
         models.tokenizer,
         models.policy,
