@@ -137,7 +137,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         mixed_precision="bf16" if bench.bf16 else "no",
         gradient_accumulation_steps=config.accumulation_steps,
     )
-    reader = RewardReader(reward.to(device), tokenizer, batch_size=config.mini_batch_size)
+    reader = RewardReader(reward.to(device), tokenizer, batch_size=config.effective_mini_batch_size)
     algorithm = Algorithm(
         config.algorithm_settings(),
         config.schedule(len(prompts)),

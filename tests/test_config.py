@@ -157,7 +157,8 @@ def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
     yaml_file.write_text("sft_model_path: /sft\nuse_peft: true\nnum_mini_batches: 8\ntotal_episodes: 1000\n")
     cfg = parse("--config", str(yaml_file), "--rollout-batch-size", "64")
     assert cfg.policy_model == "/sft" and cfg.use_lora
-    assert cfg.mini_batch_size == 8  # 64 sequences / 8 mini-batches
+    assert cfg.effective_mini_batch_size == 8 and cfg.mini_batch_size == 16  # 64 sequences / 8; the field untouched
+    assert cfg.recorded()["mini_batch_size"] == 8
     schedule = cfg.schedule(10_000)
     assert schedule.total_updates == 16  # ceil(1000 episodes / 64 per update), not 3 epochs
 

@@ -11,7 +11,8 @@ import os
 from smolppo.configs.evaluate import EvalConfig
 from smolppo.configs.parts import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_POLICY_MODEL, DEFAULT_REWARD_MODEL
 from smolppo.configs.plot import PlotConfig
-from smolppo.configs.ppo import ADVANTAGE_ESTIMATORS, KL_HORIZON_UPDATES, PPOConfig
+from smolppo.configs.ppo import PPOConfig
+from smolppo.configs.ppo_fields import ADVANTAGE_ESTIMATORS, KL_HORIZON_UPDATES
 from smolppo.configs.reward import RewardModelConfig
 from smolppo.configs.schedule import Schedule
 from smolppo.paths import REPO_DIR

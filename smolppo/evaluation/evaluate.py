@@ -20,7 +20,7 @@ from smolppo import files
 from smolppo.algorithm.behaviour import behaviour_metrics
 from smolppo.algorithm.rollout import generate_rollout, response_texts, response_tokens, sampling_config
 from smolppo.configs import DEFAULT_DATASET, DEFAULT_NUM_SAMPLES, DEFAULT_REWARD_MODEL
-from smolppo.configs.ppo import names_a_reward_model
+from smolppo.configs.ppo_fields import names_a_reward_model
 from smolppo.data import load_rows, row_conversation, row_prompt
 from smolppo.errors import UserError
 from smolppo.evaluation import capability

@@ -204,7 +204,9 @@ def load_ppo_models(config) -> PPOModels:
     tokenizer = load_tokenizer(policy_path, "policy-model")
     reward = None
     if config.uses_reward_model:
-        reward = load_reward_reader(config.reward_model, config.reward_template, tokenizer, config.mini_batch_size)
+        reward = load_reward_reader(
+            config.reward_model, config.reward_template, tokenizer, config.effective_mini_batch_size
+        )
     policy = load_causal_lm(policy_path, "policy-model")
     check_embeddings(policy, tokenizer, "policy", "they were not trained together")
     value_model = load_value_model(config, policy_path, tokenizer, reward) if config.uses_value_model else None

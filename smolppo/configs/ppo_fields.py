@@ -1,0 +1,193 @@
+"""The field groups only `train_ppo.py` has: rewards, the algorithm, the hub (the shared ones are in `parts`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from smolppo.configs.parts import DEFAULT_REWARD_MODEL, _help, check_positive, check_probability
+
+KL_HORIZON_UPDATES = 1  # default horizon = this many updates' episodes: at most +-20% per update, any estimator
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
+NO_REWARD_MODEL = "none"
+
+
+def names_a_reward_model(reward_model: str) -> bool:
+    """False for ``--reward-model none`` (functions only), in any case and spacing."""
+    return reward_model.strip().lower() != NO_REWARD_MODEL
+
+
+@dataclass
+class RewardFields:
+    SECTION = "rewards"
+
+    reward_model: str = field(
+        default=DEFAULT_REWARD_MODEL,
+        metadata=_help(
+            "Reward model (1-output sequence classifier): hub id, local directory or checkpoint-N; 'none' to "
+            "train on --reward-funcs alone.",
+            aliases=["--reward_model_path"],
+        ),
+    )
+    reward_template: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "How the reward model reads a response: 'chat' (its tokenizer's chat template, as RewardTrainer "
+            "trains), 'plain' (prompt + response + EOS), or a Jinja template string/file. Default: chat, or what "
+            "train_reward_model.py recorded."
+        ),
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Reward functions 'file.py:name' or 'module:name' (trl's signature: prompts, completions, dataset "
+            "columns as keyword arguments -> list of floats or None); added to the reward model's score."
+        ),
+    )
+    reward_weights: list[float] = field(
+        default_factory=list,
+        metadata=_help("Weight of each reward source: the reward model first (if used), then each function (1)."),
+    )
+    reward_check_pairs: int = field(
+        default=64,
+        metadata=_help("Held-out chosen/rejected pairs the reward model is checked on before training (0: skip)."),
+    )
+    min_reward_accuracy: Optional[float] = field(
+        default=None, metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this.")
+    )
+    missing_eos_score: Optional[float] = field(
+        default=None, metadata=_help("If set, responses that never emit EOS get this score instead of the reward.")
+    )
+    missing_eos_penalty: Optional[float] = field(
+        default=None,
+        metadata=_help("If set, subtracted from the reward of responses that never emit EOS (trl's meaning)."),
+    )
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return names_a_reward_model(self.reward_model)
+
+    def _check_rewards(self) -> None:
+        if not self.uses_reward_model and not self.reward_funcs:
+            raise ValueError("reward_model is 'none' but no --reward-funcs were given; give at least one reward")
+        sources = int(self.uses_reward_model) + len(self.reward_funcs)
+        if self.reward_weights and len(self.reward_weights) != sources:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {sources} reward sources (the reward "
+                "model first, if used, then each --reward-funcs entry)"
+            )
+        for spec in self.reward_funcs:
+            if ":" not in spec.replace(":\\", "").replace(":/", ""):
+                raise ValueError(f"reward_funcs entry {spec!r} must be 'file.py:function' or 'module:function'")
+        if not (isinstance(self.reward_check_pairs, int) and self.reward_check_pairs >= 0):
+            raise ValueError(f"reward_check_pairs must be an integer >= 0, got {self.reward_check_pairs!r}")
+        if self.min_reward_accuracy is not None:
+            check_probability(self, "min_reward_accuracy")
+            if not self.reward_check_pairs or not self.uses_reward_model:
+                why = "reward_check_pairs is 0" if self.uses_reward_model else "there is no reward model"
+                raise ValueError(
+                    f"min_reward_accuracy {self.min_reward_accuracy} cannot be checked: {why}; drop it or let the "
+                    "reward model be checked (--reward-check-pairs N)"
+                )
+        if self.missing_eos_score is not None and self.missing_eos_penalty is not None:
+            raise ValueError(
+                "set missing_eos_score (replaces the reward) or missing_eos_penalty (subtracted), not both"
+            )
+
+
+@dataclass
+class AlgorithmFields:
+    SECTION = "algorithm: estimator, KL, PPO"
+
+    advantage_estimator: str = field(
+        default="gae",
+        metadata=_help(
+            "gae (PPO with a value model), grpo (group-normalised rewards), rloo (leave-one-out baseline) or "
+            "reinforce_pp (REINFORCE++: whitened discounted returns); only gae loads a value model."
+        ),
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata=_help(
+            "Responses sampled per prompt in an update (grpo and rloo need at least 2).", aliases=["--num_generations"]
+        ),
+    )
+    scale_rewards: bool = field(
+        default=True, metadata=_help("grpo: divide by the group's reward std (--no-scale-rewards: centre only).")
+    )
+    kl_in_loss: bool = field(
+        default=False,
+        metadata=_help("Add the KL to the reference as a loss term (k3, as GRPO does) instead of a reward penalty."),
+    )
+    ppo_epochs: int = field(
+        default=4, metadata=_help("Optimisation passes over each rollout batch.", aliases=["--num_ppo_epochs"])
+    )
+    init_kl_coef: float = field(
+        default=0.05,
+        metadata=_help("Initial coefficient of the per-token KL penalty.", aliases=["--kl_coef", "--beta"]),
+    )
+    adaptive_kl: bool = field(
+        default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
+    )
+    target: float = field(default=6.0, metadata=_help("Target KL (nats per response) for the adaptive controller."))
+    horizon: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Adaptive KL horizon, in episodes (trl's unit). Default: one update's episodes, so the coefficient moves "
+            "by at most 20%% per update whatever the estimator, batch or run length (trl's fixed 10000: ~2x per run)."
+        ),
+    )
+    kl_estimator: str = field(
+        default="k1", metadata=_help("Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative).")
+    )
+    gamma: float = field(default=1.0, metadata=_help("Discount factor."))
+    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    cliprange: float = field(default=0.2, metadata=_help("Clip range epsilon of the policy ratio."))
+    cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the total loss (gae)."))
+    whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards before GAE."))
+
+    @property
+    def uses_value_model(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    def _check_algorithm(self) -> None:
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got "
+                f"{self.advantage_estimator!r}"
+            )
+        check_positive(self, "samples_per_prompt", "ppo_epochs")
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} compares responses to the same prompt: set "
+                f"--samples-per-prompt to 2 or more (got {self.samples_per_prompt})"
+            )
+        if self.horizon is not None:
+            check_positive(self, "horizon")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if not self.init_kl_coef >= 0:
+            raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        if not self.target > 0:
+            raise ValueError(f"target must be > 0, got {self.target}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if not (self.cliprange > 0 and self.cliprange_value > 0):
+            raise ValueError("cliprange and cliprange_value must be > 0")
+        if not self.vf_coef >= 0:
+            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
+
+
+@dataclass
+class HubFields:
+    SECTION = "hub"
+
+    push_to_hub: bool = field(
+        default=False, metadata=_help("After a finished run, upload the final model, tokenizer and card to the hub.")
+    )
+    hub_model_id: Optional[str] = field(
+        default=None, metadata=_help("Hub repository for --push-to-hub (default: the output directory's name).")
+    )
+    hub_private_repo: bool = field(default=False, metadata=_help("Create the hub repository as private."))
