@@ -41,15 +41,11 @@ def main() -> int:
     from smolppo.distributed import use_cpu
     from smolppo.job.build import build_ppo_trainer, check_output_dir_for, plan_resume
     from smolppo.runs import output_dir
-    from smolppo.smoke import resolve as resolve_smoke_name
 
     state = PartialState(cpu=use_cpu())  # one process, or one of several under `accelerate launch`
     resume_from = check_output_dir_for(config)
     with output_dir.run_lock(config.output_dir, enabled=state.is_main_process):
         plan = plan_resume(config, resume_from, deepspeed=state.distributed_type == DistributedType.DEEPSPEED)
-        with state.main_process_first():  # smoke models are built once, by the main process
-            for name in (config.policy_model, config.reward_model, config.dataset):
-                resolve_smoke_name(name)
         trainer = build_ppo_trainer(config)
         trainer.config_changes = plan.changes
         if state.is_main_process:

@@ -79,7 +79,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
         (config,) = parser.parse_args_and_config(args)
     except ValueError as exc:
         raise UserError(f"invalid configuration: {exc}") from exc
-    return config
+    from smolppo.smoke import resolve_config  # the smoke preset's names end here
+
+    return resolve_config(config)
 
 
 def _without_option(args: list[str], name: str) -> list[str]:

@@ -13,7 +13,6 @@ import torch
 
 from smolppo.errors import UserError
 from smolppo.paths import looks_like_local_path
-from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ FALLBACK_TEMPLATE = "{system}\n\nUser: {question}\nAssistant:"
 
 def load_rows(dataset: str, split: str = "train", columns: tuple[str, ...] = PROMPT_COLUMNS) -> list[dict]:
     """All rows of `dataset` (a hub id or a local file) as dicts, after checking the required `columns`."""
-    dataset = resolve_smoke_name(dataset)
     if looks_like_local_path(dataset):
         rows = _read_local(dataset)
     else:

@@ -15,7 +15,6 @@ from torch import nn
 
 from smolppo.errors import UserError
 from smolppo.paths import looks_like_local_path
-from smolppo.smoke import resolve as resolve_smoke_name
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +25,9 @@ SMOKE_HINT = (
 
 
 def resolve_model_path(name: str, flag: str) -> str:
-    """Map smoke names to paths, a ``.gguf`` file to its converted folder (`smolppo.real_model`), and fail early,
-    naming the flag, for local paths that do not exist."""
-    path = resolve_smoke_name(name)
+    """Map a ``.gguf`` file to its converted folder (`smolppo.real_model`), and fail early, naming the flag, for
+    local paths that do not exist."""
+    path = name
     if path.lower().endswith(".gguf"):
         from smolppo.real_model import folder_for_gguf
 

@@ -14,6 +14,7 @@ atomically, and rebuilt when `SMOKE_VERSION` changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from collections import Counter
 
 import torch
 
+from smolppo.errors import UserError
 from smolppo.paths import ASSETS_DIR, REPO_DIR
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,32 @@ CHATML_TEMPLATE = (
 SMOKE_PREFIX = "smoke:"
 
 
+ASSETS = ("tokenizer", "orca", "policy", "reward")
+
+
 def resolve(name: str) -> str:
     """Map ``smoke:<what>`` to the local file or directory the smoke preset uses; other names pass through."""
-    return materialise(name[len(SMOKE_PREFIX) :]) if name.startswith(SMOKE_PREFIX) else name
+    if not name.startswith(SMOKE_PREFIX):
+        return name
+    what = name[len(SMOKE_PREFIX) :]
+    if what not in ASSETS:
+        raise UserError(
+            f"unknown smoke name {name!r}; the smoke preset has {', '.join(SMOKE_PREFIX + a for a in ASSETS)}"
+        )
+    return materialise(what)
+
+
+def resolve_config(config):
+    """`config` with every ``smoke:`` name replaced by its local path (models built on first use). The one place
+    the smoke preset's names are read: `smolppo.cli.parse_config` calls it, so nothing after parsing sees them."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, str) and value.startswith(SMOKE_PREFIX):
+            changes[f.name] = resolve(value)
+        elif isinstance(value, list) and any(isinstance(v, str) and v.startswith(SMOKE_PREFIX) for v in value):
+            changes[f.name] = [resolve(v) if isinstance(v, str) else v for v in value]
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def cache_dir() -> str:
@@ -57,10 +82,9 @@ def materialise(what: str) -> str:
         return SMOKE_DATA
     builders = {"policy": _build_policy, "reward": _build_reward}
     if what not in builders:
-        raise ValueError(f"unknown smoke asset {what!r}; expected one of tokenizer, orca, policy, reward")
+        raise ValueError(f"unknown smoke asset {what!r}; expected one of {', '.join(ASSETS)}")
     target = os.path.join(cache_dir(), what)
-    marker = os.path.join(target, "smoke_version.txt")
-    if os.path.isfile(marker) and open(marker).read().strip() == SMOKE_VERSION:
+    if _built(target):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{what}-", dir=cache_dir())
@@ -68,10 +92,26 @@ def materialise(what: str) -> str:
         builders[what](staging)
     with open(os.path.join(staging, "smoke_version.txt"), "w") as f:
         f.write(SMOKE_VERSION)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    if os.path.isdir(target) and not _built(target):  # an older version: out of the way first
+        stale = f"{staging}-stale"
+        os.replace(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process (a rank of the same launch) finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+        if not _built(target):
+            raise
     logger.info("built smoke %s model in %s", what, target)
     return target
+
+
+def _built(target: str) -> bool:
+    marker = os.path.join(target, "smoke_version.txt")
+    if not os.path.isfile(marker):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        return f.read().strip() == SMOKE_VERSION
 
 
 def load_smoke_rows() -> list[dict]:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from smolppo import smoke
 from smolppo.cli import parse_config
 from smolppo.configs import PPOConfig
 from smolppo.errors import UserError
@@ -50,7 +51,7 @@ def test_precedence_default_preset_yaml_cli(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("max_new_tokens: 20\nlearning_rate: 0.01\n")
     cfg = parse("--preset", "smoke", "--config", str(yaml_file), "--learning-rate", "0.02")
-    assert cfg.policy_model == "smoke:policy"  # preset
+    assert cfg.policy_model == smoke.resolve("smoke:policy")  # preset (its smoke name resolved at parsing)
     assert cfg.max_new_tokens == 20  # YAML over preset
     assert cfg.peak_learning_rate == cfg.learning_rate == 0.02  # CLI over YAML
     assert cfg.ppo_epochs == 2

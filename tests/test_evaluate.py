@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from smolppo import smoke
 from smolppo.evaluation.report import compare, rank_labels, resample_indices, summarise
 from tests.conftest import run_script
 
@@ -113,14 +114,15 @@ def test_evaluates_lora_adapter_and_compares_with_baseline(lora_run, smoke_run, 
         str(out),
     )
     report = json.loads(out.read_text())
-    assert [m["name"] for m in report["models"]] == ["smoke:policy", str(lora_run), str(smoke_run)]
+    base = smoke.resolve("smoke:policy")  # smoke names are paths from parsing on
+    assert [m["name"] for m in report["models"]] == [base, str(lora_run), str(smoke_run)]
     _check_report(report, 4, 2)
     means = {m["name"]: np.mean([c["reward"] for c in m["completions"]]) for m in report["models"]}
     assert len(report["comparisons"]) == 2
     for c in report["comparisons"]:
-        assert c["baseline"] == "smoke:policy"
+        assert c["baseline"] == base
         assert 0.0 <= c["win_rate"] <= 1.0 and c["wins"] + c["ties"] + c["losses"] == 4
-        assert c["mean_reward_difference"] == pytest.approx(means[c["model"]] - means["smoke:policy"], abs=1e-6)
+        assert c["mean_reward_difference"] == pytest.approx(means[c["model"]] - means[base], abs=1e-6)
 
 
 def test_directory_without_model_is_one_clear_line(tmp_path):

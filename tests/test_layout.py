@@ -103,3 +103,25 @@ def test_ci_runs_the_readme_test_command():
     (command,) = re.findall(r"^pip install torch==\S+ && pip install -r requirements-dev.txt && (.+)$", readme, re.M)
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
     assert re.search(rf"^{re.escape(command)}$", ci, re.M), command
+
+
+def test_smoke_names_are_read_only_where_the_config_is_parsed():
+    """The smoke preset's ``smoke:`` names end in `parse_config`: no other module of the package reads them."""
+    readers = [m for m, p in _modules().items() if "smolppo.smoke" in _imports(p)]
+    assert readers == ["smolppo.cli"], readers
+
+
+def test_a_parsed_config_holds_no_smoke_name_and_a_wrong_one_is_one_line():
+    import pytest
+
+    from smolppo.cli import parse_config
+    from smolppo.configs import EvalConfig, PPOConfig
+    from smolppo.errors import UserError
+
+    config = parse_config(PPOConfig, ["--preset", "smoke"], "train_ppo")
+    assert not [v for v in vars(config).values() if isinstance(v, str) and v.startswith("smoke:")]
+    assert os.path.isdir(config.policy_model) and os.path.isfile(config.dataset)
+    evaluation = parse_config(EvalConfig, ["--model-path", "smoke:policy", "./other"])
+    assert os.path.isdir(evaluation.model_path[0]) and evaluation.model_path[1] == "./other"
+    with pytest.raises(UserError, match="unknown smoke name 'smoke:polcy'; the smoke preset has smoke:tokenizer"):
+        parse_config(PPOConfig, ["--policy-model", "smoke:polcy"])

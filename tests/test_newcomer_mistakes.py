@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from smolppo import files
+from smolppo import files, smoke
 from smolppo.cli import parse_config
 from smolppo.configs import PPOConfig
 from smolppo.errors import UserError
@@ -40,7 +40,7 @@ def test_an_alias_and_its_field_together_in_yaml_is_one_line(tmp_path):
 
 def test_a_preset_inside_a_yaml_works_like_the_flag(tmp_path):
     cfg = parse("--config", yaml_file(tmp_path, "preset: smoke\nmax_updates: 3\n"))
-    assert (cfg.policy_model, cfg.max_new_tokens, cfg.max_updates) == ("smoke:policy", 12, 3)
+    assert (cfg.policy_model, cfg.max_new_tokens, cfg.max_updates) == (smoke.resolve("smoke:policy"), 12, 3)
     flag = parse("--preset", "smoke", "--config", yaml_file(tmp_path, "max_new_tokens: 20\n"))
     assert flag.max_new_tokens == 20  # the YAML still wins over the preset
     with pytest.raises(UserError, match="unknown preset 'nope'"):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from smolppo import files
+from smolppo import files, smoke
 from smolppo.errors import UserError
 from smolppo.runs import checkpointing, output_dir
 from tests.conftest import REPO, SMOKE, one_line_error, run_script, scalars, snapshot, train_smoke
@@ -171,7 +171,8 @@ def test_resume_refuses_other_batch_sizes_seed_and_reward_model(finished_run, tm
     flags = ["--resume-from-checkpoint", "latest", "--max-updates", "6"]
     one_line_error(train_smoke(out, *flags, "--seed", "7"), "seed: 42 -> 7")
     one_line_error(train_smoke(out, *flags, "--mini-batch-size", "4"), "mini_batch_size: 8 -> 4")
-    one_line_error(train_smoke(out, *flags, "--reward-model", "smoke:policy"), "reward_model: 'smoke:reward'")
+    reward = smoke.resolve("smoke:reward")  # smoke names are paths from parsing on
+    one_line_error(train_smoke(out, *flags, "--reward-model", "smoke:policy"), f"reward_model: '{reward}'")
     one_line_error(train_smoke(out, *flags, "--use-lora", "--allow-config-change"), "cannot resume", "use_lora")
 
 

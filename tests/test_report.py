@@ -49,7 +49,7 @@ def _models(smoke_paths, smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load = AutoModelForCausalLM.from_pretrained
-    models = {"smoke:policy": load(smoke_paths["policy"]).eval(), str(smoke_run): load(str(smoke_run)).eval()}
+    models = {smoke_paths["policy"]: load(smoke_paths["policy"]).eval(), str(smoke_run): load(str(smoke_run)).eval()}
     return models, AutoTokenizer.from_pretrained(str(smoke_run))
 
 
@@ -112,7 +112,7 @@ def test_report_numbers_recomputed_from_the_models(smoke_report, smoke_paths, sm
         ids = prompts[c["prompt_index"]] + response
         span = slice(len(ids) - len(response) - 1, len(ids) - 1)
         p = torch.log_softmax(_logits(models[trained["name"]], ids)[span] / TEMPERATURE, -1)
-        q = torch.log_softmax(_logits(models["smoke:policy"], ids)[span] / TEMPERATURE, -1)
+        q = torch.log_softmax(_logits(models[report["models"][0]["name"]], ids)[span] / TEMPERATURE, -1)
         kls.append((p.exp() * (p - q)).sum().item())
         assert c["kl_to_baseline"] == pytest.approx(kls[-1], rel=1e-3, abs=1e-3)
     assert trained["summary"]["kl_to_baseline_mean"] == pytest.approx(np.mean(kls), rel=1e-3)
@@ -125,7 +125,7 @@ def test_report_numbers_recomputed_from_the_models(smoke_report, smoke_paths, sm
         for m in report["models"]
     }
     (comparison,) = report["comparisons"]
-    wins = int((per_prompt[trained["name"]] > per_prompt["smoke:policy"]).sum())
+    wins = int((per_prompt[trained["name"]] > per_prompt[report["models"][0]["name"]]).sum())
     assert comparison["wins"] == wins and comparison["win_rate"] == wins / 4
 
 

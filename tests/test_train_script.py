@@ -5,6 +5,7 @@ import os
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from smolppo import smoke
 from tests.conftest import run_script
 
 KEY_SCALARS = ["loss", "rewards/mean", "kl_divergence", "learning_rate", "advantage"]
@@ -62,7 +63,7 @@ def test_smoke_run_checkpoints_and_summary(smoke_run):
         assert os.path.exists(out / checkpoints[0] / name), name
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["updates"] == 40 and summary["episodes"] == 640
-    assert summary["config"]["reward_model"] == "smoke:reward"
+    assert summary["config"]["reward_model"] == smoke.resolve("smoke:reward")  # the path it really read
     assert summary["environment"]["torch"] and summary["peak_memory_bytes"] > 0
     assert summary["observed"] == {
         "gradient_checkpointing_active": False,
@@ -121,7 +122,7 @@ def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_c
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "finished" and (out / "model.safetensors").is_file()
     card = (out / "README.md").read_text()
-    assert "base_model: smoke:policy" in card and "reward_model x 1" in card
+    assert f"base_model: {smoke.resolve('smoke:policy')}" in card and "reward_model x 1" in card
     assert f"| `rewards/mean` | {summary['final_metrics']['rewards/mean']:.4g} |" in card
     recorded = json.loads(card.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert recorded == json.loads(json.dumps(summary["config"]))  # the whole config, as the run used it
