@@ -138,18 +138,19 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         gradient_accumulation_steps=config.accumulation_steps,
     )
     reader = RewardReader(reward.to(device), tokenizer, batch_size=config.effective_mini_batch_size)
+    reward_sources = CombinedReward([RewardModelSource(reader)])
     algorithm = Algorithm(
         config.algorithm_settings(),
         config.schedule(len(prompts)),
         tokenizer,
         policy.to(device),
-        CombinedReward([RewardModelSource(reader)]),
+        reward_sources,
         accelerator,
         ref_policy=ref,
         value_model=value,
     )
     algorithm.generation_config.min_new_tokens = bench.response_length  # same work every run
-    trainer = Trainer(config, algorithm, prompt_set)
+    trainer = Trainer(config, algorithm, prompt_set, reward_sources)
     return trainer, device
 
 

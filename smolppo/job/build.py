@@ -112,7 +112,7 @@ def build_ppo_trainer(config, accelerator=None):
         ref_policy=models.ref_policy,
         value_model=models.value_model,
     )
-    return Trainer(config, algorithm, prompts, reward_check=reward_check)
+    return Trainer(config, algorithm, prompts, reward, reward_check=reward_check)
 
 
 def check_output_dir_for(config) -> str | None:

@@ -21,6 +21,7 @@ from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
 from smolppo.rewards.reader import PairwiseCheck
+from smolppo.rewards.sources import CombinedReward
 from smolppo.runs import checkpointing, hub, output_dir, run_state
 from smolppo.signals import GracefulStop
 from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
@@ -38,7 +39,14 @@ class TrainingDiverged(UserError):
 class Trainer:
     """Runs an `Algorithm` over the prompts for the schedule's updates, and keeps everything needed to resume."""
 
-    def __init__(self, config, algorithm: Algorithm, prompts: PromptSet, reward_check: PairwiseCheck | None = None):
+    def __init__(
+        self,
+        config,
+        algorithm: Algorithm,
+        prompts: PromptSet,
+        reward: CombinedReward,
+        reward_check: PairwiseCheck | None = None,
+    ):
         self.config = config
         self.algorithm = algorithm
         self.accelerator = acc = algorithm.accelerator
@@ -47,7 +55,8 @@ class Trainer:
         self.reward_check = reward_check
         batch = self.schedule.global_rollout_batch
         self.sampler = PromptSampler(len(prompts.input_ids), batch, config.seed, acc.process_index, acc.num_processes)
-        reader = algorithm.reward.reader
+        self.reward = reward  # the sources the algorithm scores with: named in the summary and watched
+        reader = reward.reader
         self.resolved_paths = {
             "policy_model": _absolute(self.policy.name_or_path),
             "reward_model": _absolute(reader.model.name_or_path) if reader is not None else None,
@@ -60,7 +69,6 @@ class Trainer:
         self._signals = GracefulStop("")
         self._stop_signal: str | None = None  # the signal that stopped the run, on any process
         self.writer: MetricsWriter | None = None
-        reward = algorithm.reward
         self.watch = BehaviourWatch(dict(zip(reward.names, reward.weights)))
 
     @property
@@ -303,7 +311,7 @@ class Trainer:
         ]
 
     def _summary(self, status: str, metrics: dict, wall_time: float) -> dict:
-        reward = self.algorithm.reward
+        reward = self.reward
         return {
             "status": status,
             "stopped_by": self._stop_signal,
