@@ -255,7 +255,7 @@ def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(finished_r
 def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path):
     """SIGKILL a process while it rotates a checkpoint of many files: what is left is whole or gone."""
     script = (
-        "import sys; from smolppo import checkpointing; print('ready', flush=True); "
+        "import sys; from smolppo.runs import checkpointing; print('ready', flush=True); "
         "checkpointing.rotate_checkpoints(sys.argv[1], 1)"
     )
     for attempt in range(4):
