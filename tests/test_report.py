@@ -104,6 +104,22 @@ def test_report_numbers_recomputed_from_the_models(smoke_report, smoke_paths, sm
         ]
         assert s["degenerate_rate"] == pytest.approx(np.mean(degenerate))
         assert s["truncated_rate"] == pytest.approx(np.mean([not c["ended_with_eos"] for c in completions]))
+        assert s["eos_rate"] == pytest.approx(np.mean([c["ended_with_eos"] for c in completions]))
+        assert s["response_length_mean"] == pytest.approx(np.mean([c["length"] for c in completions]))
+        repeats = [
+            (len(grams) - len(set(grams))) / len(grams)
+            if (grams := [tuple(t[i : i + 3]) for i in range(len(t) - 2)])
+            else 0.0
+            for t in responses
+        ]
+        assert s["repeated_3gram_share"] == pytest.approx(np.mean(repeats))
+        low, high = s["reward_mean_ci95"]  # the bootstrap of the per-prompt means, with the report's draws
+        draws = np.random.default_rng(42).integers(0, 4, size=(2000, 4))
+        per_prompt = np.array(
+            [np.mean([c["reward"] for c in completions if c["prompt_index"] == i]) for i in range(4)]
+        )
+        means = per_prompt[draws].mean(1)
+        assert (low, high) == pytest.approx((np.percentile(means, 2.5), np.percentile(means, 97.5)))
     # KL of the trained model from the baseline, on the trained model's own completions, at the sampling temperature.
     trained = report["models"][1]
     kls = []
