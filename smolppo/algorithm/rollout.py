@@ -35,6 +35,12 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> Rollout:
+        """The same rollout with its token tensors on `device` (counts and flags stay where they are)."""
+        moved = ("input_ids", "attention_mask", "position_ids", "response_mask")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: (v.to(device) if k in moved else v) for k, v in values.items()})
+
     def select(self, index: torch.Tensor | slice) -> Rollout:
         """The sub-batch at `index` (the shared context length is kept)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}

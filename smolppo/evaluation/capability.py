@@ -11,8 +11,14 @@ import math
 
 import torch
 
-from smolppo.algorithm.rollout import Rollout, build_rollout, response_logits, selective_log_softmax, trim_padding
-from smolppo.data import left_pad, row_prompt
+from smolppo.algorithm.rollout import (
+    Rollout,
+    position_ids_from_mask,
+    response_logits,
+    selective_log_softmax,
+    trim_padding,
+)
+from smolppo.data import left_pad, right_pad, row_prompt
 
 
 # ---------------------------------------------------------------------- pure maths
@@ -53,17 +59,19 @@ def reference_sequences(tokenizer, rows: list[dict], eos_id: int | None, max_tok
 
 
 def _teacher_forced(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Rollout:
+    """Prompts left-padded, answers right-padded after them: a rollout whose responses are the answers."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(len(a) for a in answers)
-    responses = torch.full((len(answers), width), pad_id, dtype=torch.long)
-    for i, answer in enumerate(answers):
-        responses[i, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-    rollout = build_rollout(prompt_ids, prompt_mask, responses, eos_ids=[-1], pad_id=pad_id)
-    lengths = torch.tensor([len(a) for a in answers])
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
-    rollout.response_mask, rollout.response_lengths = mask, lengths
-    rollout.attention_mask[:, prompt_ids.shape[1] :] = mask.long()
-    return rollout
+    answer_ids, answer_mask = right_pad(answers, pad_id)
+    attention_mask = torch.cat([prompt_mask, answer_mask], dim=1)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, answer_ids], dim=1),
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        response_mask=answer_mask.float(),
+        response_lengths=answer_mask.sum(1),
+        ended_with_eos=torch.zeros(len(answers), dtype=torch.bool),
+        context_length=prompt_ids.shape[1],
+    )
 
 
 @torch.no_grad()
@@ -77,7 +85,7 @@ def reference_logprobs(model, references, pad_id: int, batch_size: int, progress
     for start in tqdm(range(0, len(present), batch_size), desc="reference answers", disable=not progress):
         group = present[start : start + batch_size]
         rollout = _teacher_forced([references[i][0] for i in group], [references[i][1] for i in group], pad_id)
-        rollout = _to(trim_padding(rollout), device)
+        rollout = trim_padding(rollout).to(device)
         logprobs = selective_log_softmax(response_logits(model, rollout), rollout.responses) * rollout.response_mask
         for i, value in zip(group, logprobs.sum(-1).tolist()):
             out[i] = value
@@ -105,7 +113,7 @@ def kl_to_baseline(model, baseline, rollouts: list[Rollout], temperature: float,
     out: list[float] = []
     for rollout in rollouts:
         for start in range(0, len(rollout), chunk):
-            part = _to(trim_padding(rollout.select(slice(start, start + chunk))), device)
+            part = trim_padding(rollout.select(slice(start, start + chunk))).to(device)
             ours = response_logits(model, part) / temperature
             theirs = response_logits(baseline, part) / temperature
             out.extend(token_kl(ours, theirs, part.response_mask).tolist())
@@ -114,15 +122,3 @@ def kl_to_baseline(model, baseline, rollouts: list[Rollout], temperature: float,
 
 def same_vocabulary(model, baseline) -> bool:
     return model.get_output_embeddings().weight.shape == baseline.get_output_embeddings().weight.shape
-
-
-def _to(rollout: Rollout, device) -> Rollout:
-    return Rollout(
-        input_ids=rollout.input_ids.to(device),
-        attention_mask=rollout.attention_mask.to(device),
-        position_ids=rollout.position_ids.to(device),
-        response_mask=rollout.response_mask.to(device),
-        response_lengths=rollout.response_lengths,
-        ended_with_eos=rollout.ended_with_eos,
-        context_length=rollout.context_length,
-    )

@@ -180,7 +180,7 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
     texts: list[list[str]] = [[] for _ in prompts]
     tokens: list[list[list[int]]] = [[] for _ in prompts]
     parts: dict[str, np.ndarray] = {name: np.zeros((len(prompts), n)) for name in reward.names}
-    rollouts = []
+    rollouts, order = [], []  # order: (prompt, completion) of each rollout row
     torch.manual_seed(cfg.seed)
     bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not progress)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less left padding per batch
@@ -189,6 +189,7 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
         batch = [prompt_ids[i] for i in group for _ in range(n)]
         rollout = generate_rollout(model, batch, tokenizer, eos_ids, gen_config)
         rollouts.append(rollout)
+        order.extend((i, j) for i in group for j in range(n))
         responses = response_texts(tokenizer, rollout)
         response_ids = response_tokens(rollout)
         batch_rewards = RewardBatch(
@@ -210,7 +211,6 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
                     parts[name][i, j] = float(values[row])
         bar.update(len(group))
     bar.close()
-    order = [(i, j) for k in range(0, len(prompts), per_batch) for i in by_length[k : k + per_batch] for j in range(n)]
     completions = []
     for i, (row_index, _) in enumerate(prompt_rows):
         prompt_rewards = rewards[i].tolist()
@@ -244,7 +244,7 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
         "behaviour": {key.split("/", 1)[1]: value for key, value in behaviour.items()},
         "tokens": tokens,
         "rollouts": rollouts,
-        "order": order,  # (prompt, completion) of each rollout row, in rollout order
+        "order": order,
     }
 
 
@@ -265,15 +265,17 @@ def evaluate(cfg) -> dict:
         prepare_for_inference(model, device, cfg.bf16)
         if prompt_rows is None:
             prompt_rows = select_prompt_rows(cfg, plan, tokenizer)
-            eos = tokenizer.eos_token_id
-            references = capability.reference_sequences(
-                tokenizer, [row for _, row in prompt_rows], eos, cfg.reference_max_tokens
-            )
+            if cfg.report:
+                rows = [row for _, row in prompt_rows]
+                references = capability.reference_sequences(
+                    tokenizer, rows, tokenizer.eos_token_id, cfg.reference_max_tokens
+                )
         logger.info("evaluating %s on %d prompts x %d completions", name, len(prompt_rows), cfg.num_completions)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             result = generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device)
             if cfg.report:
-                result["capability"] = _capability(cfg, model, baseline, tokenizer, references, result)
+                result["capability"] = _capability(cfg, model, baseline, tokenizer.pad_token_id, references, result)
+        del result["rollouts"], result["order"]  # only the KL above reads them
         results.append({"name": name, "path": path, **result})
         if cfg.report and index == 0 and len(names) > 1:
             baseline = model  # kept for the KL of every other model
@@ -281,9 +283,8 @@ def evaluate(cfg) -> dict:
     return _assemble(cfg, plan, reward, prompt_rows, results)
 
 
-def _capability(cfg, model, baseline, tokenizer, references, result) -> dict:
+def _capability(cfg, model, baseline, pad_id: int, references, result) -> dict:
     """Reference-answer likelihood and, for every model after the first, KL to the first on its completions."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     logprobs = capability.reference_logprobs(model, references, pad_id, max(1, cfg.batch_size // 4))
     out = capability.likelihood_summary(logprobs, references)
     out["reference_logprobs"] = logprobs

@@ -311,7 +311,7 @@ class Trainer:
         ]
 
     def _summary(self, status: str, metrics: dict, wall_time: float) -> dict:
-        reward = self.reward
+        reward, kl = self.reward, self.algorithm.kl_status()
         return {
             "status": status,
             "stopped_by": self._stop_signal,
@@ -331,8 +331,8 @@ class Trainer:
             ],
             "reward_sources": [{"name": n, "weight": w} for n, w in zip(reward.names, reward.weights)],
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
-            "kl_coef_next_update": self.algorithm.kl_status()["kl_coef"],  # final_metrics' objective/kl_coef: the last
-            "kl_target_reached": self.algorithm.kl_status()["engaged"],
+            "kl_coef_next_update": kl["kl_coef"],  # final_metrics' objective/kl_coef: the last update's
+            "kl_target_reached": kl["engaged"],
             "warnings": self.watch.warnings,  # what the behaviour watch saw (BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),
