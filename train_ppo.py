@@ -38,11 +38,12 @@ def main() -> int:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    from smolppo.distributed import use_cpu
+    from smolppo.distributed import check_distributed_type, process_group
     from smolppo.job.build import build_ppo_trainer, check_output_dir_for, plan_resume
     from smolppo.runs import output_dir
 
-    state = PartialState(cpu=use_cpu())  # one process, or one of several under `accelerate launch`
+    state = PartialState(**process_group())  # one process, or one of several under `accelerate launch`
+    check_distributed_type(state.distributed_type)
     resume_from = check_output_dir_for(config)
     with output_dir.run_lock(config.output_dir, enabled=state.is_main_process):
         plan = plan_resume(config, resume_from, deepspeed=state.distributed_type == DistributedType.DEEPSPEED)
@@ -56,6 +57,8 @@ def main() -> int:
                 output_dir.remove_entry(path)
         state.wait_for_everyone()
         summary = trainer.train(resume_from=plan.checkpoint)
+    state.wait_for_everyone()  # the processes leave together: none tears down the group under another's feet
+    state.destroy_process_group()
     summary_metrics = summary["final_metrics"]
     if state.is_main_process:
         logger.info(

@@ -13,6 +13,7 @@ CARD_FILE = "README.md"  # the model card of a finished run
 # Inside a checkpoint.
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_DIR = "deepspeed"  # under DeepSpeed instead of optimizer.pt: the engine's own sharded state
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 MODEL_WEIGHTS = "model.safetensors"

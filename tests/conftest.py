@@ -188,3 +188,42 @@ def run_script_in_process(script: str, *args: str, capsys) -> tuple[int, str]:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     return code, capsys.readouterr().err
+
+
+# accelerate's `--cpu` launcher starts one process unless MPI is installed; its torchrun launcher
+# (`--multi_gpu`) starts several, and on a machine without CUDA they form a gloo group on CPU.
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
+
+
+def launch(*args, launcher: tuple[str, ...] = tuple(LAUNCH[3:]), timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch <launcher> train_ppo.py --preset smoke <args>` (two DDP processes unless told)."""
+    return subprocess.run(
+        [*LAUNCH[:3], *launcher, os.path.join(REPO, "train_ppo.py"), "--preset", "smoke", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, smoke_cache):
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    result = launch("--output-dir", str(out), "--max-updates", "4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out

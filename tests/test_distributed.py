@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,45 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from smolppo import files
-from tests.conftest import REPO, scalars
+from smolppo.errors import UserError
+from tests.conftest import REPO, launch, scalars
 
 CONFIG_DIR = os.path.join(REPO, "accelerate_configs")
-# accelerate's `--cpu` launcher starts one process unless MPI is installed; its torchrun launcher
-# (`--multi_gpu`) starts several, and on a machine without CUDA they form a gloo group on CPU.
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
-
-
-def launch(*args):
-    return subprocess.run(
-        [*LAUNCH, os.path.join(REPO, "train_ppo.py"), "--preset", "smoke", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, smoke_cache):
-    out = tmp_path_factory.mktemp("ddp") / "out"
-    result = launch("--output-dir", str(out), "--max-updates", "4")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
 
 
 @pytest.mark.soak
@@ -97,4 +61,43 @@ def test_accelerate_configs_parse(name, kind, stage):
     assert config.mixed_precision == "no"
     if stage is not None:
         assert config.deepspeed_config["zero_stage"] == stage
-        assert config.deepspeed_config["gradient_clipping"] == "auto"
+        # train_ppo.py fills these from its own flags; a number here that disagrees would be refused
+        assert not {"gradient_accumulation_steps", "gradient_clipping", "train_micro_batch_size_per_gpu"} & set(
+            config.deepspeed_config
+        )
+
+
+def test_deepspeed_settings_that_disagree_with_the_run_are_refused(monkeypatch):
+    """accelerate would replace the run's accumulation by the config's (and DeepSpeed its clipping): one line."""
+    from smolppo.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(UserError, match="gradient_accumulation_steps: 4, but this run uses 2"):
+        make_accelerator(accumulation_steps=2, micro_batch_size=4, max_grad_norm=1.0, bf16=False)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "0.5")
+    with pytest.raises(UserError, match="gradient_clipping: 0.5, but this run uses 1.0 .--max-grad-norm"):
+        make_accelerator(accumulation_steps=2, micro_batch_size=4, max_grad_norm=1.0, bf16=False)
+
+
+def test_deepspeed_asked_for_but_missing_is_one_line(monkeypatch):
+    from smolppo.distributed import process_group
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets where it is not installed
+    with pytest.raises(UserError, match="pip install deepspeed"):
+        process_group()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(UserError, match="both DeepSpeed and --cpu"):
+        process_group()
+
+
+def test_a_run_that_asked_for_deepspeed_and_got_none_is_refused(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from smolppo.distributed import check_distributed_type
+
+    check_distributed_type(DistributedType.MULTI_CPU)  # not asked for: fine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    check_distributed_type(DistributedType.DEEPSPEED)
+    with pytest.raises(UserError, match="would train without it"):
+        check_distributed_type(DistributedType.MULTI_CPU)

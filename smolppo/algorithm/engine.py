@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from smolppo import zero
 from smolppo.algorithm import ppo_math
 from smolppo.algorithm.behaviour import behaviour_metrics
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
@@ -141,13 +142,13 @@ class Algorithm:
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         """Stage 1: sampled responses from the full (temperature-scaled) distribution."""
         model = self.policy
-        with self.timer.stage("rollout"), self.gathered(), eval_mode(model), self.accelerator.autocast():
+        with self.timer.stage("rollout"), self.gathered(), eval_mode(model), self.autocast():
             return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
 
     @torch.no_grad()
     def rewards(self, rollout: Rollout, prompts: PromptSet, indices: list[int]):
         """Stage 2: ``(total [B], {source: [B]})`` for the decoded responses (missing-EOS rule on the total)."""
-        with self.timer.stage("reward"), self.accelerator.autocast():
+        with self.timer.stage("reward"), self.autocast():
             batch = RewardBatch(
                 conversations=[prompts.conversations[i] for i in indices],
                 prompts=[prompts.texts[i] for i in indices],
@@ -169,7 +170,7 @@ class Algorithm:
         """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
         policy = self.policy
         temperature = self.config.temperature
-        with self.gathered(), eval_mode(policy), self.accelerator.autocast():
+        with self.gathered(), eval_mode(policy), self.autocast():
             with self.timer.stage("policy_logprobs"):
                 old_logprobs = self.in_chunks(lambda c: response_logprobs(policy, c, temperature), rollout)
             with self.timer.stage("reference_logprobs"):
@@ -183,7 +184,7 @@ class Algorithm:
     def values(self, rollout: Rollout) -> torch.Tensor:
         """Stage 4 (gae): the value model's prediction before each response token ``[B, R]``."""
         scorer = self.value_scorer
-        with self.timer.stage("values"), self.gathered(), eval_mode(scorer), self.accelerator.autocast():
+        with self.timer.stage("values"), self.gathered(), eval_mode(scorer), self.autocast():
             return self.in_chunks(lambda chunk: token_values(scorer, chunk), rollout)
 
     @torch.no_grad()
@@ -234,9 +235,10 @@ class Algorithm:
         """Forward one micro-batch and build the loss (no backward): clipped surrogate, + value, + in-loss KL."""
         cfg, rollout = self.config, batch.rollout
         mask = rollout.response_mask
-        with self.accelerator.autocast(), self._observe_precision():
+        with self.autocast(), self._observe_precision():
             logits, values = self.model(rollout)
             logits = logits / cfg.temperature
+        self.observed.setdefault("lm_head_dtype", str(logits.dtype))  # fp32 copies of a bf16 head: no hook fired
         logprobs = selective_log_softmax(logits, rollout.responses)
         policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
         parts = MicroBatchLoss(policy.loss, policy, logits)
@@ -376,13 +378,17 @@ class Algorithm:
     def deepspeed(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def gathered(self):
-        """Under DeepSpeed ZeRO-3, make the partitioned policy and value weights whole for no-grad use."""
-        if not self.deepspeed or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
-            return nullcontext()
-        import deepspeed
+    @property
+    def zero_stage(self) -> int | None:
+        return zero.zero_stage(self.accelerator)
 
-        return deepspeed.zero.GatheredParameters(list(self.accelerator.unwrap_model(self.model).parameters()))
+    def autocast(self):
+        """bf16 autocast with --bf16 (also under DeepSpeed, which casts only the model it trains)."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def gathered(self, modifier_rank: int | None = None):
+        """Under ZeRO-3, the partitioned policy and value weights made whole (see `smolppo.zero.gathered`)."""
+        return zero.gathered(self.accelerator, self.accelerator.unwrap_model(self.model).parameters(), modifier_rank)
 
     @contextmanager
     def _observe_precision(self):

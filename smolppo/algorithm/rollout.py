@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from smolppo.data import left_pad
 from smolppo.errors import UserError
@@ -205,12 +206,25 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
         position_ids=rollout.position_ids,
         use_cache=False,
     ).last_hidden_state[:, -(width + 1) : -1]
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = causal_lm.get_output_embeddings()(hidden.float())
+    logits = fp32_head(causal_lm.get_output_embeddings(), hidden)
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+def fp32_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in fp32, autocast off. Whole weights stored in another precision (DeepSpeed's bf16 mode casts
+    the model it trains) are multiplied as fp32 copies; weights ZeRO-3 partitions (``ds_id``: only the head's own
+    call gathers them) or a head with an adapter run in their own dtype, with fp32 output."""
+    weight = head.weight
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if weight.dtype == torch.float32:
+            return head(hidden.float())
+        if type(head) is nn.Linear and not hasattr(weight, "ds_id"):
+            bias = head.bias.float() if head.bias is not None else None
+            return nn.functional.linear(hidden.float(), weight.float(), bias)
+        return head(hidden.to(weight.dtype)).float()
 
 
 def check_logits_reproduced(model) -> None:

@@ -75,11 +75,10 @@ def held_out_pairs(config, rows: list[dict], tokenizer) -> list[dict]:
 def build_ppo_trainer(config, accelerator=None):
     """Seed, load the models, the prompts and the reward sources, check the reward model, and assemble the
     algorithm and the job that runs it (a `smolppo.job.trainer.Trainer`)."""
-    from accelerate import Accelerator
     from transformers import set_seed
 
     from smolppo.algorithm.engine import Algorithm
-    from smolppo.distributed import use_cpu
+    from smolppo.distributed import make_accelerator
     from smolppo.job.trainer import Trainer
     from smolppo.rewards.reader import check_reward_model
     from smolppo.rewards.sources import build_reward
@@ -93,10 +92,8 @@ def build_ppo_trainer(config, accelerator=None):
     if config.reward_check_pairs and models.reward is not None:
         pairs = held_out_pairs(config, rows, models.tokenizer)
         reward_check = check_reward_model(models.reward, pairs, config.min_reward_accuracy)
-    accelerator = accelerator or Accelerator(
-        cpu=use_cpu(),
-        gradient_accumulation_steps=config.accumulation_steps,
-        mixed_precision="bf16" if config.bf16 else "no",
+    accelerator = accelerator or make_accelerator(
+        config.accumulation_steps, config.per_device_train_batch_size, config.max_grad_norm, config.bf16
     )
     try:
         schedule = config.schedule(len(prompts.input_ids), accelerator.num_processes)

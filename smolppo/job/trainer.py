@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from smolppo import files
+from smolppo import files, zero
 from smolppo.algorithm.behaviour import BehaviourWatch
 from smolppo.algorithm.engine import Algorithm
 from smolppo.algorithm.experience import Experience
@@ -337,6 +337,7 @@ class Trainer:
             "observed": self.observed,
             "environment": run_environment(),
             "num_processes": self.accelerator.num_processes,
+            "distributed": zero.describe(self.accelerator, self.algorithm.model),
         }
 
 

@@ -19,6 +19,7 @@ from smolppo.errors import UserError
 from smolppo.files import (
     ADAPTER_WEIGHTS,
     CHECKPOINT_PREFIX,
+    DEEPSPEED_DIR,
     MODEL_WEIGHTS,
     OPTIMIZER_FILE,
     RNG_FILE,
@@ -33,6 +34,7 @@ from smolppo.runs.output_dir import remove_entry
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: the optimizer state was dropped
+DEEPSPEED_STATE_KEY = "deepspeed_state"  # {"processes", "zero_stage"}: DEEPSPEED_DIR holds the engine's state
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 # Config fields that may differ when resuming: they change bookkeeping or the run's length, not its numbers.
@@ -83,13 +85,27 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def save_checkpoint(output_dir: str, step: int, write: Callable[[str], None], save_total_limit: int) -> str:
-    """Call ``write(tmp_dir)``, then rename it to ``checkpoint-<step>`` and rotate old checkpoints."""
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    staging = os.path.join(output_dir, f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}")
+def staging_dir(output_dir: str, step: int) -> str:
+    """Where checkpoint-<step> is written before it is renamed in (the same path on every process)."""
+    return os.path.join(output_dir, f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}")
+
+
+def fresh_staging_dir(output_dir: str, step: int) -> str:
+    """An empty `staging_dir` (a leftover of an interrupted save is removed first)."""
+    staging = staging_dir(output_dir, step)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    return staging
+
+
+def save_checkpoint(
+    output_dir: str, step: int, write: Callable[[str], None], save_total_limit: int, staged: bool = False
+) -> str:
+    """Call ``write(tmp_dir)``, then rename it to ``checkpoint-<step>`` and rotate old checkpoints. With `staged`,
+    `fresh_staging_dir` was made (and partly filled by every process) before."""
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    staging = staging_dir(output_dir, step) if staged else fresh_staging_dir(output_dir, step)
     try:
         write(staging)
     except BaseException:
@@ -115,14 +131,17 @@ def drop_optimizer_state(output_dir: str, keep: str) -> None:
     from smolppo.runs.output_dir import write_json_atomically
 
     for _, path in list_checkpoints(output_dir):
-        optimizer = os.path.join(path, OPTIMIZER_FILE)
-        if os.path.samefile(path, keep) or not os.path.isfile(optimizer):
+        optimizer, engine_state = os.path.join(path, OPTIMIZER_FILE), os.path.join(path, DEEPSPEED_DIR)
+        if os.path.samefile(path, keep) or not (os.path.isfile(optimizer) or os.path.isdir(engine_state)):
             continue
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
         state[OPTIMIZER_STATE_KEY] = False
+        state.pop(DEEPSPEED_STATE_KEY, None)
         write_json_atomically(os.path.join(path, STATE_FILE), state)
-        os.remove(optimizer)
+        if os.path.isfile(optimizer):
+            os.remove(optimizer)
+        shutil.rmtree(engine_state, ignore_errors=True)
         logger.info("dropped the optimizer state of %s (--save-optimizer-state latest)", path)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smolppo import files
+from smolppo import files, zero
 from smolppo.errors import UserError
 from smolppo.files import (
     ADAPTER_WEIGHTS,
@@ -37,12 +37,15 @@ def save_model(algorithm, target: str) -> None:
 
 
 def full_state_dicts(algorithm) -> tuple[dict | None, dict | None]:
-    """Under DeepSpeed, the full (policy, value) weights gathered from all ranks; else (None, None).
+    """Under DeepSpeed, the full (policy, value) weights gathered from all ranks (on the main process; None on the
+    others); without it (None, None): the modules are saved as they are.
 
     Every process must call this (ZeRO-3 gathers shards collectively)."""
     if not algorithm.deepspeed:
         return None, None
-    full = algorithm.accelerator.get_state_dict(algorithm.model)
+    full = zero.full_state_dict(algorithm.accelerator, algorithm.accelerator.unwrap_model(algorithm.model))
+    if full is None:
+        return None, None
     policy = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
     value = {k.removeprefix("value.classifier."): v for k, v in full.items() if k.startswith("value.classifier.")}
     return policy, value
@@ -64,8 +67,11 @@ def checkpoint_bytes(algorithm) -> dict[str, int]:
     """What one checkpoint holds, in bytes: the saved weights (full policy or its adapter, value model) and the
     AdamW state (two fp32 moments per trainable parameter)."""
 
+    def numel(param) -> int:
+        return getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves each process an empty placeholder
+
     def unique_bytes(params) -> int:
-        storages = {p.data_ptr(): p.numel() * p.element_size() for p in params}  # tied weights are saved once
+        storages = {id(p): numel(p) * p.element_size() for p in params}  # tied weights are saved once
         return sum(storages.values())
 
     policy = algorithm.policy
@@ -73,30 +79,45 @@ def checkpoint_bytes(algorithm) -> dict[str, int]:
     weights = unique_bytes(p for p in policy.parameters() if p.requires_grad or not lora)
     if algorithm.value_scorer is not None:
         weights += unique_bytes(algorithm.value_scorer.classifier.parameters())
-    optimizer = 2 * 4 * sum(p.numel() for p in algorithm.trainable_params)
-    return {"weights": weights, "optimizer": 0 if algorithm.deepspeed else optimizer}
+    trainable = sum(numel(p) for p in algorithm.trainable_params)
+    if not algorithm.deepspeed:
+        return {"weights": weights, "optimizer": 2 * 4 * trainable}
+    # DeepSpeed's own state, all shards together: fp32 master weights and two moments, and (below ZeRO-3) a copy
+    # of the trainable weights in the module's dtype.
+    module_copy = 0 if algorithm.zero_stage == 3 else trainable * algorithm.trainable_params[0].element_size()
+    return {"weights": weights, "optimizer": 3 * 4 * trainable + module_copy}
 
 
 def save_checkpoint(algorithm, config, counters: dict) -> str | None:
-    """A ``checkpoint-<update>`` directory with everything needed to continue exactly; None on other ranks."""
+    """A ``checkpoint-<update>`` directory with everything needed to continue exactly; None on other ranks.
+
+    Under DeepSpeed every process first writes its shard of the engine's state (fp32 master weights, AdamW
+    moments) into the staging directory; the main process then adds the rest and renames it in."""
     from accelerate.utils import gather_object
 
+    acc, update = algorithm.accelerator, counters["update"]
     rng_states = gather_object([rng_state()])  # one per process, so each continues its own stream
     state_dicts = full_state_dicts(algorithm)
-    algorithm.accelerator.wait_for_everyone()
-    if not algorithm.accelerator.is_main_process:
+    if algorithm.deepspeed:
+        if acc.is_main_process:
+            checkpointing.fresh_staging_dir(config.output_dir, update)
+        acc.wait_for_everyone()
+        staging = checkpointing.staging_dir(config.output_dir, update)
+        zero.save_engine_state(algorithm.model, os.path.join(staging, files.DEEPSPEED_DIR))
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
         return None
     algorithm_state = algorithm.state_dict()
     kl_state = algorithm_state["kl_controller"]
 
     def write(directory: str) -> None:
         write_models(algorithm, directory, state_dicts)
-        if algorithm_state["optimizer"] is not None:  # None under DeepSpeed, which shards it; see load_checkpoint
+        if algorithm_state["optimizer"] is not None:  # None under DeepSpeed: files.DEEPSPEED_DIR holds it
             torch.save(algorithm_state["optimizer"], os.path.join(directory, files.OPTIMIZER_FILE))
         torch.save(algorithm_state["lr_scheduler"], os.path.join(directory, SCHEDULER_FILE))
         torch.save(rng_states, os.path.join(directory, RNG_FILE))
         state = {
-            "update": counters["update"],
+            "update": update,
             "episodes": counters["episodes"],
             "kl_coef": kl_state["kl_coef"],
             "kl_horizon": kl_state.get("kl_horizon"),
@@ -106,10 +127,14 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
             "watch": counters.get("watch", {}),
             "config": config.recorded(),
         }
+        if algorithm.deepspeed:
+            state[checkpointing.DEEPSPEED_STATE_KEY] = engine_layout(algorithm)
         with open(os.path.join(directory, files.STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
-    path = checkpointing.save_checkpoint(config.output_dir, counters["update"], write, config.save_total_limit)
+    path = checkpointing.save_checkpoint(
+        config.output_dir, update, write, config.save_total_limit, staged=algorithm.deepspeed
+    )
     if config.save_optimizer_state == "latest":
         checkpointing.drop_optimizer_state(config.output_dir, keep=path)
     return path
@@ -132,12 +157,18 @@ def _load_checkpoint(algorithm, path: str) -> dict:
     acc = algorithm.accelerator
     with open(os.path.join(path, files.STATE_FILE)) as f:
         state = json.load(f)
-    load_weights_into(algorithm.policy, path)
-    if algorithm.value_scorer is not None:
-        load_weights_into(algorithm.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
+    engine_state = deepspeed_state_to_restore(algorithm, path, state)
+    with algorithm.gathered(modifier_rank=0):  # ZeRO-3: whole weights to load into, rank 0's copy kept
+        load_weights_into(algorithm.policy, path)
+        if algorithm.value_scorer is not None:
+            load_weights_into(algorithm.value_scorer.classifier, os.path.join(path, VALUE_MODEL_DIR))
+        if algorithm.deepspeed and engine_state is None:
+            zero.set_master_weights(algorithm.trainable_params)  # else the next step restores the old weights
     optimizer = None
-    if algorithm.deepspeed:
-        logger.warning("no optimizer state restored from %s (DeepSpeed run): AdamW moments restart", path)
+    if engine_state is not None:
+        zero.load_engine_state(algorithm.model, engine_state)
+    elif algorithm.deepspeed:
+        logger.warning("%s has no DeepSpeed state for this run: weights restored, AdamW moments restart", path)
     elif not state.get(checkpointing.OPTIMIZER_STATE_KEY, True):
         logger.warning("%s keeps weights only (its optimizer state was dropped): AdamW moments restart", path)
     else:
@@ -158,6 +189,27 @@ def _load_checkpoint(algorithm, path: str) -> dict:
         )
     set_rng_state(rng_states[acc.process_index % len(rng_states)])
     return state
+
+
+def engine_layout(algorithm) -> dict:
+    """What DeepSpeed's sharded state depends on: it restores only into the same layout."""
+    return {"processes": algorithm.accelerator.num_processes, "zero_stage": algorithm.zero_stage}
+
+
+def deepspeed_state_to_restore(algorithm, path: str, state: dict) -> str | None:
+    """The checkpoint's DeepSpeed engine state when this run can restore it (DeepSpeed, the same ZeRO stage and
+    number of processes), else None; says why a DeepSpeed checkpoint's state cannot be used."""
+    saved = state.get(checkpointing.DEEPSPEED_STATE_KEY)
+    directory = os.path.join(path, files.DEEPSPEED_DIR)
+    if not saved or not os.path.isdir(directory):
+        return None
+    now = engine_layout(algorithm)
+    if now != saved:
+        logger.warning(
+            "%s holds DeepSpeed state for %s, this run is %s: only the weights are restored", path, saved, now
+        )
+        return None
+    return directory
 
 
 def rng_state() -> dict:
