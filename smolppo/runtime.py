@@ -73,3 +73,34 @@ def eval_mode(*models: nn.Module):
     finally:
         for m, was_training in zip(models, previous):
             m.train(was_training)
+
+
+@contextmanager
+def observe_precision(policy: nn.Module, observed: dict):
+    """While `observed` is empty (the first update forward), record into it the dtype of the policy body's matmuls
+    and of its LM head, and whether activation checkpointing is on."""
+    if observed:
+        yield
+        return
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    checkpointing_on = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing_on is None:
+        checkpointing_on = base.is_gradient_checkpointing
+    observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
+
+    def recorder(key):
+        def record(module, inputs, output):
+            observed.setdefault(key, str(output.dtype))
+
+        return record
+
+    body_linear = next(m for m in getattr(base, base.base_model_prefix).modules() if isinstance(m, nn.Linear))
+    handles = [
+        body_linear.register_forward_hook(recorder("update_matmul_dtype")),
+        base.get_output_embeddings().register_forward_hook(recorder("lm_head_dtype")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

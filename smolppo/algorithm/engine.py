@@ -14,13 +14,12 @@ The ratio is new policy / rollout policy; the reference enters only through the 
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch import nn
 
 from smolppo import zero
 from smolppo.algorithm import ppo_math
@@ -49,6 +48,7 @@ from smolppo.runtime import (
     attention_for,
     enable_gradient_checkpointing,
     eval_mode,
+    observe_precision,
     reference_context,
     set_attention,
     store_body_linears_in_bf16,
@@ -235,10 +235,10 @@ class Algorithm:
         """Forward one micro-batch and build the loss (no backward): clipped surrogate, + value, + in-loss KL."""
         cfg, rollout = self.config, batch.rollout
         mask = rollout.response_mask
-        with self.autocast(), self._observe_precision():
+        with self.autocast(), observe_precision(self.policy, self.observed):
             logits, values = self.model(rollout)
             logits = logits / cfg.temperature
-        self.observed.setdefault("lm_head_dtype", str(logits.dtype))  # fp32 copies of a bf16 head: no hook fired
+        self.observed.setdefault("lm_head_dtype", str(logits.dtype))  # fp32 copies of a bf16 head fire no hook
         logprobs = selective_log_softmax(logits, rollout.responses)
         policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
         parts = MicroBatchLoss(policy.loss, policy, logits)
@@ -259,7 +259,7 @@ class Algorithm:
         stats = {}
         if acc.sync_gradients:
             grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
-            if grad_norm is not None:  # DeepSpeed clips inside its own step
+            if grad_norm is not None:  # DeepSpeed clips inside its own step and reports the norm it saw
                 stats["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -389,34 +389,3 @@ class Algorithm:
     def gathered(self, modifier_rank: int | None = None):
         """Under ZeRO-3, the partitioned policy and value weights made whole (see `smolppo.zero.gathered`)."""
         return zero.gathered(self.accelerator, self.accelerator.unwrap_model(self.model).parameters(), modifier_rank)
-
-    @contextmanager
-    def _observe_precision(self):
-        """On the first update forward, record the dtype of the body's matmuls and of the LM head (always fp32),
-        and whether activation checkpointing is on."""
-        if self.observed:
-            yield
-            return
-        base = self.policy
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        checkpointing_on = getattr(base, "is_activation_checkpointing", None)
-        if checkpointing_on is None:
-            checkpointing_on = base.is_gradient_checkpointing
-        self.observed["gradient_checkpointing_active"] = bool(checkpointing_on and base.training)
-
-        def recorder(key):
-            def record(module, inputs, output):
-                self.observed.setdefault(key, str(output.dtype))
-
-            return record
-
-        body_linear = next(m for m in getattr(base, base.base_model_prefix).modules() if isinstance(m, nn.Linear))
-        handles = [
-            body_linear.register_forward_hook(recorder("update_matmul_dtype")),
-            base.get_output_embeddings().register_forward_hook(recorder("lm_head_dtype")),
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
