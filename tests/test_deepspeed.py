@@ -161,9 +161,13 @@ def test_zero2_bf16_runs_and_saves_fp32_master_weights(zero_run):
 
 def test_zero3_bf16_runs_and_reports_its_head_precision(zero_run):
     """Under ZeRO-3 the bf16 head is partitioned and only its own call gathers it: it runs in bf16, and the run
-    says so instead of claiming fp32."""
-    out, _ = zero_run(3, "--bf16")
-    assert_deepspeed_ran(out, 3)
+    says so instead of claiming fp32. Older checkpoints lose their DeepSpeed state as they lose optimizer.pt."""
+    out, _ = zero_run(3, "--bf16", "--save-optimizer-state", "latest")
+    assert_deepspeed_ran(out, 3, checkpoints=("checkpoint-4",))
+    # --save-optimizer-state latest: the older checkpoint's DeepSpeed state is dropped, and its state file says so
+    assert not (out / "checkpoint-2" / files.DEEPSPEED_DIR).exists()
+    old_state = json.loads((out / "checkpoint-2" / files.STATE_FILE).read_text())
+    assert old_state["optimizer_state"] is False and "deepspeed_state" not in old_state
     summary = json.loads((out / files.RUN_SUMMARY_FILE).read_text())
     assert summary["observed"]["lm_head_dtype"] == "torch.bfloat16"
     assert {t.dtype for t in weights(out).values()} == {torch.float32}
