@@ -20,11 +20,8 @@ def deepspeed_requested() -> bool:
 
 def use_cpu() -> bool:
     """Run on CPU when asked (``accelerate launch --cpu`` sets ACCELERATE_USE_CPU), or when several processes
-    were launched on a machine without CUDA: then `accelerate` needs ``cpu=True`` to form a gloo group.
-
-    Never under DeepSpeed: `accelerate` drops DeepSpeed when ``cpu=True``; see `process_group`."""
-    if deepspeed_requested():
-        return False
+    were launched on a machine without CUDA: then `accelerate` needs ``cpu=True`` to form a gloo group. Not for
+    DeepSpeed runs (`accelerate` drops DeepSpeed under ``cpu=True``): `process_group` decides for them."""
     if _flag("ACCELERATE_USE_CPU"):
         return True
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -79,9 +76,7 @@ def make_accelerator(accumulation_steps: int, micro_batch_size: int, max_grad_no
     }
     for key, env in (("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
                      ("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING")):  # fmt: skip
-        given = os.environ.pop(env, "auto")  # accelerate would otherwise replace the run's value by this one
-        if given != "auto" and float(given) != float(wanted[key][0]):
-            raise _conflict(key, given, *wanted[key])
+        _check_agrees(key, os.environ.pop(env, "auto"), *wanted[key])  # else accelerate would use it instead
     group = process_group()
     handlers = [InitProcessGroupKwargs(backend=group.pop("backend"))] if "backend" in group else []
     accelerator = Accelerator(
@@ -95,19 +90,19 @@ def make_accelerator(accumulation_steps: int, micro_batch_size: int, max_grad_no
     if plugin is not None:
         ds_config = plugin.deepspeed_config
         for key, (value, source) in wanted.items():
-            given = ds_config.get(key, "auto")
-            if given != "auto" and float(given) != float(value):
-                raise _conflict(key, given, value, source)
+            _check_agrees(key, ds_config.get(key, "auto"), value, source)
             ds_config[key] = value
         ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch x accumulation x processes
     return accelerator
 
 
-def _conflict(key: str, given, value, source: str) -> UserError:
-    return UserError(
-        f"the DeepSpeed/accelerate config sets {key}: {given}, but this run uses {value} ({source}); "
-        f"set {key} to auto there (or remove it), and choose the value with train_ppo.py's flags"
-    )
+def _check_agrees(key: str, given, value, source: str) -> None:
+    """A DeepSpeed/accelerate setting is ``auto`` (or absent) or equals the run's `value`; else one line."""
+    if given != "auto" and float(given) != float(value):
+        raise UserError(
+            f"the DeepSpeed/accelerate config sets {key}: {given}, but this run uses {value} ({source}); "
+            f"set {key} to auto there (or remove it), and choose the value with train_ppo.py's flags"
+        )
 
 
 def cpu_has_fast_bf16() -> bool:

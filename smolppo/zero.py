@@ -43,11 +43,14 @@ def full_state_dict(accelerator, module) -> dict | None:
                 masters[param.data_ptr()] = safe_get_full_fp32_param(param)
         if not accelerator.is_main_process:
             return None
-        copies: dict[int, torch.Tensor] = {}
-        for tensor in module.state_dict().values():
-            master = masters.get(tensor.data_ptr())
-            copies.setdefault(tensor.data_ptr(), (master if master is not None else tensor).detach().clone().cpu())
-        return {name: copies[tensor.data_ptr()] for name, tensor in module.state_dict().items()}
+        copies: dict[int, torch.Tensor] = {}  # one copy per storage
+        full = {}
+        for name, tensor in module.state_dict().items():
+            if tensor.data_ptr() not in copies:
+                master = masters.get(tensor.data_ptr())
+                copies[tensor.data_ptr()] = (master if master is not None else tensor).detach().clone().cpu()
+            full[name] = copies[tensor.data_ptr()]
+        return full
 
 
 def save_engine_state(engine, directory: str) -> None:

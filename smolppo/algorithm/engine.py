@@ -19,7 +19,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from smolppo import zero
 from smolppo.algorithm import ppo_math
@@ -376,7 +375,7 @@ class Algorithm:
 
     @property
     def deepspeed(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        return self.zero_stage is not None
 
     @property
     def zero_stage(self) -> int | None:
