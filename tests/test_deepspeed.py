@@ -3,6 +3,7 @@ compared with the two-process DDP run update for update, and resumed from DeepSp
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -213,3 +214,16 @@ def test_deepspeed_with_cpu_flag_is_refused_in_one_line(tmp_path):
     )  # fmt: skip
     one_line_error(result, "DeepSpeed", "--cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", [(2,), (3,), (2, "--bf16"), (3, "--bf16", "--save-optimizer-state", "latest")])
+def test_the_checkpoint_size_said_at_start_is_what_is_written(zero_run, setting):
+    """The start-up line's estimate counts DeepSpeed's state and the fp32 weights saved from its master copy."""
+    out, result = zero_run(*setting)
+    said = re.search(r"models ([\d.]+) MB, optimizer state ([\d.]+) MB", result.stderr)
+    assert said, result.stderr[-2000:]
+    checkpoint = out / "checkpoint-4"
+    models = sum(f.stat().st_size for f in checkpoint.rglob("*.safetensors"))
+    engine = sum(f.stat().st_size for f in (checkpoint / files.DEEPSPEED_DIR).rglob("*.pt"))
+    for estimate, real in ((float(said[1]) * 1e6, models), (float(said[2]) * 1e6, engine)):
+        assert abs(estimate - real) <= 0.05e6 + 0.1 * real, (estimate, real)

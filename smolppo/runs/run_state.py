@@ -65,13 +65,16 @@ def write_models(algorithm, directory: str, state_dicts: tuple[dict | None, dict
 
 def checkpoint_bytes(algorithm) -> dict[str, int]:
     """What one checkpoint holds, in bytes: the saved weights (full policy or its adapter, value model) and the
-    AdamW state (two fp32 moments per trainable parameter)."""
+    optimizer state (AdamW's two fp32 moments per trainable parameter, or DeepSpeed's own state)."""
 
     def numel(param) -> int:
         return getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves each process an empty placeholder
 
+    def saved_size(param) -> int:  # under DeepSpeed trained weights are saved from its fp32 master copy
+        return 4 if algorithm.deepspeed and param.requires_grad else param.element_size()
+
     def unique_bytes(params) -> int:
-        storages = {id(p): numel(p) * p.element_size() for p in params}  # tied weights are saved once
+        storages = {id(p): numel(p) * saved_size(p) for p in params}  # tied weights are saved once
         return sum(storages.values())
 
     policy = algorithm.policy
