@@ -47,6 +47,13 @@ class BenchConfig:
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the policy (reference = adapters off)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing."})
+    generation_cache: str = field(
+        default="dynamic",
+        metadata={
+            "help": "KV cache for generation: dynamic (the engine's) or static (on CUDA, transformers then compiles "
+            "the decoding step; compile time falls in the warm-up updates where the shapes repeat)."
+        },
+    )
     rollout_batch_size: int = field(default=16, metadata={"help": "Prompts per PPO update."})
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward."})
@@ -67,6 +74,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt == 1:
             self.samples_per_prompt = 4
+        if self.generation_cache not in ("dynamic", "static"):
+            raise ValueError(f"generation_cache must be dynamic or static, got {self.generation_cache!r}")
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {self.shape!r}")
 
@@ -150,6 +159,8 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         value_model=value,
     )
     algorithm.generation_config.min_new_tokens = bench.response_length  # same work every run
+    if bench.generation_cache == "static":
+        algorithm.generation_config.cache_implementation = "static"
     trainer = Trainer(config, algorithm, prompt_set, reward_sources)
     return trainer, device
 
@@ -193,11 +204,12 @@ def run(bench: BenchConfig) -> dict:
 
 
 def format_table(result: dict) -> str:
+    cfg = result["config"]
     rows = [
-        f"shape {result['config']['shape']}  device {result['device']}  lora {result['config']['use_lora']}  "
-        f"estimator {result['config']['advantage_estimator']} x{result['config']['samples_per_prompt']}  "
-        f"bf16 {result['config']['bf16']}  rollout {result['config']['rollout_batch_size']}  "
-        f"prompt<={result['config']['prompt_length']}  response {result['config']['response_length']}",
+        f"shape {cfg['shape']}  device {result['device']}  lora {cfg['use_lora']}  "
+        f"estimator {cfg['advantage_estimator']} x{cfg['samples_per_prompt']}  bf16 {cfg['bf16']}  "
+        f"cache {cfg['generation_cache']}  rollout {cfg['rollout_batch_size']}  "
+        f"prompt<={cfg['prompt_length']}  response {cfg['response_length']}",
         f"{'episodes/s':<28}{result['episodes_per_s']:>12.2f}",
         f"{'generated tokens/s':<28}{result['generated_tokens_per_s']:>12.1f}",
         f"{'seconds per update':<28}{result['seconds_per_update']:>12.3f}",

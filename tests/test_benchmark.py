@@ -1,8 +1,12 @@
 """The benchmark runs the real trainer on a model shape built from scratch and reports every stage."""
 
 import json
+import os
+import subprocess
 
-from tests.conftest import run_script
+import pytest
+
+from tests.conftest import REPO, run_script
 
 
 def test_benchmark_reports_throughput_stages_and_memory(tmp_path):
@@ -40,3 +44,48 @@ def test_benchmark_without_a_critic_has_no_value_stage(tmp_path):
     assert report["config"]["samples_per_prompt"] == 4  # grpo's default group
     assert "values" not in report["stage_seconds"]
     assert report["response_length_measured"] == 8
+
+
+def test_static_generation_cache_is_used_and_changes_no_number(monkeypatch, fresh_accelerator_state):
+    """The GPU check's static-cache case: the benchmark really generates with a StaticCache, and on CPU (where
+    transformers compiles nothing) the run's numbers equal the dynamic cache's."""
+    import transformers.cache_utils as cache_utils
+
+    monkeypatch.syspath_prepend(f"{REPO}/benchmarks")
+    import bench_ppo
+
+    built = []
+    original = cache_utils.StaticCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.StaticCache, "__init__", counting_init)
+    small = dict(warmup_updates=0, timed_updates=1, response_length=4, prompt_length=16, rollout_batch_size=8)
+    dynamic = bench_ppo.run(bench_ppo.BenchConfig(**small, ppo_epochs=1))
+    assert not built
+    static = bench_ppo.run(bench_ppo.BenchConfig(**small, ppo_epochs=1, generation_cache="static"))
+    assert len(built) == 1 and static["config"]["generation_cache"] == "static"
+    assert static["response_length_measured"] == 4
+    assert static["fingerprint"] == dynamic["fingerprint"]
+
+
+@pytest.mark.soak
+def test_gpu_check_script_runs_its_three_cases(tmp_path):
+    """benchmarks/gpu_check.sh, the one command a session with a lent GPU runs, tried on CPU (its dry run): every
+    case exits 0 and leaves its JSON and log, within the device tool's 8 returned files."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_WHEELS": str(tmp_path / "none")}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    cases = ("full", "lora", "static")
+    assert names == sorted(["environment.log", *(f"bench_{c}.{ext}" for c in cases for ext in ("json", "log"))])
+    assert len(names) <= 8
+    reports = {c: json.loads((out / f"bench_{c}.json").read_text()) for c in cases}
+    assert reports["lora"]["config"]["use_lora"] and reports["static"]["config"]["generation_cache"] == "static"
+    assert all(r["config"]["bf16"] and r["response_length_measured"] == 8 for r in reports.values())
+    assert "torch " in (out / "environment.log").read_text()

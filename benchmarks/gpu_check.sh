@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/PERFORMANCE.md in one command, for a machine lent for a few minutes (the device tool).
+#
+#   bash benchmarks/device_wheels.sh             # here, once: the wheels the device image lacks, into .whl/
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)     # on the device
+#
+# Three cases of bench_ppo.py on the SmolLM2-135M shape, bf16, 64 prompts of <= 512 tokens, 128-token responses:
+# full fine-tune, LoRA, and full fine-tune with a static KV cache (transformers then compiles the decoding step on
+# CUDA). Each case has its own time limit (CASE_SECONDS, default 170), so one slow case cannot cost the others.
+# Writes at most 8 files to $OUT (the device tool returns no more): bench_<case>.json and .log, environment.log.
+# GPU_CHECK_DRY_RUN=1 runs the same three cases on the tiny shape on CPU (seconds), to try the script itself.
+set -uo pipefail
+OUT=${OUT:-./gpu_check_output}
+CASE_SECONDS=${CASE_SECONDS:-170}
+WHEELS=${GPU_CHECK_WHEELS:-.whl}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || { echo "installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+{
+    nvidia-smi
+    python3 - <<'EOF'
+import importlib.metadata as metadata
+
+import torch
+
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "tokenizers", "huggingface_hub"):
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, "MISSING")
+EOF
+} >"$OUT/environment.log" 2>&1
+cat "$OUT/environment.log"
+
+COMMON=(--shape smollm2-135m --device cuda --bf16 --rollout-batch-size 64 --mini-batch-size 16
+    --per-device-train-batch-size 16 --prompt-length 512 --response-length 128 --warmup-updates 1 --timed-updates 3)
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+    COMMON=(--shape tiny --device cpu --bf16 --rollout-batch-size 8 --mini-batch-size 8 --per-device-train-batch-size 4
+        --prompt-length 16 --response-length 8 --warmup-updates 0 --timed-updates 1)
+fi
+status=0
+run_case() {
+    local name=$1
+    shift
+    timeout "$CASE_SECONDS" python3 benchmarks/bench_ppo.py "${COMMON[@]}" "$@" --output "$OUT/bench_$name.json" \
+        >"$OUT/bench_$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc"
+    tail -n 14 "$OUT/bench_$name.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+run_case full
+run_case lora --use-lora
+run_case static --generation-cache static
+exit "$status"
