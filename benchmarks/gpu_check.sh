@@ -2,16 +2,17 @@
 # The GPU figures of docs/PERFORMANCE.md in one command, for a machine lent for a few minutes (the device tool).
 #
 #   bash benchmarks/device_wheels.sh             # here, once: the wheels the device image lacks, into .whl/
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)     # on the device
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)     # on the device
 #
 # Three cases of bench_ppo.py on the SmolLM2-135M shape, bf16, 64 prompts of <= 512 tokens, 128-token responses:
 # full fine-tune, LoRA, and full fine-tune with a static KV cache (transformers then compiles the decoding step on
-# CUDA). Each case has its own time limit (CASE_SECONDS, default 170), so one slow case cannot cost the others.
+# CUDA). Each case has its own time limit (CASE_SECONDS, default 150; the static case 1.6x that, for compiling), so
+# one slow case cannot cost the others: at most 540 s in all, inside one 600 s call with the machine's start left.
 # Writes at most 8 files to $OUT (the device tool returns no more): bench_<case>.json and .log, environment.log.
 # GPU_CHECK_DRY_RUN=1 runs the same three cases on the tiny shape on CPU (seconds), to try the script itself.
 set -uo pipefail
 OUT=${OUT:-./gpu_check_output}
-CASE_SECONDS=${CASE_SECONDS:-170}
+CASE_SECONDS=${CASE_SECONDS:-150}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,16 +46,16 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
 fi
 status=0
 run_case() {
-    local name=$1
-    shift
-    timeout "$CASE_SECONDS" python3 benchmarks/bench_ppo.py "${COMMON[@]}" "$@" --output "$OUT/bench_$name.json" \
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 benchmarks/bench_ppo.py "${COMMON[@]}" "$@" --output "$OUT/bench_$name.json" \
         >"$OUT/bench_$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc"
     tail -n 14 "$OUT/bench_$name.log"
     [ "$rc" -eq 0 ] || status=1
 }
-run_case full
-run_case lora --use-lora
-run_case static --generation-cache static
+run_case full "$CASE_SECONDS"
+run_case lora "$CASE_SECONDS" --use-lora
+run_case static $((CASE_SECONDS * 8 / 5)) --generation-cache static
 exit "$status"
