@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -114,13 +117,27 @@ def policy_rewards(trainer, samples: int = 4, seed: int = 1234):
     return torch.cat(scores).view(-1, samples).mean(1)
 
 
-def assert_learned(before, after, min_gain: float, min_t: float = 4.0) -> None:
-    """The policy earns more on the same prompts: mean gain above `min_gain` and a paired t-statistic over prompts
-    above `min_t` (a policy that did not learn gives t ~ N(0, 1))."""
+def learning_shortfall(before, after, min_gain: float, min_t: float = 4.0) -> str | None:
+    """None when the policy earns more on the same prompts: mean gain above `min_gain` and a paired t-statistic over
+    prompts above `min_t` (a policy that did not learn gives t ~ N(0, 1)); otherwise what fell short."""
     gain = after - before
     t = float(gain.mean() / (gain.std() / len(gain) ** 0.5))
-    assert float(gain.mean()) > min_gain and t > min_t, f"gain {float(gain.mean()):.3f}, paired t {t:.1f}"
+    return None if float(gain.mean()) > min_gain and t > min_t else f"gain {float(gain.mean()):.3f}, paired t {t:.1f}"
 
+
+def assert_learns(trial, seeds: tuple[int, ...] = (42, 1, 2)) -> None:
+    """Learning is a property of the spread of training runs, not of one trajectory: on the smoke task about 1 run in
+    24 falls short (docs/ALGORITHM.md), and a CPU that rounds differently draws another trajectory for the same seed.
+    `trial(seed)` trains one run and returns what fell short, or None. Passes when the first seed's run learns or,
+    failing that, when every later seed's does: a 1-in-24 shortfall then fails about 1 check in 300 and costs one
+    run almost always, while a loop that does not learn fails every seed."""
+    first = trial(seeds[0])
+    if first is None:
+        return
+    logger.warning("seed %d fell short (%s); seeds %s must all learn instead", seeds[0], first, seeds[1:])
+    later = {seed: trial(seed) for seed in seeds[1:]}
+    failed = {seed: why for seed, why in later.items() if why is not None}
+    assert not failed, f"seed {seeds[0]}: {first}; " + "; ".join(f"seed {s}: {why}" for s, why in failed.items())
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 SMOKE = ("--preset", "smoke")

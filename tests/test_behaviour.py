@@ -130,7 +130,7 @@ def test_a_run_paid_for_repetition_is_flagged_everywhere(tmp_path, caplog):
     function = os.path.join(REPO, "tests", "data", "repetition_reward.py") + ":repeated_pairs"
     reward = ["--reward-model", "none", "--reward-funcs", function]
     trainer = make_smoke_trainer(tmp_path / "run", *reward, "--reward-weights", "10", "--init-kl-coef", "0.01",
-                                 "--save-steps", "40")  # fmt: skip
+                                 "--target", "6", "--save-steps", "40")  # fmt: skip
     with caplog.at_level("WARNING", logger="smolppo.job.trainer"):
         summary = trainer.train()
     assert [w["kind"] for w in summary["warnings"]] == ["diversity"]

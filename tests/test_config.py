@@ -132,7 +132,7 @@ def test_lora_gets_its_own_learning_rate_unless_one_is_given():
     assert parse("--use-lora").peak_learning_rate == 5e-5  # 10x: adapters start at zero
     assert parse("--use-lora", "--learning-rate", "1e-4").peak_learning_rate == 1e-4  # explicit wins
     assert parse("--preset", "smoke").peak_learning_rate == 3e-3
-    assert parse("--preset", "smoke", "--use-lora").peak_learning_rate == 3e-3  # adapter on the output head: no 10x
+    assert parse("--preset", "smoke", "--use-lora").peak_learning_rate == 1e-2  # its own (docs/ALGORITHM.md)
     assert parse("--use-lora").recorded()["learning_rate"] == 5e-5  # what runs record and resume compares
 
 

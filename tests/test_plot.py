@@ -43,7 +43,7 @@ def test_plots_a_real_smoke_run(smoke_run, tmp_path):
     loss, lr, reward, kl = figure.axes
     assert len(loss.lines) == 1 and len(reward.lines) == 1
     assert not lr.lines and "constant 0.003 in out" in lr.texts[0].get_text()  # the smoke LR is constant
-    assert len(kl.lines) == 2 and kl.lines[1].get_ydata()[0] == 6.0  # the run's KL target, from run_summary.json
+    assert len(kl.lines) == 2 and kl.lines[1].get_ydata()[0] == 10.0  # the KL target (10 here), from run_summary.json
     assert "out" in figure._suptitle.get_text()
 
 

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from smolppo.algorithm.rollout import response_logits
-from tests.conftest import assert_learned, make_smoke_trainer, policy_rewards
+from tests.conftest import assert_learns, learning_shortfall, make_smoke_trainer, policy_rewards
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 make_trainer = make_smoke_trainer
@@ -19,36 +19,46 @@ def experience(trainer):
     return trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(trainer.update))
 
 
-# Measured on this CPU (identical with OMP_NUM_THREADS=1 and 2): gain / paired t / second-half KL = 1.40 / 28.1 / 7.3
-# (seed 42), 0.67 / 17.3 / 7.3 (seed 1), 0.21 / 7.9 / 9.0 (seed 2); LoRA, seed 42: 0.30 / 10.0 / 7.6.
-@pytest.mark.parametrize(
-    "seed", [42, pytest.param(1, marks=pytest.mark.soak), pytest.param(2, marks=pytest.mark.soak)]
-)
-def test_reward_rises_on_a_learnable_task(tmp_path, seed):
-    trainer = make_trainer(tmp_path, "--seed", str(seed))
-    before = policy_rewards(trainer)
-    history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
-    assert_learned(before, policy_rewards(trainer), min_gain=0.15)
-    rewards = np.array([m["rewards/mean"] for m in history])
-    kls = [m["kl_divergence"] for m in history]
-    assert len(history) == 40
-    assert rewards[-8:].mean() > rewards[:8].mean(), rewards.round(2)  # the training batches rise too
-    assert all(math.isfinite(k) for k in kls)
-    assert history[-1]["response/length_mean"] > 0
-    assert history[-1]["objective/kl_coef"] != pytest.approx(0.1)  # the adaptive controller acted
-    if seed == 42:
-        second_half_kl = np.mean(kls[20:])
-        assert 0.5 * 6.0 <= second_half_kl <= 1.5 * 6.0, second_half_kl  # held within +-50% of the target
+# Measured over 24 seeds (42, 1-23) on an Intel Xeon with AMX, identical at OMP_NUM_THREADS=1 and 2: full fine-tune
+# gain mean 0.43 (23 of 24 above 0.15; seed 17 -0.03), second-half KL 5.2-14.8 against the target 10; LoRA gain
+# mean 0.94 (23 of 24 above 0.15; seed 20 0.08), second-half KL 6.7-23.4. Another CPU's rounding draws other
+# trajectories for the same seeds: `assert_learns` outvotes one short run with two more.
+def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float]):
+    def trial(seed):
+        trainer = make_trainer(tmp_path / f"seed{seed}", "--seed", str(seed), *flags)
+        before = policy_rewards(trainer)
+        history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
+        rewards = np.array([m["rewards/mean"] for m in history])
+        kls = [m["kl_divergence"] for m in history]
+        assert len(history) == 40 and all(math.isfinite(k) for k in kls)
+        assert history[-1]["response/length_mean"] > 0
+        assert history[-1]["objective/kl_coef"] != pytest.approx(0.1)  # the adaptive controller acted
+        shortfall = learning_shortfall(before, policy_rewards(trainer), min_gain=0.15)
+        second_half_kl, target = float(np.mean(kls[20:])), trainer.config.target
+        if not kl_band[0] * target <= second_half_kl <= kl_band[1] * target:
+            shortfall = f"second-half KL {second_half_kl:.1f} outside {kl_band} x target {target}"
+        if not rewards[-8:].mean() > rewards[:8].mean():  # the training batches rise too
+            shortfall = f"training rewards did not rise: {rewards.round(2)}"
+        return shortfall, trainer
+
+    return trial
+
+
+def test_reward_rises_on_a_learnable_task(tmp_path):
+    trial = _smoke_learning(tmp_path, kl_band=(0.5, 1.5))  # held within +-50% of the target
+    assert_learns(lambda seed: trial(seed)[0])
 
 
 def test_lora_learns_on_the_smoke_task(tmp_path):
-    trainer = make_trainer(tmp_path, "--use-lora")
-    assert trainer.config.peak_learning_rate == 3e-3 and "lm_head" in trainer.config.lora_target_modules
-    before = policy_rewards(trainer)
-    history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
-    assert_learned(before, policy_rewards(trainer), min_gain=0.15)
-    assert 3.0 <= np.mean([m["kl_divergence"] for m in history[20:]]) <= 9.0
-    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+    trial = _smoke_learning(tmp_path, "--use-lora", kl_band=(0.5, 2.5))
+
+    def lora_trial(seed):
+        shortfall, trainer = trial(seed)
+        assert trainer.config.peak_learning_rate == 1e-2 and "lm_head" in trainer.config.lora_target_modules
+        assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+        return shortfall
+
+    assert_learns(lora_trial)
 
 
 def test_reference_is_frozen_and_ratio_starts_at_one(tmp_path):
