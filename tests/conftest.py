@@ -139,6 +139,7 @@ def assert_learns(trial, seeds: tuple[int, ...] = (42, 1, 2)) -> None:
     failed = {seed: why for seed, why in later.items() if why is not None}
     assert not failed, f"seed {seeds[0]}: {first}; " + "; ".join(f"seed {s}: {why}" for s, why in failed.items())
 
+
 # ---------------------------------------------------------------------------------------------- shared helpers
 SMOKE = ("--preset", "smoke")
 
