@@ -118,6 +118,7 @@ def test_the_normal_smoke_run_is_quiet(smoke_run):
     assert 0.0 < summary["final_metrics"]["response/distinct_2"] <= 1.0
 
 
+@pytest.mark.soak  # CI runs it after the README command
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_a_run_paid_for_repetition_is_flagged_everywhere(tmp_path, caplog):
     """A reward function that pays for repeated token pairs: the smoke policy learns to cycle a few tokens (distinct-1

@@ -53,6 +53,7 @@ def test_group_advantages_are_shared_by_each_prompts_samples(tmp_path):
     assert "loss/kl" in metrics
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_reward_function_alone_trains_and_is_logged(tmp_path):
     trainer = make_trainer(tmp_path, "--reward-model", "none", "--reward-funcs",
                            "examples/reward_functions.py:readable_text", "--reward-weights", "10")  # fmt: skip

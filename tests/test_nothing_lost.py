@@ -71,6 +71,7 @@ def test_overwrite_replaces_our_own_run(finished_run, tmp_path):
     assert not [n for n in os.listdir(out) if n.startswith((files.STAGING_PREFIX, files.TRASH_PREFIX))]
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_overwrite_refuses_the_current_directory_a_parent_and_a_git_clone(tmp_path):
     clone = tmp_path / "clone"
     (clone / "src").mkdir(parents=True)
@@ -148,6 +149,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.soak  # CI runs it after the README command
 def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     before = snapshot(out)
@@ -176,6 +178,7 @@ def test_resume_refuses_other_batch_sizes_seed_and_reward_model(finished_run, tm
     one_line_error(train_smoke(out, *flags, "--use-lora", "--allow-config-change"), "cannot resume", "use_lora")
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_resuming_an_older_checkpoint_is_a_branch(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     older = str(out / "checkpoint-2")

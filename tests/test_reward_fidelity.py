@@ -164,6 +164,7 @@ WRONG_TEMPLATE = (
 )
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_wrong_template_is_caught_by_the_start_up_check(trl_reward_model, tmp_path):
     out = tmp_path / "wrong"
     flags = ["--preset", "smoke", "--reward-model", str(trl_reward_model), "--reward-template", WRONG_TEMPLATE]

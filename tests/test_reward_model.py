@@ -66,6 +66,7 @@ def test_split_is_seeded_and_disjoint():
     assert not {p["chosen_ids"][0] for p in train} & {p["chosen_ids"][0] for p in test}
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_trained_reward_model_drives_ppo_and_evaluation(reward_run, tmp_path):
     out = tmp_path / "ppo"
     result = run_script(

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from smolppo import smoke
@@ -111,6 +112,7 @@ def test_missing_reward_model_is_one_clear_line(tmp_path):
     assert "reward model './no/such/reward' does not exist" in last and "--preset smoke" in last
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_cache):
     out = tmp_path / "run"
     result = run_script("train_ppo.py", "--preset", "smoke", "--max-updates", "2", "--push_to_hub",

@@ -32,14 +32,15 @@ def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float]):
         kls = [m["kl_divergence"] for m in history]
         assert len(history) == 40 and all(math.isfinite(k) for k in kls)
         assert history[-1]["response/length_mean"] > 0
-        assert history[-1]["objective/kl_coef"] != pytest.approx(0.1)  # the adaptive controller acted
-        shortfall = learning_shortfall(before, policy_rewards(trainer), min_gain=0.15)
+        shortfalls = [learning_shortfall(before, policy_rewards(trainer), min_gain=0.15)]
         second_half_kl, target = float(np.mean(kls[20:])), trainer.config.target
         if not kl_band[0] * target <= second_half_kl <= kl_band[1] * target:
-            shortfall = f"second-half KL {second_half_kl:.1f} outside {kl_band} x target {target}"
+            shortfalls.append(f"second-half KL {second_half_kl:.1f} outside {kl_band} x target {target}")
         if not rewards[-8:].mean() > rewards[:8].mean():  # the training batches rise too
-            shortfall = f"training rewards did not rise: {rewards.round(2)}"
-        return shortfall, trainer
+            shortfalls.append(f"training rewards did not rise: {rewards.round(2)}")
+        if history[-1]["objective/kl_coef"] == pytest.approx(0.1):  # the KL never reached the target (1 seed in 24)
+            shortfalls.append("the adaptive controller never acted")
+        return "; ".join(s for s in shortfalls if s) or None, trainer
 
     return trial
 
