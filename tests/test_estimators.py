@@ -69,6 +69,7 @@ def test_reward_function_alone_trains_and_is_logged(tmp_path):
     assert summary["resolved_paths"]["reward_model"] is None and summary["reward_model_check"] is None
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_grpo_run_writes_and_resumes_without_a_value_model(tmp_path, smoke_cache):
     out = tmp_path / "grpo"
     flags = ["--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--save-steps", "2"]

@@ -70,6 +70,7 @@ def _check_report(report, num_prompts, num_completions):
             assert [c["tied"] for c in own] == [rewards.count(r) > 1 for r in rewards]
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_evaluates_smoke_model_on_unseen_prompts_reproducibly(smoke_run, tmp_path):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     for output in (first, second):

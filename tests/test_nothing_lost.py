@@ -135,6 +135,7 @@ def test_a_second_run_on_a_live_directory_is_refused(tmp_path):
     assert not (out / files.LOCK).exists()
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -374,6 +375,7 @@ def test_mistakes_are_one_line_and_touch_nothing(tmp_path, smoke_paths, case):
         assert not os.path.exists(out)
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_empty_questions_and_too_few_rows_are_reported(tmp_path):
     from smolppo.smoke import load_smoke_rows
 

@@ -100,6 +100,7 @@ def test_trained_reward_model_drives_ppo_and_evaluation(reward_run, tmp_path):
     assert report["settings"]["resolved_reward_model"] == str(reward_run)  # taken from the PPO run's summary
 
 
+@pytest.mark.soak  # CI runs it after the README command
 def test_lora_reward_model_is_saved_merged(tmp_path):
     out = tmp_path / "rm_lora"
     result = run_script(
