@@ -27,9 +27,14 @@ logger = logging.getLogger("train_reward_model")
 def main() -> int:
     config = parse_config(RewardModelConfig, recipes="train_reward_model")
 
+    from accelerate import PartialState
+
+    from smolppo.distributed import process_group
     from smolppo.rewards.training import SUMMARY_FILE, train_reward_model
     from smolppo.runs import output_dir
     from smolppo.runs.checkpointing import check_output_dir, latest_checkpoint
+
+    state = PartialState(**process_group())  # one process, or one of several under `accelerate launch`
 
     resume_from = check_output_dir(
         config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint, SUMMARY_FILE
@@ -37,10 +42,11 @@ def main() -> int:
     clear = config.overwrite_output_dir and not resume_from
     if clear:
         output_dir.check_overwrite(config.output_dir, {"policy-model": config.policy_model, "dataset": config.dataset})
-    with output_dir.run_lock(config.output_dir):
+    with output_dir.run_lock(config.output_dir, enabled=state.is_main_process):  # the run's lock, taken once
         if resume_from == "latest":
             resume_from = latest_checkpoint(config.output_dir)
         summary = train_reward_model(config, resume_from=resume_from, clear_output=clear)
+        state.wait_for_everyone()  # the lock goes only when every process is done
     if summary["status"] == "interrupted":
         logger.warning(
             "stopped by %s after step %d; checkpoint saved. Resume with: python train_reward_model.py <same flags> "

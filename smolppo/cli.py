@@ -157,11 +157,20 @@ def wants_debug(args: Sequence[str] | None = None) -> bool:
     return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def tolerate_console_encoding() -> None:
+    """A character the console cannot show (a Windows console in cp1252, a path in another script) is written as
+    an escape instead of raising `UnicodeEncodeError` in the middle of an error line or a table."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run a script's `main`, turning user mistakes into one line on stderr and a non-zero exit.
 
     Set ``--debug`` or ``SMOLPPO_DEBUG=1`` to see the full traceback instead.
     """
+    tolerate_console_encoding()
     worker = os.environ.get("RANK", "0") != "0"  # under `accelerate launch`, only rank 0 reports progress
     logging.basicConfig(
         level=logging.WARNING if worker else logging.INFO,

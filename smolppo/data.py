@@ -51,18 +51,19 @@ def _read_local(path: str) -> list[dict]:
         raise UserError(f"dataset file {path!r} has unsupported type {ext!r}; use one of {sorted(LOCAL_FORMATS)}")
     try:
         if kind == "json":
-            frame = pd.read_json(path, lines=ext == ".jsonl" or _is_json_lines(path))
+            # utf-8-sig: Notepad and PowerShell 5.1 save UTF-8 with a byte-order mark
+            frame = pd.read_json(path, lines=ext == ".jsonl" or _is_json_lines(path), encoding="utf-8-sig")
         elif kind == "parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, keep_default_na=False)
+            frame = pd.read_csv(path, keep_default_na=False, encoding="utf-8-sig")
     except ValueError as exc:
         raise UserError(f"could not read dataset file {path!r} as {kind}: {exc}") from exc
     return frame.fillna("").to_dict(orient="records")
 
 
 def _is_json_lines(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return not f.read(1).lstrip().startswith("[")
 
 

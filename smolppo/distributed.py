@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -27,17 +28,40 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def on_windows() -> bool:
+    return sys.platform == "win32"
+
+
+def several_processes() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def process_group() -> dict:
-    """Keyword arguments for `accelerate.PartialState`: ``cpu`` and, under DeepSpeed without CUDA, the gloo
-    backend (without it every process would think it is rank 0 of 1)."""
-    if not deepspeed_requested():
-        return {"cpu": use_cpu()}
-    check_deepspeed_usable()
-    return {"cpu": False} if torch.cuda.is_available() else {"cpu": False, "backend": "gloo"}
+    """Keyword arguments for `accelerate.PartialState`: ``cpu``, and the gloo backend where the default would not
+    work: under DeepSpeed without CUDA (else every process would think it is rank 0 of 1), and for several GPUs on
+    Windows, whose PyTorch builds have no NCCL."""
+    if deepspeed_requested():
+        check_deepspeed_usable()
+        return {"cpu": False} if torch.cuda.is_available() else {"cpu": False, "backend": "gloo"}
+    cpu = use_cpu()
+    if on_windows() and several_processes() and not cpu:
+        os.environ.setdefault("USE_LIBUV", "0")  # Windows builds of PyTorch have no libuv for the TCP store
+        return {"cpu": False, "backend": "gloo"}
+    return {"cpu": cpu}
+
+
+def ddp_backend() -> str | None:
+    """The backend `transformers.Trainer` needs named (``ddp_backend``): gloo for several GPUs on Windows."""
+    return "gloo" if on_windows() and several_processes() and torch.cuda.is_available() else None
 
 
 def check_deepspeed_usable() -> None:
     """One line, before anything is loaded, when DeepSpeed was asked for but cannot run."""
+    if on_windows():
+        raise UserError(
+            "DeepSpeed does not support several GPUs on native Windows; run it under WSL2 (Ubuntu), or launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP over gloo works on Windows)"
+        )
     if _flag("ACCELERATE_USE_CPU"):
         raise UserError(
             "the accelerate config asks for both DeepSpeed and --cpu (use_cpu: true); accelerate would then train "

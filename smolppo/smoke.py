@@ -90,7 +90,7 @@ def materialise(what: str) -> str:
     staging = tempfile.mkdtemp(prefix=f".{what}-", dir=cache_dir())
     with torch.random.fork_rng(devices=[]):  # building must not change the caller's random stream
         builders[what](staging)
-    with open(os.path.join(staging, "smoke_version.txt"), "w") as f:
+    with open(os.path.join(staging, "smoke_version.txt"), "w", encoding="utf-8") as f:
         f.write(SMOKE_VERSION)
     if os.path.isdir(target) and not _built(target):  # an older version: out of the way first
         stale = f"{staging}-stale"

@@ -48,7 +48,7 @@ def test_functions_get_trl_arguments_and_are_weighted(tmp_path):
         """,
     )
     reward = build_reward(None, [f"{path}:n_words", f"{path}:only_long"], [2.0, 0.5])
-    total, parts = reward.score(BATCH)
+    total, parts = reward.score(BATCH, "cpu")
     assert_close(parts["n_words"], torch.tensor([1.0, 3.0]))
     assert math.isnan(parts["only_long"][0]) and parts["only_long"][1] == 1.0  # None = does not apply
     assert_close(total, torch.tensor([2.0, 6.5]))
@@ -62,7 +62,7 @@ def test_a_module_function_and_a_reward_model_together(smoke_paths, tokenizer):
 
     reader = load_reward_reader(smoke_paths["reward"], None, tokenizer)
     reward = build_reward(reader, ["examples.reward_functions:readable_text"], [1.0, 3.0])
-    total, parts = reward.score(BATCH)
+    total, parts = reward.score(BATCH, "cpu")
     assert reward.names == ["reward_model", "readable_text"]
     assert_close(parts["reward_model"], reader.score(BATCH.conversations, BATCH.completions))
     assert_close(total, parts["reward_model"] + 3.0 * torch.tensor([1.0, 1.0]))
@@ -75,13 +75,13 @@ def test_a_reward_models_nan_is_not_hidden(smoke_paths, tokenizer):
         def __call__(self, batch):
             return torch.tensor([float("nan"), 1.0])
 
-    total, _ = CombinedReward([Broken()]).score(BATCH)
+    total, _ = CombinedReward([Broken()]).score(BATCH, "cpu")
     assert math.isnan(total[0])  # the divergence check stops the run on it
 
 
 def test_no_applicable_source_gives_zero(tmp_path, caplog):
     path = write(tmp_path, "def never(completions, **kw):\n    return [None] * len(completions)\n")
-    total, _ = build_reward(None, [f"{path}:never"], None).score(BATCH)
+    total, _ = build_reward(None, [f"{path}:never"], None).score(BATCH, "cpu")
     assert_close(total, torch.zeros(2))
     assert "returned None for 2 responses" in caplog.text
 
@@ -139,7 +139,7 @@ def test_functions_get_copies_of_their_inputs(tmp_path):
     """,
     )
     reward = build_reward(None, [f"{path}:vandal", f"{path}:reader"], None)
-    total, parts = reward.score(BATCH)
+    total, parts = reward.score(BATCH, "cpu")
     assert_close(parts["vandal"], torch.tensor([1.0, 0.5]))
     assert_close(parts["reader"], torch.tensor([3.0, 2.0]))  # saw "red" and both questions, untouched
     assert BATCH.completions == ["red", "one two three"] and BATCH.rows[0]["question"] == "Name a colour"

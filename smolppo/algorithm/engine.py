@@ -41,6 +41,7 @@ from smolppo.algorithm.value import TokenScorer, token_values
 from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.schedule import Schedule
 from smolppo.data import PromptSet
+from smolppo.devices import check_on_device
 from smolppo.models import eos_token_ids
 from smolppo.rewards.sources import CombinedReward, RewardBatch
 from smolppo.runtime import (
@@ -127,16 +128,25 @@ class Algorithm:
 
     # ------------------------------------------------------------------ stages 1-5
     def make_experience(self, prompts: PromptSet, indices: list[int]) -> Experience:
-        """Stages 1-5 for the prompts at `indices`, each sampled `samples_per_prompt` times in a row."""
+        """Stages 1-5 for the prompts at `indices`, each sampled `samples_per_prompt` times in a row. What each
+        stage hands on is checked to live on the rollout's device (`smolppo.devices`)."""
         indices = [i for i in indices for _ in range(self.config.samples_per_prompt)]
         rollout = self.rollout([prompts.input_ids[i] for i in indices])
+        device = rollout.device
+        check_on_device(self.accelerator.device, "rollout", **rollout.tensors())
         scores, parts = self.rewards(rollout, prompts, indices)
+        check_on_device(device, "rewards", scores=scores, reward_parts=parts)
         old_logprobs, ref_logprobs, kl = self.logprobs(rollout)
+        check_on_device(device, "logprobs", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, kl=kl)
         values = self.values(rollout) if self.value_scorer is not None else None
+        check_on_device(device, "values", values=values)
         advantages, raw_advantages, returns = self.advantages(rollout, scores, kl, values)
-        return Experience(
+        check_on_device(device, "advantages", advantages=advantages, raw_advantages=raw_advantages, returns=returns)
+        experience = Experience(
             rollout, scores, old_logprobs, ref_logprobs, kl, advantages, raw_advantages, returns, values, parts
         )
+        experience.check_device(device)
+        return experience
 
     def rollout(self, prompts: list[list[int]]) -> Rollout:
         """Stage 1: sampled responses from the full (temperature-scaled) distribution."""
@@ -154,8 +164,7 @@ class Algorithm:
                 completions=response_texts(self.tokenizer, rollout),
                 rows=[prompts.rows[i] for i in indices] if prompts.rows else [{} for _ in indices],
             )
-            scores, parts = self.reward.score(batch)
-            scores = scores.to(rollout.input_ids.device)
+            scores, parts = self.reward.score(batch, rollout.device)
         if self.config.missing_eos_score is not None:
             scores = torch.where(
                 rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
@@ -212,20 +221,20 @@ class Algorithm:
 
     # ------------------------------------------------------------------ stage 6
     def optimise(self, exp: Experience, update: int) -> dict[str, float]:
-        """Stage 6: clipped updates of the policy (and value model) over shuffled mini-batches."""
+        """Stage 6: clipped updates of the policy (and value model) over shuffled mini-batches. The statistics stay
+        on the device until the update ends: one copy to the host per update, not one read per micro-batch."""
         cfg, acc = self.config, self.accelerator
         size, micro = len(exp.rollout), cfg.per_device_train_batch_size
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + update)
-        totals: dict[str, list[float]] = {}
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + update)
+        steps: list[dict] = []
         with self.timer.stage("update"):
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(size, generator=generator).to(acc.device)
+            for _ in range(cfg.ppo_epochs):  # the order is drawn on the CPU (the same on every device), then moved
+                order = torch.randperm(size, generator=generator, device="cpu").to(acc.device)
                 for start in range(0, size, micro):
                     batch = exp.select(order[start : start + micro]).trimmed()
                     with acc.accumulate(self.model):
-                        stats = self._train_micro_batch(batch)
-                    for key, value in stats.items():
-                        totals.setdefault(key, []).append(value)
+                        steps.append(self._train_micro_batch(batch))
+        totals = to_host(steps)
         result = {key: float(np.mean(values)) for key, values in totals.items()}
         result["first_ratio_deviation"] = totals["max_ratio_deviation"][0]
         return result
@@ -251,7 +260,9 @@ class Algorithm:
             parts.loss = parts.loss + self.kl_controller.value * parts.kl
         return parts
 
-    def _train_micro_batch(self, batch: Experience) -> dict[str, float]:
+    def _train_micro_batch(self, batch: Experience) -> dict:
+        """Forward, backward and (at the end of an accumulation) the optimizer step of one micro-batch; its
+        statistics as detached device tensors (the learning rate as a number)."""
         acc, mask = self.accelerator, batch.rollout.response_mask
         parts = self.micro_batch_loss(batch)
         acc.backward(parts.loss)
@@ -259,7 +270,8 @@ class Algorithm:
         if acc.sync_gradients:
             grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
             if grad_norm is not None:  # DeepSpeed clips inside its own step and reports the norm it saw
-                stats["grad_norm"] = float(grad_norm)
+                stats["grad_norm"] = grad_norm
+        # accelerate's prepared optimizer skips the step and the reset while gradients accumulate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:  # the schedule counts optimizer steps
@@ -268,17 +280,17 @@ class Algorithm:
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(parts.logits.detach()), mask)
         stats.update(
-            loss=parts.loss.item(),
-            policy_loss=parts.policy.loss.item(),
-            clip_fraction=parts.policy.clip_fraction.item(),
-            approx_kl=parts.policy.approx_kl.item(),
-            max_ratio_deviation=parts.policy.max_ratio_deviation.item(),
-            entropy=entropy.item(),
+            loss=parts.loss,
+            policy_loss=parts.policy.loss,
+            clip_fraction=parts.policy.clip_fraction,
+            approx_kl=parts.policy.approx_kl,
+            max_ratio_deviation=parts.policy.max_ratio_deviation,
+            entropy=entropy,
         )
         if parts.value is not None:
-            stats.update(value_loss=parts.value.item(), value_clip_fraction=parts.value_clip.item())
+            stats.update(value_loss=parts.value, value_clip_fraction=parts.value_clip)
         if parts.kl is not None:
-            stats["kl_loss"] = parts.kl.item()
+            stats["kl_loss"] = parts.kl
         return stats
 
     # ------------------------------------------------------------------ end of update and state
@@ -388,3 +400,14 @@ class Algorithm:
     def gathered(self, modifier_rank: int | None = None):
         """Under ZeRO-3, the partitioned policy and value weights made whole (see `smolppo.zero.gathered`)."""
         return zero.gathered(self.accelerator, self.accelerator.unwrap_model(self.model).parameters(), modifier_rank)
+
+
+def to_host(steps: list[dict]) -> dict[str, list[float]]:
+    """``{name: [value of each step that has it]}`` from per-step statistics, device tensors read in one copy."""
+    tensors = [value for step in steps for value in step.values() if isinstance(value, torch.Tensor)]
+    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
+    totals: dict[str, list[float]] = {}
+    for step in steps:
+        for key, value in step.items():
+            totals.setdefault(key, []).append(next(read) if isinstance(value, torch.Tensor) else float(value))
+    return totals

@@ -11,6 +11,7 @@ from torch import nn
 from smolppo.algorithm import ppo_math
 from smolppo.algorithm.rollout import Rollout, response_logits, trim_padding
 from smolppo.algorithm.value import TokenScorer, value_positions
+from smolppo.devices import check_on_device
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Experience:
     # critic (gae only) [B, R]
     old_values: torch.Tensor | None = None
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def check_device(self, device: torch.device) -> None:
+        """Every tensor of this experience on `device` (`DeviceMismatch` naming the first that is not)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rollout"}
+        check_on_device(device, "experience", **self.rollout.tensors(), **values)
 
     def _map(self, tensor_fn, rollout: Rollout) -> Experience:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rollout", "reward_parts")}

@@ -58,7 +58,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: 
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     has_tokens = mask.sum(1) > 0
-    rewards[torch.arange(len(scores)), last] += scores * has_tokens
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores * has_tokens
     return rewards
 
 

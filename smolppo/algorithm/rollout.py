@@ -36,11 +36,16 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "context_length"}
+
     def to(self, device) -> Rollout:
-        """The same rollout with its token tensors on `device` (counts and flags stay where they are)."""
-        moved = ("input_ids", "attention_mask", "position_ids", "response_mask")
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{k: (v.to(device) if k in moved else v) for k, v in values.items()})
+        """The same rollout with every tensor on `device`."""
+        return Rollout(context_length=self.context_length, **{k: v.to(device) for k, v in self.tensors().items()})
 
     def select(self, index: torch.Tensor | slice) -> Rollout:
         """The sub-batch at `index` (the shared context length is kept)."""

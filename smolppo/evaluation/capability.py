@@ -69,7 +69,7 @@ def _teacher_forced(prompts: list[list[int]], answers: list[list[int]], pad_id: 
         position_ids=position_ids_from_mask(attention_mask),
         response_mask=answer_mask.float(),
         response_lengths=answer_mask.sum(1),
-        ended_with_eos=torch.zeros(len(answers), dtype=torch.bool),
+        ended_with_eos=torch.zeros(len(answers), dtype=torch.bool, device=prompt_ids.device),
         context_length=prompt_ids.shape[1],
     )
 

@@ -198,13 +198,14 @@ def generate_and_score(cfg, model, tokenizer, reward, prompt_rows, device, progr
             completions=responses,
             rows=[prompt_rows[i][1] for i in group for _ in range(n)],
         )
-        total, by_source = reward.score(batch_rewards)
+        total, by_source = reward.score(batch_rewards, "cpu")  # read per completion below: one copy to the host
         scores = total.float().numpy()
+        response_lengths, ended_with_eos = rollout.response_lengths.tolist(), rollout.ended_with_eos.tolist()
         for k, i in enumerate(group):
             for j in range(n):
                 row = k * n + j
-                rewards[i, j], lengths[i, j] = scores[row], int(rollout.response_lengths[row])
-                ended[i, j] = bool(rollout.ended_with_eos[row])
+                rewards[i, j], lengths[i, j] = scores[row], response_lengths[row]
+                ended[i, j] = ended_with_eos[row]
                 texts[i].append(responses[row])
                 tokens[i].append(response_ids[row])
                 for name, values in by_source.items():

@@ -80,7 +80,6 @@ def build_ppo_trainer(config, accelerator=None):
     from smolppo.algorithm.engine import Algorithm
     from smolppo.distributed import make_accelerator
     from smolppo.job.trainer import Trainer
-    from smolppo.rewards.reader import check_reward_model
     from smolppo.rewards.sources import build_reward
 
     set_seed(config.seed)
@@ -88,13 +87,13 @@ def build_ppo_trainer(config, accelerator=None):
     reward = build_reward(models.reward, config.reward_funcs, config.reward_weights)
     rows = load_rows(config.dataset, config.dataset_split)
     prompts = load_training_prompts(config, models.tokenizer, rows)
-    reward_check = None
-    if config.reward_check_pairs and models.reward is not None:
-        pairs = held_out_pairs(config, rows, models.tokenizer)
-        reward_check = check_reward_model(models.reward, pairs, config.min_reward_accuracy)
     accelerator = accelerator or make_accelerator(
         config.accumulation_steps, config.per_device_train_batch_size, config.max_grad_norm, config.bf16
     )
+    reward_check = None
+    if config.reward_check_pairs and models.reward is not None:
+        pairs = held_out_pairs(config, rows, models.tokenizer)
+        reward_check = check_reward_model_as_read(models.reward, pairs, config, accelerator.device)
     try:
         schedule = config.schedule(len(prompts.input_ids), accelerator.num_processes)
     except ValueError as exc:
@@ -110,6 +109,21 @@ def build_ppo_trainer(config, accelerator=None):
         value_model=models.value_model,
     )
     return Trainer(config, algorithm, prompts, reward, reward_check=reward_check)
+
+
+def check_reward_model_as_read(reader: RewardReader, pairs: list[dict], config, device):
+    """The start-up check on the device and in the precision PPO will read the reward model with (bf16 linears
+    under autocast with ``--bf16``), not on the CPU in fp32."""
+    import torch
+
+    from smolppo.rewards.reader import check_reward_model
+    from smolppo.runtime import store_body_linears_in_bf16
+
+    reader.model.to(device)
+    if config.bf16:
+        store_body_linears_in_bf16(reader.model)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16):
+        return check_reward_model(reader, pairs, config.min_reward_accuracy)
 
 
 def check_output_dir_for(config) -> str | None:

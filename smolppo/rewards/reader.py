@@ -118,11 +118,11 @@ class RewardReader:
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        """The model's own output for each token sequence, ``[N]`` float32 on the CPU."""
+        """The model's own output for each token sequence, ``[N]`` float32 on the model's device."""
         device = next(self.model.parameters()).device
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         batch_size = self.batch_size if self.pad_id is not None else 1
-        scores = torch.empty(len(sequences), dtype=torch.float32)
+        scores = torch.empty(len(sequences), dtype=torch.float32, device=device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -130,7 +130,7 @@ class RewardReader:
                 chunk = order[start : start + batch_size]
                 ids, mask = right_pad([sequences[i] for i in chunk], self.pad_id if self.pad_id is not None else 0)
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                scores[chunk] = logits[:, 0].float().cpu()
+                scores[torch.tensor(chunk, device=device)] = logits[:, 0].float()
         finally:
             self.model.train(was_training)
         return scores

@@ -95,7 +95,7 @@ class RewardFunctionSource:
             if not math.isfinite(number):
                 raise UserError(f"reward function {self.spec} returned {number}; rewards must be finite (or None)")
             out.append(number)
-        return torch.tensor(out, dtype=torch.float32)
+        return torch.tensor(out, dtype=torch.float32, device="cpu")  # built on the host; `score` moves it
 
 
 def real_number(value) -> float | None:
@@ -167,9 +167,9 @@ class CombinedReward:
         """The reward model's reader, when a reward model is one of the sources."""
         return next((s.reader for s in self.sources if isinstance(s, RewardModelSource)), None)
 
-    def score(self, batch: RewardBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(total [B], {source name: rewards [B]})``; a function's None entries do not count."""
-        parts = {name: source(batch) for name, source in zip(self.names, self.sources)}
+    def score(self, batch: RewardBatch, device: torch.device | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total [B], {source name: rewards [B]})``, all on `device`; a function's None entries do not count."""
+        parts = {name: source(batch).to(device) for name, source in zip(self.names, self.sources)}
         # None (NaN) from a function means "does not apply"; a reward model's NaN is an error and stays NaN.
         applies = torch.stack(
             [

@@ -113,21 +113,25 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
 
     With `clear_output` (``--overwrite-output-dir``), the previous run's files are removed only once the model
     and data have loaded."""
+    from accelerate import PartialState
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers import set_seed
     from transformers.integrations import TensorBoardCallback
     from trl import RewardConfig, RewardTrainer
 
+    from smolppo.distributed import ddp_backend
     from smolppo.tracking import run_environment
 
+    main_process = PartialState().is_main_process  # under several processes, only the main one writes our files
     set_seed(config.seed)
     started = time.time()
     tokenizer, model, policy_path = load_reward_init(config)
     reader = RewardReader(model, tokenizer, config.reward_template, config.per_device_eval_batch_size, policy_path)
     train, test, dropped = build_reward_datasets(config, reader)
-    if clear_output:
+    if clear_output and main_process:
         output_dir.clear(config.output_dir)
+    PartialState().wait_for_everyone()
     peft_config = lora_config_for(config, model, "SEQ_CLS") if config.use_lora else None
     args = RewardConfig(
         output_dir=config.output_dir,
@@ -157,9 +161,12 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         report_to=[n for n in config.report_to if n in ("wandb", "trackio")] or "none",  # TensorBoard: our callback
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend=ddp_backend(),
     )
     log_dir = os.path.join(config.output_dir, files.LOGS_DIR)
     stopper = StopOnSignal()
+    wants_tensorboard = "tensorboard" in config.report_to and main_process
+    tensorboard = [TensorBoardCallback(SummaryWriter(log_dir))] if wants_tensorboard else []
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -167,13 +174,12 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         eval_dataset=Dataset.from_list([_ids_only(p) for p in test]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=([TensorBoardCallback(SummaryWriter(log_dir))] if "tensorboard" in config.report_to else [])
-        + [stopper],
+        callbacks=[*tensorboard, stopper],
     )
     card = os.path.join(config.output_dir, "README.md")
     card_existed = os.path.exists(card)
     trainer.train(resume_from_checkpoint=resume_from)
-    if not card_existed and os.path.isfile(card):
+    if not card_existed and os.path.isfile(card) and main_process:
         output_dir.record(config.output_dir, ["README.md"])  # the model card RewardTrainer writes on save
     if stopper.signal_name:
         return {"status": "interrupted", "signal": stopper.signal_name, "steps": trainer.state.global_step}
@@ -182,11 +188,14 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         final = final.merge_and_unload()
     if reader.template is not None:
         tokenizer.chat_template = reader.template  # a custom template becomes the one "chat" reads back
-    with output_dir.publishing(config.output_dir) as staging:
-        final.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    if main_process:
+        with output_dir.publishing(config.output_dir) as staging:
+            final.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     final_reader = RewardReader(final.eval(), tokenizer, config.reward_template, config.per_device_eval_batch_size)
     metrics = asdict(pairwise_check(final_reader, [p["row"] for p in test]))
+    if not main_process:  # the same model on every process: the main one writes the summary
+        return {"status": "finished", "heldout": metrics, "steps": trainer.state.global_step}
     if "tensorboard" in config.report_to:
         writer = SummaryWriter(log_dir)
         for name, value in metrics.items():

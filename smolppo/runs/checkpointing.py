@@ -15,6 +15,7 @@ import re
 import shutil
 from collections.abc import Callable
 
+from smolppo import filesystem
 from smolppo.errors import UserError
 from smolppo.files import (
     ADAPTER_WEIGHTS,
@@ -28,8 +29,9 @@ from smolppo.files import (
     STATE_FILE,
     VALUE_MODEL_DIR,
 )
+from smolppo.filesystem import FileHeldOpen
 from smolppo.models import safetensors_readable
-from smolppo.runs.output_dir import remove_entry
+from smolppo.runs.output_dir import remove_entry, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,18 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a partial checkpoint is never renamed in; free its space now
         raise
-    remove_entry(final)
-    os.replace(staging, final)
+    try:
+        remove_entry(final)
+        filesystem.replace(staging, final)
+    except FileHeldOpen as held:  # the checkpoint is complete: keep it under a name no clean-up touches
+        kept = os.path.join(output_dir, f"unpublished-{CHECKPOINT_PREFIX}{step}")
+        try:
+            filesystem.replace(staging, kept)
+        except OSError:
+            raise held.with_outcome(f"checkpoint {step} is complete in {staging!r}: move it elsewhere") from held
+        raise held.with_outcome(
+            f"checkpoint {step} is complete in {kept!r}: resume with --resume-from-checkpoint {kept}"
+        ) from held
     rotate_checkpoints(output_dir, save_total_limit)
     return final
 
@@ -122,14 +134,15 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int) -> None:
     checkpoints = list_checkpoints(output_dir)
     for _, path in checkpoints[: max(0, len(checkpoints) - max(1, save_total_limit))]:
         logger.info("removing old checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        remove_entry(path)
+        try:
+            remove_entry(path)
+        except FileHeldOpen as held:  # training goes on: the next rotation tries again
+            logger.warning("%s; it stays until the next checkpoint's rotation", held)
 
 
 def drop_optimizer_state(output_dir: str, keep: str) -> None:
     """Remove the optimizer state from every checkpoint but `keep` (the newest): marked in its state file first,
     then the file goes, so an interruption between the two leaves a checkpoint that resumes either way."""
-    from smolppo.runs.output_dir import write_json_atomically
-
     for _, path in list_checkpoints(output_dir):
         optimizer, engine_state = os.path.join(path, OPTIMIZER_FILE), os.path.join(path, DEEPSPEED_DIR)
         if os.path.samefile(path, keep) or not (os.path.isfile(optimizer) or os.path.isdir(engine_state)):
@@ -140,7 +153,10 @@ def drop_optimizer_state(output_dir: str, keep: str) -> None:
         state.pop(DEEPSPEED_STATE_KEY, None)
         write_json_atomically(os.path.join(path, STATE_FILE), state)
         if os.path.isfile(optimizer):
-            os.remove(optimizer)
+            try:
+                filesystem.remove(optimizer)
+            except FileHeldOpen as held:  # marked as dropped already: a stray file changes nothing
+                logger.warning("%s; delete it by hand to free the space", held)
         shutil.rmtree(engine_state, ignore_errors=True)
         logger.info("dropped the optimizer state of %s (--save-optimizer-state latest)", path)
 

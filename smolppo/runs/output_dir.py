@@ -22,6 +22,7 @@ import socket
 import time
 from contextlib import contextmanager
 
+from smolppo import filesystem
 from smolppo.errors import UserError
 from smolppo.files import (
     CHECKPOINT_PREFIX,
@@ -37,6 +38,7 @@ from smolppo.files import (
     TRASH_PREFIX,
     VALUE_MODEL_DIR,
 )
+from smolppo.filesystem import FileHeldOpen
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +108,19 @@ def foreign_entries(output_dir: str) -> list[str]:
 
 
 def remove_entry(path: str) -> None:
-    """Rename to a hidden trash name first, so a crash never leaves a half-deleted entry under its own name."""
+    """Rename to a hidden trash name first, so a crash never leaves a half-deleted entry under its own name. The
+    rename is retried while another program holds the entry open (`FileHeldOpen` if it stays held); a trash entry
+    that cannot be deleted yet is left for the next run's clean-up."""
     if not os.path.lexists(path):
         return
     parent, name = os.path.split(path)
     trash = os.path.join(parent, f"{TRASH_PREFIX}{name}-{os.getpid()}-{time.time_ns()}")
-    os.replace(path, trash)
+    filesystem.replace(path, trash)
     _delete(trash)
 
 
 def remove_leftovers(output_dir: str) -> None:
-    """Remove staging and trash entries left by a crash."""
+    """Remove staging and trash entries left by a crash (one still held open stays for a later run)."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
@@ -125,10 +129,16 @@ def remove_leftovers(output_dir: str) -> None:
 
 
 def _delete(path: str) -> None:
+    """Delete a trash or staging entry; what another program still holds open stays (its name marks it ours)."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
-    else:
+        return
+    try:
         os.remove(path)
+    except OSError as exc:
+        if not filesystem.is_held_open(exc):
+            raise
+        logger.info("%s is held open by another program: it is removed by a later run", path)
 
 
 # ---------------------------------------------------------------------- checks before any work
@@ -202,18 +212,30 @@ def clear(output_dir: str) -> None:
     for name in ours:
         remove_entry(os.path.join(output_dir, name))
     if os.path.isfile(os.path.join(output_dir, MANIFEST)):
-        os.remove(os.path.join(output_dir, MANIFEST))
+        filesystem.remove(os.path.join(output_dir, MANIFEST))
 
 
 # ---------------------------------------------------------------------- disk space
+DISK_FULL_WINERRORS = {39, 112}  # ERROR_HANDLE_DISK_FULL, ERROR_DISK_FULL
+DISK_FULL_MESSAGES = (
+    "No space left on device",  # Linux, macOS (ENOSPC)
+    "Disk quota exceeded",  # EDQUOT
+    "There is not enough space on the disk",  # Windows (error 112), as Rust-based writers like safetensors say it
+    "os error 112",
+)
+
+
 def is_disk_full(exc: BaseException) -> bool:
-    """True for an error that says the device is full (OSError ENOSPC, or safetensors' message for it)."""
+    """True for an error that says the device is full: OSError ENOSPC/EDQUOT or Windows error 112/39, or the
+    message a library (safetensors) gives for either."""
     import errno
 
     while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and (
+            exc.errno in (errno.ENOSPC, errno.EDQUOT) or getattr(exc, "winerror", None) in DISK_FULL_WINERRORS
+        ):
             return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        if any(message in str(exc) for message in DISK_FULL_MESSAGES):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -249,12 +271,20 @@ def write_atomically(path: str, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside `path`, then rename it over `path`: a kill at any moment
     leaves the previous file or the new one, never a half-written one."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    written = False
     try:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
+        written = True
+        filesystem.replace(tmp, path)
+    except FileHeldOpen as held:
+        if not written:
+            raise
+        kept = f"the new {os.path.basename(path)} was kept as {tmp!r}, the previous one is unchanged"
+        raise held.with_outcome(kept) from held
+    except BaseException:
         if os.path.lexists(tmp):
-            os.remove(tmp)
+            _delete(tmp)
+        raise
 
 
 def write_json_atomically(path: str, data) -> None:
@@ -280,18 +310,30 @@ def publishing(output_dir: str, label: str = "final"):
     foreign = set(foreign_entries(output_dir))
     blocked = [n for n in names if os.path.lexists(os.path.join(output_dir, n)) and n in foreign]
     if blocked:
-        kept = os.path.join(output_dir, f"unpublished-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(staging, kept)
         raise UserError(
-            f"{', '.join(blocked)} in {output_dir!r} is not smolppo's and is in the way of the {label} outputs; they "
-            f"were kept in {kept!r} instead: move them by hand"
+            f"{', '.join(blocked)} in {output_dir!r} is not smolppo's and is in the way of the {label} outputs; "
+            f"{keep_unpublished(staging, output_dir, label)}: move them by hand"
         )
     record(output_dir, names)
-    for name in names:
-        target = os.path.join(output_dir, name)
-        remove_entry(target)
-        os.replace(os.path.join(staging, name), target)
+    try:
+        for name in names:
+            target = os.path.join(output_dir, name)
+            remove_entry(target)
+            filesystem.replace(os.path.join(staging, name), target)
+    except FileHeldOpen as held:
+        raise held.with_outcome(keep_unpublished(staging, output_dir, label)) from held
     os.rmdir(staging)
+
+
+def keep_unpublished(staging: str, output_dir: str, label: str) -> str:
+    """Move a staging directory whose outputs could not all be moved in to a name no clean-up touches
+    (``unpublished-<label>-<time>``); returns what became of them, for the error line."""
+    kept = os.path.join(output_dir, f"unpublished-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        filesystem.replace(staging, kept)
+    except OSError:
+        return f"the {label} outputs not yet moved in are in {staging!r}: copy them elsewhere before the next run"
+    return f"the {label} outputs not yet moved in were kept in {kept!r}"
 
 
 # ---------------------------------------------------------------------- one run per directory
@@ -347,7 +389,7 @@ def run_lock(output_dir: str, enabled: bool = True):
                     "that run is dead)"
                 ) from None
             logger.warning("taking over the lock of a run that is no longer alive in %s", output_dir)
-            os.remove(path)
+            filesystem.remove(path)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f)
@@ -356,6 +398,9 @@ def run_lock(output_dir: str, enabled: bool = True):
         yield
     finally:
         if os.path.isfile(path):
-            os.remove(path)
+            try:
+                filesystem.remove(path)
+            except FileHeldOpen:
+                logger.warning("%s is held open by another program; delete it once the program ends", path)
         if created_dir and os.path.isdir(output_dir) and not os.listdir(output_dir):
             os.rmdir(output_dir)

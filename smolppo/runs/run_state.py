@@ -132,7 +132,7 @@ def save_checkpoint(algorithm, config, counters: dict) -> str | None:
         }
         if algorithm.deepspeed:
             state[checkpointing.DEEPSPEED_STATE_KEY] = engine_layout(algorithm)
-        with open(os.path.join(directory, files.STATE_FILE), "w") as f:
+        with open(os.path.join(directory, files.STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
 
     path = checkpointing.save_checkpoint(
@@ -158,7 +158,7 @@ def load_checkpoint(algorithm, path: str) -> dict:
 
 def _load_checkpoint(algorithm, path: str) -> dict:
     acc = algorithm.accelerator
-    with open(os.path.join(path, files.STATE_FILE)) as f:
+    with open(os.path.join(path, files.STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
     engine_state = deepspeed_state_to_restore(algorithm, path, state)
     with algorithm.gathered(modifier_rank=0):  # ZeRO-3: whole weights to load into, rank 0's copy kept
@@ -175,15 +175,17 @@ def _load_checkpoint(algorithm, path: str) -> dict:
     elif not state.get(checkpointing.OPTIMIZER_STATE_KEY, True):
         logger.warning("%s keeps weights only (its optimizer state was dropped): AdamW moments restart", path)
     else:
-        optimizer = torch.load(os.path.join(path, files.OPTIMIZER_FILE), weights_only=False)
+        # on the CPU first: a GPU checkpoint resumes on a CPU machine, and under DDP each process takes its own
+        # copy (not rank 0's GPU); load_state_dict then moves each state to its parameter's device
+        optimizer = torch.load(os.path.join(path, files.OPTIMIZER_FILE), map_location="cpu", weights_only=False)
     algorithm.load_state_dict(
         {
             "optimizer": optimizer,
-            "lr_scheduler": torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False),
+            "lr_scheduler": torch.load(os.path.join(path, SCHEDULER_FILE), map_location="cpu", weights_only=False),
             "kl_controller": {k: state.get(k) for k in ("kl_coef", "kl_horizon", "kl_engaged")},
         }
     )
-    rng_states = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
+    rng_states = torch.load(os.path.join(path, RNG_FILE), map_location="cpu", weights_only=False)
     if len(rng_states) != acc.num_processes:
         logger.warning(
             "checkpoint was written by %d processes, resuming with %d: random streams restart",
@@ -216,9 +218,11 @@ def deepspeed_state_to_restore(algorithm, path: str, state: dict) -> str | None:
 
 
 def rng_state() -> dict:
+    """This process's random streams: Python, NumPy, torch's CPU and this process's own GPU (not every visible
+    GPU's: a checkpoint then resumes with another GPU count)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -226,8 +230,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        cuda = own_cuda_rng_state(state.get("cuda"), device)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        elif state.get("cuda") is not None:
+            logger.warning("the checkpoint has no random state for GPU %d: its stream restarts", device)
+
+
+def own_cuda_rng_state(saved, device_index: int) -> torch.Tensor | None:
+    """This process's GPU random state from a checkpoint: one state (written by this version), or the entry for
+    `device_index` of a list of every visible GPU's (older checkpoints); None where there is none."""
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    return saved[device_index] if device_index < len(saved) else None
 
 
 def load_weights_into(model: nn.Module, directory: str) -> None:
