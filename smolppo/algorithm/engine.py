@@ -27,6 +27,7 @@ from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndVa
 from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
     Rollout,
+    TrimTable,
     check_logits_reproduced,
     generate_rollout,
     pad_response_width,
@@ -228,10 +229,13 @@ class Algorithm:
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + update)
         steps: list[dict] = []
         with self.timer.stage("update"):
+            trim = TrimTable(exp.rollout)
             for _ in range(cfg.ppo_epochs):  # the order is drawn on the CPU (the same on every device), then moved
-                order = torch.randperm(size, generator=generator, device="cpu").to(acc.device)
+                order = torch.randperm(size, generator=generator, device="cpu")
+                rows, order = order.tolist(), order.to(acc.device)
                 for start in range(0, size, micro):
-                    batch = exp.select(order[start : start + micro]).trimmed()
+                    chunk = rows[start : start + micro]
+                    batch = exp.select(order[start : start + micro]).trimmed(trim.bounds(chunk))
                     with acc.accumulate(self.model):
                         steps.append(self._train_micro_batch(batch))
         totals = to_host(steps)
@@ -371,11 +375,12 @@ class Algorithm:
         Sequences are grouped by prompt length and each chunk loses its all-padding columns, so shorter
         prompts and responses cost less; per-token outputs are padded back to the full response width.
         """
-        width = rollout.responses.shape[1]
+        width, size = rollout.responses.shape[1], self.config.mini_batch_size
         order = torch.argsort(rollout.attention_mask[:, : rollout.context_length].sum(1), stable=True)
+        trim, rows = TrimTable(rollout), order.tolist()  # the chunks' bounds come from the host
         outputs = []
-        for start in range(0, len(rollout), self.config.mini_batch_size):
-            chunk = trim_padding(rollout.select(order[start : start + self.config.mini_batch_size]))
+        for start in range(0, len(rollout), size):
+            chunk = trim_padding(rollout.select(order[start : start + size]), trim.bounds(rows[start : start + size]))
             out = forward(chunk)
             outputs.append(pad_response_width(out, width) if out.dim() == 2 else out)
         return torch.cat(outputs)[torch.argsort(order)]

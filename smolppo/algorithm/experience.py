@@ -45,9 +45,9 @@ class Experience:
         parts = {k: tensor_fn(v) for k, v in self.reward_parts.items()}
         return Experience(rollout=rollout, reward_parts=parts, **mapped)
 
-    def trimmed(self) -> Experience:
-        """Drop columns that are padding in every sequence (see `trim_padding`)."""
-        rollout = trim_padding(self.rollout)
+    def trimmed(self, bounds: tuple[int, int] | None = None) -> Experience:
+        """Drop columns that are padding in every sequence (see `trim_padding`; `bounds` from a `TrimTable`)."""
+        rollout = trim_padding(self.rollout, bounds)
         width = rollout.responses.shape[1]
         return self._map(lambda v: v if v.dim() < 2 else v[:, :width], rollout)
 

@@ -53,16 +53,20 @@ class Rollout:
         return Rollout(**{k: (v if k == "context_length" else v[index]) for k, v in values.items()})
 
 
-def trim_padding(rollout: Rollout) -> Rollout:
+def trim_padding(rollout: Rollout, bounds: tuple[int, int] | None = None) -> Rollout:
     """The same sequences without the columns that are padding in every row.
 
     Drops leading prompt columns no sequence uses and response columns after the longest response. Real
     tokens keep their positions and see the same tokens, so outputs at real positions are unchanged; the
-    response width shrinks to the longest response in this (sub-)batch.
+    response width shrinks to the longest response in this (sub-)batch. `bounds` (``(first used prompt column,
+    longest response)``, from `TrimTable`) saves reading them from the device.
     """
-    used = rollout.attention_mask[:, : rollout.context_length].any(0)
-    first = int(used.int().argmax()) if bool(used.any()) else rollout.context_length
-    width = int(rollout.response_lengths.max()) if len(rollout) else 0
+    if bounds is None:
+        used = rollout.attention_mask[:, : rollout.context_length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else rollout.context_length
+        width = int(rollout.response_lengths.max()) if len(rollout) else 0
+    else:
+        first, width = bounds
     end = rollout.context_length + max(width, 1)
     return Rollout(
         input_ids=rollout.input_ids[:, first:end],
@@ -73,6 +77,23 @@ def trim_padding(rollout: Rollout) -> Rollout:
         ended_with_eos=rollout.ended_with_eos,
         context_length=rollout.context_length - first,
     )
+
+
+class TrimTable:
+    """Each sequence's first real prompt column and response length, read from the device once, so that the
+    `trim_padding` bounds of any sub-batch are computed on the host (no device read per micro-batch)."""
+
+    def __init__(self, rollout: Rollout):
+        prompt_mask = rollout.attention_mask[:, : rollout.context_length]
+        first = torch.where(prompt_mask.any(1), prompt_mask.int().argmax(1), rollout.context_length)
+        self.first, self.lengths = torch.stack([first.long(), rollout.response_lengths.long()]).tolist()
+        self.context_length = rollout.context_length
+
+    def bounds(self, rows: list[int]) -> tuple[int, int]:
+        """``(first used prompt column, longest response)`` of the sub-batch made of `rows`."""
+        if not rows:
+            return self.context_length, 0
+        return min(self.first[i] for i in rows), max(self.lengths[i] for i in rows)
 
 
 def pad_response_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
