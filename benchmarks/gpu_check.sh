@@ -4,15 +4,19 @@
 #   bash benchmarks/device_wheels.sh             # here, once: the wheels the device image lacks, into .whl/
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)     # on the device
 #
-# Three cases of bench_ppo.py on the SmolLM2-135M shape, bf16, 64 prompts of <= 512 tokens, 128-token responses:
-# full fine-tune, LoRA, and full fine-tune with a static KV cache (transformers then compiles the decoding step on
-# CUDA). Each case has its own time limit (CASE_SECONDS, default 150; the static case 1.6x that, for compiling), so
-# one slow case cannot cost the others: at most 540 s in all, inside one 600 s call with the machine's start left.
-# Writes at most 8 files to $OUT (the device tool returns no more): bench_<case>.json and .log, environment.log.
+# First the self-check (python -m smolppo.selfcheck --device cuda: PPO fp32/bf16, full/LoRA, GRPO, resume, evaluation
+# on the smoke models, each as its own process), so that the first minutes on a GPU say whether the code works
+# there at all (SELFCHECK_SECONDS, default 150). Then three cases of bench_ppo.py on the SmolLM2-135M shape, bf16,
+# 64 prompts of <= 512 tokens, 128-token responses: full fine-tune, LoRA, and full fine-tune with a static KV cache
+# (transformers then compiles the decoding step on CUDA). Each case has its own time limit (CASE_SECONDS, default
+# 120; the static case 1.6x that, for compiling), so one slow case cannot cost the others: at most 582 s in all.
+# Writes at most 8 files to $OUT (the device tool returns no more): environment.log (with the self-check's lines),
+# selfcheck.json, bench_<case>.json and .log.
 # GPU_CHECK_DRY_RUN=1 runs the same three cases on the tiny shape on CPU (seconds), to try the script itself.
 set -uo pipefail
 OUT=${OUT:-./gpu_check_output}
-CASE_SECONDS=${CASE_SECONDS:-150}
+CASE_SECONDS=${CASE_SECONDS:-120}
+SELFCHECK_SECONDS=${SELFCHECK_SECONDS:-150}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -36,6 +40,12 @@ for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "
         print(name, "MISSING")
 EOF
 } >"$OUT/environment.log" 2>&1
+SELFCHECK=(--device cuda)
+[ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] && SELFCHECK=(--device cpu --checks ppo-fp32-full,evaluation)
+timeout "$SELFCHECK_SECONDS" python3 -m smolppo.selfcheck "${SELFCHECK[@]}" --timeout 120 \
+    --output "$OUT/selfcheck.json" >>"$OUT/environment.log" 2>&1
+selfcheck_rc=$?
+echo "== selfcheck: exit $selfcheck_rc" >>"$OUT/environment.log"
 cat "$OUT/environment.log"
 
 COMMON=(--shape smollm2-135m --device cuda --bf16 --rollout-batch-size 64 --mini-batch-size 16
@@ -44,7 +54,7 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     COMMON=(--shape tiny --device cpu --bf16 --rollout-batch-size 8 --mini-batch-size 8 --per-device-train-batch-size 4
         --prompt-length 16 --response-length 8 --warmup-updates 0 --timed-updates 1)
 fi
-status=0
+status=$(( selfcheck_rc == 0 ? 0 : 1 ))
 run_case() {
     local name=$1 seconds=$2
     shift 2

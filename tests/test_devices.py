@@ -90,8 +90,16 @@ class HostReads(TorchFunctionMode):
     """Counts the calls in smolppo's own code that copy a device value to the host (each one a GPU
     synchronisation). transformers' SDPA mask check reads one per forward (``padding_mask.all()``): not ours."""
 
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}  # fmt: skip
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+        torch.Tensor.numpy,
+        torch.Tensor.cpu,
+    }
 
     def __init__(self):
         super().__init__()

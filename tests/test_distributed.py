@@ -33,6 +33,30 @@ def test_two_processes_write_one_set_of_outputs(two_process_run, smoke_run):
 
 @pytest.mark.soak
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_reward_model_training_on_two_processes_writes_one_model(tmp_path):
+    """The run's lock is taken once (by the main process), and only the main process writes our files."""
+    import subprocess
+
+    from tests.conftest import LAUNCH
+
+    out = tmp_path / "rm_two"
+    result = subprocess.run(
+        [*LAUNCH, os.path.join(REPO, "train_reward_model.py"), "--preset", "smoke", "--output-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "reward_model_summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "finished" and summary["heldout"]["num_pairs"] > 0
+    assert (out / "model.safetensors").is_file() and not (out / files.LOCK).exists()
+    assert not [n for n in os.listdir(out) if n.startswith((files.STAGING_PREFIX, files.TRASH_PREFIX, "unpublished"))]
+    assert len([f for f in os.listdir(out / "logs") if f.startswith("events.out")]) <= 2  # training + held-out
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 def test_two_process_resume_matches_straight_run(two_process_run, tmp_path):
     halves = tmp_path / "halves"
     assert launch("--output-dir", str(halves), "--max-updates", "2").returncode == 0
