@@ -230,7 +230,7 @@ def main() -> int:
     result = run(bench)
     print(format_table(result))
     if bench.output:
-        with open(bench.output, "w") as f:
+        with open(bench.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return 0
 

@@ -78,7 +78,7 @@ def build_task(workdir: str) -> str:
     with open(os.path.join(task, "prompts.jsonl"), "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    open(os.path.join(task, "done"), "w").close()
+    open(os.path.join(task, "done"), "w", encoding="utf-8").close()
     return task
 
 
@@ -114,7 +114,7 @@ def train_reward_model(model, tokenizer, out: str) -> None:
     trainer.train()
     trainer.save_model(out)
     tokenizer.save_pretrained(out)
-    with open(os.path.join(out, "reward_model_summary.json"), "w") as f:
+    with open(os.path.join(out, "reward_model_summary.json"), "w", encoding="utf-8") as f:
         json.dump({"reward_template": "plain"}, f)
 
 
@@ -237,7 +237,7 @@ def trl_learn_worker(task: str, work: str, seed: int, updates: int) -> None:
     elapsed = time.time() - started
     rewards = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
     trainer.save_model(os.path.join(work, f"trl_seed{seed}", "final"))
-    with open(os.path.join(work, f"trl_seed{seed}.json"), "w") as f:
+    with open(os.path.join(work, f"trl_seed{seed}.json"), "w", encoding="utf-8") as f:
         json.dump({"rewards": rewards, "seconds": elapsed}, f)
 
 
@@ -401,7 +401,7 @@ def learn(workdir: str, seeds: list[int], updates: int, **overrides) -> dict:
         history = [trainer.step() for _ in range(updates)]
         ours_seconds = time.time() - started
         run_in_venv("_trl_learn", task, work, str(seed), str(updates))
-        with open(os.path.join(work, f"trl_seed{seed}.json")) as f:
+        with open(os.path.join(work, f"trl_seed{seed}.json"), encoding="utf-8") as f:
             trl = json.load(f)
         ours_rewards = [m["rewards/mean"] for m in history]
         ours_final = os.path.join(work, f"ours_seed{seed}", "final")
@@ -446,7 +446,7 @@ def main() -> None:
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if opts.output:
-        with open(opts.output, "w") as f:
+        with open(opts.output, "w", encoding="utf-8") as f:
             f.write(text)
 
 

@@ -113,13 +113,13 @@ def main() -> int:
     py, work = sys.executable, args.work
     os.makedirs(work, exist_ok=True)
     result_path = os.path.join(work, "real_learning.json")
-    results = json.load(open(result_path)) if os.path.isfile(result_path) else {"stages": {}}
+    results = json.load(open(result_path, encoding="utf-8")) if os.path.isfile(result_path) else {"stages": {}}
     stages = args.only or STAGES
     task_file = os.path.join(work, "task.jsonl")
     reward_dir = os.path.join(work, "reward_model")
 
     def save() -> None:
-        with open(result_path + ".tmp", "w") as f:
+        with open(result_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         os.replace(result_path + ".tmp", result_path)
 
@@ -132,7 +132,7 @@ def main() -> int:
         record("model", [py, "-m", "smolppo.real_model", args.model])
     if "task" in stages:
         record("task", [py, "benchmarks/real_task.py", "--model", args.model, "--out", work, "--bf16"])
-    info = json.load(open(os.path.join(work, "task_info.json")))
+    info = json.load(open(os.path.join(work, "task_info.json"), encoding="utf-8"))
     train_rows = str(info["train_rows"])
     if "reward" in stages:
         record("reward", [py, "train_reward_model.py", "--policy-model", args.model, "--dataset", task_file,
@@ -141,7 +141,7 @@ def main() -> int:
                           "--warmup-ratio", "0.1", "--per-device-train-batch-size", "8", "--bf16",
                           "--no-gradient-checkpointing", "--eval-steps", "1000", "--save-steps", "1000",
                           "--output-dir", reward_dir, "--overwrite-output-dir"])  # fmt: skip
-        summary = json.load(open(os.path.join(reward_dir, "reward_model_summary.json")))
+        summary = json.load(open(os.path.join(reward_dir, "reward_model_summary.json"), encoding="utf-8"))
         results["stages"]["reward"]["heldout"] = summary["heldout"]
         save()
     for name in RUNS:
@@ -150,7 +150,7 @@ def main() -> int:
             record(name, [py, "train_ppo.py", "--policy-model", args.model, "--reward-model", reward_dir,
                           "--dataset", task_file, "--num-samples", train_rows, *COMMON, *RUN_FLAGS[name],
                           "--output-dir", out, "--overwrite-output-dir"])  # fmt: skip
-            summary = json.load(open(os.path.join(out, "run_summary.json")))
+            summary = json.load(open(os.path.join(out, "run_summary.json"), encoding="utf-8"))
             results["stages"][name].update(
                 kl_figures(out, summary["config"]["target"]),
                 reward_model_check=summary["reward_model_check"],
@@ -165,7 +165,7 @@ def main() -> int:
                            "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
                            "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
                            str(real_task.TEMPERATURE), "--top-p", "1.0", "--bf16", "--output", output])  # fmt: skip
-        report = json.load(open(output))
+        report = json.load(open(output, encoding="utf-8"))
         results["compare"] = {
             "properties": {m["name"]: property_of(m) for m in report["models"]},
             "comparisons": report["comparisons"],

@@ -91,7 +91,7 @@ def main() -> int:
             runs.append(train_once(variant, seed))
             print(json.dumps(runs[-1]), flush=True)
             if config.output:
-                with open(config.output, "a") as f:
+                with open(config.output, "a", encoding="utf-8") as f:
                     f.write(json.dumps(runs[-1]) + "\n")
     print(summary(runs, config.variants, config.seeds))
     return 0

@@ -157,13 +157,14 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built on the host from Python lists; callers move the pair to their model's device in one copy each."""
     width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device="cpu")
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
     for i, seq in enumerate(sequences):
         if seq:
             columns = slice(width - len(seq), width) if left else slice(0, len(seq))
-            input_ids[i, columns] = torch.tensor(seq, dtype=torch.long)
+            input_ids[i, columns] = torch.tensor(seq, dtype=torch.long, device="cpu")
             attention_mask[i, columns] = 1
     return input_ids, attention_mask
 
@@ -187,8 +188,9 @@ class PromptSampler:
         """Prompt indices this process uses in update number `update` (0-based)."""
         epoch, step = divmod(update, self.updates_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_prompts, generator=generator).tolist()
+            generator = torch.Generator(device="cpu").manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_prompts, generator=generator, device="cpu")
+            self._epoch, self._order = epoch, order.tolist()
         chunk = self._order[step * self.global_batch : (step + 1) * self.global_batch]
         per_process = self.global_batch // self.num_processes
         return chunk[self.process_index * per_process : (self.process_index + 1) * per_process]

@@ -194,7 +194,7 @@ def token_preferences(tokenizer) -> torch.Tensor:
     for row in load_smoke_rows():
         chosen.update(tokenizer(row["chosen"], add_special_tokens=False)["input_ids"])
         rejected.update(tokenizer(row["rejected"], add_special_tokens=False)["input_ids"])
-    prefs = torch.zeros(len(tokenizer))
+    prefs = torch.zeros(len(tokenizer), device="cpu")  # written into a model saved to disk
     for token in set(chosen) | set(rejected):
         if chosen[token] >= 2 * rejected[token] + 3:
             prefs[token] = 1.0

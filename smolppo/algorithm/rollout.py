@@ -194,15 +194,14 @@ def generate_rollout(model, prompts: list[list[int]], tokenizer, eos_ids: list[i
 def response_tokens(rollout: Rollout) -> list[list[int]]:
     """Each response's real tokens, without its EOS."""
     lengths = (rollout.response_lengths - rollout.ended_with_eos.long()).tolist()
-    return [row[:length].tolist() for row, length in zip(rollout.responses, lengths)]
+    return [row[:length] for row, length in zip(rollout.responses.tolist(), lengths)]  # one copy, not one a row
 
 
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:
     """Each response as text, without its EOS and special tokens: what a reward model reads."""
     lengths = rollout.response_lengths.tolist()
-    return tokenizer.batch_decode(
-        [row[:length].tolist() for row, length in zip(rollout.responses, lengths)], skip_special_tokens=True
-    )
+    rows = rollout.responses.tolist()  # one copy to the host, not one a row
+    return tokenizer.batch_decode([row[:length] for row, length in zip(rows, lengths)], skip_special_tokens=True)
 
 
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -280,12 +280,13 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """True when any process got SIGINT/SIGTERM, so that all processes stop after the same update."""
         self._stop_signal = self._stop_signal or self._signals.signal_name
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if flag.item() > 0 and not self._stop_signal:
+        stop = self.accelerator.reduce(flag, reduction="sum").item() > 0  # one read per update
+        if stop and not self._stop_signal:
             self._stop_signal = "a signal on another process"
-        return bool(flag.item() > 0)
+        return stop
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
         for name in FINITE_METRICS:
