@@ -125,3 +125,22 @@ def test_the_update_reads_the_device_once_not_per_micro_batch(tmp_path):
     many, many_batches = _reads_in_optimise(tmp_path, 1)
     assert many_batches == 8 * few_batches == 32
     assert many == few <= 4  # the trim table, the statistics, and the order (a host tensor) per epoch
+
+
+# ---------------------------------------------------------------------------------------------- the reward check
+def test_the_reward_check_reads_the_model_on_the_accelerator_as_ppo_will(tmp_path):
+    """With --bf16 the start-up check reads the reward model as the run does (bf16 linears under autocast, on the
+    accelerator's device), not on the CPU in fp32 before the accelerator exists."""
+    from smolppo.data import load_rows
+    from smolppo.job.build import held_out_pairs
+    from smolppo.rewards.reader import pairwise_check
+
+    trainer = make_smoke_trainer(tmp_path / "out", "--bf16")
+    reader, config = trainer.reward.reader, trainer.config
+    body = reader.model.model.layers[0].self_attn.q_proj.weight
+    assert body.dtype == torch.bfloat16 and same_device(body.device, trainer.accelerator.device)
+    pairs = held_out_pairs(config, load_rows(config.dataset, config.dataset_split), trainer.algorithm.tokenizer)
+    with torch.autocast(trainer.accelerator.device.type, dtype=torch.bfloat16):
+        as_read = pairwise_check(reader, pairs)
+    assert trainer.reward_check.num_pairs == as_read.num_pairs > 1
+    assert trainer.reward_check.margin == as_read.margin

@@ -29,6 +29,11 @@ def test_two_processes_write_one_set_of_outputs(two_process_run, smoke_run):
     two = scalars(out / "logs", "episodes")
     one = scalars(smoke_run / "logs", "episodes")
     assert [two[k] for k in (1, 2, 3, 4)] == [2 * one[k] for k in (1, 2, 3, 4)] == [32, 64, 96, 128]
+    # The reward-model check: each process read half the held-out pairs, the result is the one-process one.
+    check, alone = summary["reward_model_check"], json.loads((smoke_run / "run_summary.json").read_text())
+    alone = alone["reward_model_check"]
+    assert check["num_pairs"] == alone["num_pairs"] > 1 and check["pairwise_accuracy"] == alone["pairwise_accuracy"]
+    assert check["margin"] == pytest.approx(alone["margin"], abs=1e-4)
 
 
 @pytest.mark.soak

@@ -93,7 +93,7 @@ def build_ppo_trainer(config, accelerator=None):
     reward_check = None
     if config.reward_check_pairs and models.reward is not None:
         pairs = held_out_pairs(config, rows, models.tokenizer)
-        reward_check = check_reward_model_as_read(models.reward, pairs, config, accelerator.device)
+        reward_check = check_reward_model_as_read(models.reward, pairs, config, accelerator)
     try:
         schedule = config.schedule(len(prompts.input_ids), accelerator.num_processes)
     except ValueError as exc:
@@ -111,19 +111,22 @@ def build_ppo_trainer(config, accelerator=None):
     return Trainer(config, algorithm, prompts, reward, reward_check=reward_check)
 
 
-def check_reward_model_as_read(reader: RewardReader, pairs: list[dict], config, device):
+def check_reward_model_as_read(reader: RewardReader, pairs: list[dict], config, accelerator):
     """The start-up check on the device and in the precision PPO will read the reward model with (bf16 linears
-    under autocast with ``--bf16``), not on the CPU in fp32."""
+    under autocast with ``--bf16``), not on the CPU in fp32; under several processes each reads its share."""
     import torch
+    from accelerate.utils import gather_object
 
     from smolppo.rewards.reader import check_reward_model
     from smolppo.runtime import store_body_linears_in_bf16
 
-    reader.model.to(device)
+    reader.model.to(accelerator.device)
     if config.bf16:
         store_body_linears_in_bf16(reader.model)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16):
-        return check_reward_model(reader, pairs, config.min_reward_accuracy)
+    several = accelerator.num_processes > 1
+    share = pairs[accelerator.process_index :: accelerator.num_processes] if several else pairs
+    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        return check_reward_model(reader, share, config.min_reward_accuracy, gather_object if several else None)
 
 
 def check_output_dir_for(config) -> str | None:

@@ -147,18 +147,26 @@ class PairwiseCheck:
     num_pairs: int
 
 
-def pairwise_check(reader: RewardReader, rows: list[dict]) -> PairwiseCheck:
-    """Share of ORCA rows whose ``chosen`` answer the reward model scores above ``rejected``, and the mean margin."""
+def pairwise_check(reader: RewardReader, rows: list[dict], gather=None) -> PairwiseCheck:
+    """Share of ORCA rows whose ``chosen`` answer the reward model scores above ``rejected``, and the mean margin.
+    Under several processes each scores its share of `rows` and `gather` (accelerate's `gather_object`) joins the
+    margins, so every process gets the same result."""
     prompts = [row_conversation(row) for row in rows]
     chosen = reader.score(prompts, [str(row["chosen"]) for row in rows])
     rejected = reader.score(prompts, [str(row["rejected"]) for row in rows])
     margin = chosen - rejected
-    return PairwiseCheck(float((margin > 0).float().mean()), float(margin.mean()), len(rows))
+    if gather is not None:
+        margin = torch.tensor(gather(margin.tolist()), dtype=torch.float32, device="cpu")
+    return PairwiseCheck(float((margin > 0).float().mean()), float(margin.mean()), len(margin))
 
 
-def check_reward_model(reader: RewardReader, rows: list[dict], min_accuracy: float | None) -> PairwiseCheck | None:
-    """Start-up check on held-out chosen/rejected rows: log it, warn below 0.6, refuse below `min_accuracy`."""
-    if not rows:
+def check_reward_model(
+    reader: RewardReader, rows: list[dict], min_accuracy: float | None, gather=None
+) -> PairwiseCheck | None:
+    """Start-up check on held-out chosen/rejected rows: log it, warn below 0.6, refuse below `min_accuracy`.
+    `rows` are this process's share when `gather` joins the shares (see `pairwise_check`)."""
+    check = pairwise_check(reader, rows, gather) if rows or gather is not None else None  # every process gathers
+    if check is None or check.num_pairs == 0:
         if min_accuracy is not None:
             raise UserError(
                 f"--min-reward-accuracy {min_accuracy} cannot be checked: no held-out rows with chosen/rejected "
@@ -167,7 +175,6 @@ def check_reward_model(reader: RewardReader, rows: list[dict], min_accuracy: flo
             )
         logger.info("reward-model check skipped: no held-out rows with chosen/rejected answers")
         return None
-    check = pairwise_check(reader, rows)
     logger.info(
         "reward-model check: chosen beats rejected on %.1f%% of %d held-out pairs, mean margin %+.3f",
         100 * check.pairwise_accuracy,
