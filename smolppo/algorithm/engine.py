@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
 from smolppo import zero
-from smolppo.algorithm import ppo_math
-from smolppo.algorithm.behaviour import behaviour_metrics
+from smolppo.algorithm import ppo_math, update_stats
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
 from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
@@ -33,7 +31,6 @@ from smolppo.algorithm.rollout import (
     pad_response_width,
     response_logprobs,
     response_texts,
-    response_tokens,
     sampling_config,
     selective_log_softmax,
     trim_padding,
@@ -133,6 +130,10 @@ class Algorithm:
         stage hands on is checked to live on the rollout's device (`smolppo.devices`)."""
         indices = [i for i in indices for _ in range(self.config.samples_per_prompt)]
         rollout = self.rollout([prompts.input_ids[i] for i in indices])
+        return self.experience_from(rollout, prompts, indices)
+
+    def experience_from(self, rollout: Rollout, prompts: PromptSet, indices: list[int]) -> Experience:
+        """Stages 2-5 for a sampled `rollout` of the prompts at `indices` (one entry per response)."""
         device = rollout.device
         check_on_device(self.accelerator.device, "rollout", **rollout.tensors())
         scores, parts = self.rewards(rollout, prompts, indices)
@@ -143,8 +144,21 @@ class Algorithm:
         check_on_device(device, "values", values=values)
         advantages, raw_advantages, returns = self.advantages(rollout, scores, kl, values)
         check_on_device(device, "advantages", advantages=advantages, raw_advantages=raw_advantages, returns=returns)
+        trained = None
+        if self.config.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
+            trained = ppo_math.groups_with_signal(scores, self.config.samples_per_prompt).float()
         experience = Experience(
-            rollout, scores, old_logprobs, ref_logprobs, kl, advantages, raw_advantages, returns, values, parts
+            rollout,
+            scores,
+            old_logprobs,
+            ref_logprobs,
+            kl,
+            advantages,
+            raw_advantages,
+            returns,
+            values,
+            parts,
+            trained,
         )
         experience.check_device(device)
         return experience
@@ -222,54 +236,89 @@ class Algorithm:
 
     # ------------------------------------------------------------------ stage 6
     def optimise(self, exp: Experience, update: int) -> dict[str, float]:
-        """Stage 6: clipped updates of the policy (and value model) over shuffled mini-batches. The statistics stay
-        on the device until the update ends: one copy to the host per update, not one read per micro-batch."""
+        """Stage 6: clipped updates of the policy (and value model) over shuffled mini-batches. Each mini-batch's
+        loss is defined once, over all its micro-batches and processes (`loss_norms`), so the gradient does not
+        depend on the micro-batch size or the process count. The statistics stay on the device until the update
+        ends: one copy to the host per update, not one read per micro-batch."""
         cfg, acc = self.config, self.accelerator
-        size, micro = len(exp.rollout), cfg.per_device_train_batch_size
+        size, mini, micro = len(exp.rollout), cfg.mini_batch_size, cfg.per_device_train_batch_size
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + update)
         steps: list[dict] = []
         with self.timer.stage("update"):
             trim = TrimTable(exp.rollout)
+            trained = exp.trained.bool().tolist() if exp.trained is not None else [True] * size
             for _ in range(cfg.ppo_epochs):  # the order is drawn on the CPU (the same on every device), then moved
                 order = torch.randperm(size, generator=generator, device="cpu")
                 rows, order = order.tolist(), order.to(acc.device)
+                norms = self.loss_norms([rows[s : s + mini] for s in range(0, size, mini)], trim.lengths, trained)
                 for start in range(0, size, micro):
                     chunk = rows[start : start + micro]
                     batch = exp.select(order[start : start + micro]).trimmed(trim.bounds(chunk))
                     with acc.accumulate(self.model):
-                        steps.append(self._train_micro_batch(batch))
-        totals = to_host(steps)
-        result = {key: float(np.mean(values)) for key, values in totals.items()}
-        result["first_ratio_deviation"] = totals["max_ratio_deviation"][0]
-        return result
+                        steps.append(self._train_micro_batch(batch, norms[start // mini]))
+        return update_stats.summarise(update_stats.to_host(steps), acc.gradient_accumulation_steps)
 
-    def micro_batch_loss(self, batch: Experience) -> MicroBatchLoss:
-        """Forward one micro-batch and build the loss (no backward): clipped surrogate, + value, + in-loss KL."""
+    def loss_norms(self, mini_batches: list[list[int]], lengths: list[int], trained: list[bool]):
+        """Each mini-batch's `LossNorm`: its response tokens and sequences (those in the loss), summed over every
+        process (one all-reduce per epoch), and the response budget."""
+        counts = [
+            [float(sum(lengths[i] for i in rows if trained[i])), float(sum(trained[i] for i in rows))]
+            for rows in mini_batches
+        ]
+        if self.accelerator.num_processes > 1:
+            summed = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+            counts = self.accelerator.reduce(summed, reduction="sum").tolist()
+        return [ppo_math.LossNorm(tokens, sequences, self.config.max_new_tokens) for tokens, sequences in counts]
+
+    def micro_batch_loss(self, batch: Experience, norm: ppo_math.LossNorm | None = None) -> MicroBatchLoss:
+        """Forward one micro-batch and build its share of the mini-batch loss (no backward): clipped surrogate,
+        + value, + in-loss KL, each aggregated by the loss type over `norm` (default: this batch as a whole)."""
         cfg, rollout = self.config, batch.rollout
-        mask = rollout.response_mask
+        mask = rollout.response_mask if batch.trained is None else rollout.response_mask * batch.trained[:, None]
+        norm = norm or ppo_math.whole_batch_norm(mask, cfg.max_new_tokens)
+
+        def share(per_token: torch.Tensor) -> torch.Tensor:
+            return ppo_math.aggregate(per_token, mask, cfg.loss_type, norm)
+
         with self.autocast(), observe_precision(self.policy, self.observed):
             logits, values = self.model(rollout)
             logits = logits / cfg.temperature
         self.observed.setdefault("lm_head_dtype", str(logits.dtype))  # fp32 copies of a bf16 head fire no hook
         logprobs = selective_log_softmax(logits, rollout.responses)
-        policy = ppo_math.clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg.cliprange)
-        parts = MicroBatchLoss(policy.loss, policy, logits)
+        terms = ppo_math.policy_terms(
+            logprobs,
+            batch.old_logprobs,
+            batch.advantages,
+            mask,
+            cfg.cliprange,
+            cfg.epsilon_high,
+            cfg.dual_clip,
+            cfg.importance_sampling_level,
+        )
+        with torch.no_grad():
+            clip_fraction, approx_kl = share(terms.clipped), share(0.5 * terms.log_ratio.pow(2))
+            deviation = ppo_math.ratio_deviation(terms.log_ratio, mask)
+            entropy = share(ppo_math.entropy_from_logits(logits.detach()))
+        policy = ppo_math.PolicyLossStats(share(terms.loss), clip_fraction, approx_kl, deviation)
+        parts = MicroBatchLoss(policy.loss, policy, logits, entropy=entropy)
         if values is not None:
-            parts.value, parts.value_clip = ppo_math.clipped_value_loss(
-                values, batch.old_values, batch.returns, mask, cfg.cliprange_value
-            )
+            value_loss, clipped = ppo_math.value_terms(values, batch.old_values, batch.returns, cfg.cliprange_value)
+            parts.value, parts.value_clip = share(value_loss), share(clipped).detach()
             parts.loss = parts.loss + cfg.vf_coef * parts.value
         if cfg.kl_in_loss:
-            parts.kl = ppo_math.masked_mean(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"), mask)
+            parts.kl = share(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"))
             parts.loss = parts.loss + self.kl_controller.value * parts.kl
         return parts
 
-    def _train_micro_batch(self, batch: Experience) -> dict:
+    def _train_micro_batch(self, batch: Experience, norm: ppo_math.LossNorm) -> dict:
         """Forward, backward and (at the end of an accumulation) the optimizer step of one micro-batch; its
-        statistics as detached device tensors (the learning rate as a number)."""
-        acc, mask = self.accelerator, batch.rollout.response_mask
-        parts = self.micro_batch_loss(batch)
-        acc.backward(parts.loss)
+        statistics as detached device tensors (shares of the mini-batch's, see `update_stats.summarise`)."""
+        acc = self.accelerator
+        parts = self.micro_batch_loss(batch, norm)
+        # accelerate divides by the accumulation steps and DDP averages over processes: undone, so that the
+        # mini-batch's gradient is the sum of the exact shares
+        processes = acc.gradient_accumulation_steps * acc.num_processes
+        acc.backward(parts.loss * processes)
         stats = {}
         if acc.sync_gradients:
             grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
@@ -281,20 +330,9 @@ class Algorithm:
         if acc.sync_gradients:  # the schedule counts optimizer steps
             stats["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
-        with torch.no_grad():
-            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(parts.logits.detach()), mask)
-        stats.update(
-            loss=parts.loss,
-            policy_loss=parts.policy.loss,
-            clip_fraction=parts.policy.clip_fraction,
-            approx_kl=parts.policy.approx_kl,
-            max_ratio_deviation=parts.policy.max_ratio_deviation,
-            entropy=entropy,
-        )
-        if parts.value is not None:
-            stats.update(value_loss=parts.value, value_clip_fraction=parts.value_clip)
-        if parts.kl is not None:
-            stats["kl_loss"] = parts.kl
+        world = acc.num_processes  # the processes' shares are averaged with the metrics: each counts world times
+        stats.update({key: value.detach() * world for key, value in update_stats.shares(parts).items()})
+        stats["max_ratio_deviation"] = parts.policy.max_ratio_deviation
         return stats
 
     # ------------------------------------------------------------------ end of update and state
@@ -331,42 +369,7 @@ class Algorithm:
     # ------------------------------------------------------------------ metrics
     def metrics(self, exp: Experience, train_stats: dict[str, float]) -> dict[str, float]:
         """This update's scalars (before averaging across processes), with the seconds each stage took."""
-        mask = exp.rollout.response_mask
-        sequence_kl = exp.kl.sum(1)
-        kl_coef = self.kl_controller.value
-        non_score = (-kl_coef * exp.kl).sum(1)
-        metrics = {
-            "rewards/mean": exp.scores.mean().item(),
-            "rewards/std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
-            "kl_divergence": sequence_kl.mean().item(),
-            "advantage": ppo_math.masked_mean(exp.raw_advantages, mask).item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
-            "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
-            "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
-            "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),
-            "loss": train_stats["loss"],
-            "learning_rate": train_stats["learning_rate"],  # mean over this update's optimizer steps
-            "objective/kl_coef": kl_coef,
-            "loss/policy": train_stats["policy_loss"],
-            "policy/clip_fraction": train_stats["clip_fraction"],
-            "policy/approx_kl": train_stats["approx_kl"],
-            "policy/first_ratio_deviation": train_stats["first_ratio_deviation"],
-            "policy/entropy": train_stats["entropy"],
-            "grad_norm": train_stats.get("grad_norm", float("nan")),
-        }
-        if exp.old_values is not None:
-            metrics["value/mean"] = ppo_math.masked_mean(exp.old_values, mask).item()
-            metrics["loss/value"] = train_stats["value_loss"]
-            metrics["value/clip_fraction"] = train_stats["value_clip_fraction"]
-        if "kl_loss" in train_stats:
-            metrics["loss/kl"] = train_stats["kl_loss"]
-        metrics.update(behaviour_metrics(response_tokens(exp.rollout), (~exp.rollout.ended_with_eos).tolist()))
-        for name, values in exp.reward_parts.items():  # each source's mean over the responses it applies to
-            applies = ~values.isnan()
-            metrics[f"rewards/{name}"] = values[applies].mean().item() if bool(applies.any()) else 0.0
-        metrics.update(self.timer.pop())
-        return metrics
+        return {**update_stats.update_metrics(exp, train_stats, self.kl_controller.value), **self.timer.pop()}
 
     # ------------------------------------------------------------------ helpers
     def in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:
@@ -405,14 +408,3 @@ class Algorithm:
     def gathered(self, modifier_rank: int | None = None):
         """Under ZeRO-3, the partitioned policy and value weights made whole (see `smolppo.zero.gathered`)."""
         return zero.gathered(self.accelerator, self.accelerator.unwrap_model(self.model).parameters(), modifier_rank)
-
-
-def to_host(steps: list[dict]) -> dict[str, list[float]]:
-    """``{name: [value of each step that has it]}`` from per-step statistics, device tensors read in one copy."""
-    tensors = [value for step in steps for value in step.values() if isinstance(value, torch.Tensor)]
-    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
-    totals: dict[str, list[float]] = {}
-    for step in steps:
-        for key, value in step.items():
-            totals.setdefault(key, []).append(next(read) if isinstance(value, torch.Tensor) else float(value))
-    return totals

@@ -33,6 +33,8 @@ class Experience:
     # critic (gae only) [B, R]
     old_values: torch.Tensor | None = None
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    # [B] 1.0 for the responses in the loss, 0.0 for those left out (dynamic sampling); None: all of them
+    trained: torch.Tensor | None = None
 
     def check_device(self, device: torch.device) -> None:
         """Every tensor of this experience on `device` (`DeviceMismatch` naming the first that is not)."""
@@ -57,12 +59,15 @@ class Experience:
 
 @dataclass
 class MicroBatchLoss:
+    """One micro-batch's share of its mini-batch's loss and statistics (`smolppo.algorithm.ppo_math.aggregate`)."""
+
     loss: torch.Tensor
     policy: ppo_math.PolicyLossStats
     logits: torch.Tensor  # tempered
     value: torch.Tensor | None = None
     value_clip: torch.Tensor | None = None
     kl: torch.Tensor | None = None  # the in-loss KL term (kl_in_loss only)
+    entropy: torch.Tensor | None = None
 
 
 class PolicyAndValue(nn.Module):

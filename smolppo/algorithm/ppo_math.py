@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from smolppo.configs.algorithm import LOSS_TYPES
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over positions where `mask` is 1 (over all of them, or along `dim`)."""
@@ -114,6 +116,100 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, scal
     return advantages.reshape(-1)
 
 
+# ---------------------------------------------------------------------------------------------- the loss family
+@dataclass(frozen=True)
+class LossNorm:
+    """What one mini-batch's loss is divided by, counted over the whole mini-batch (every micro-batch, every
+    process) before any micro-batch runs: its response `tokens`, its `sequences`, and the response budget
+    `max_length` (``dr_grpo``). Each micro-batch then contributes its exact share, whatever the micro-batch size."""
+
+    tokens: float
+    sequences: float
+    max_length: int
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, norm: LossNorm) -> torch.Tensor:
+    """This micro-batch's share of the mini-batch loss of `per_token` ``[B, R]`` (or ``[B, 1]``, broadcast):
+
+    * ``dapo`` (and ``bnpo``): one mean over every response token of the mini-batch (classic PPO's choice);
+    * ``grpo``: each sequence's token mean, then the mean over the mini-batch's sequences;
+    * ``dr_grpo``: the token sum over ``sequences x max_length`` (Dr. GRPO: no length normalisation).
+
+    Summed over the micro-batches (and processes) of a mini-batch, the shares are the mini-batch loss exactly.
+    """
+    masked = per_token * mask
+    if loss_type in ("dapo", "bnpo"):
+        return masked.sum() / max(norm.tokens, 1.0)
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(norm.sequences, 1.0)
+    if loss_type == "dr_grpo":
+        return masked.sum() / max(norm.sequences * norm.max_length, 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
+def whole_batch_norm(mask: torch.Tensor, max_length: int | None = None) -> LossNorm:
+    """The `LossNorm` of a batch taken in one piece (read from its mask; rows without a token do not count)."""
+    return LossNorm(float(mask.sum()), float((mask.sum(-1) > 0).sum()), max_length or mask.shape[-1])
+
+
+@dataclass
+class PolicyTerms:
+    """The clipped surrogate per token (before aggregation) and what is logged about it."""
+
+    loss: torch.Tensor  # [B, R], or [B, 1] at sequence level broadcast over the tokens by the advantages
+    clipped: torch.Tensor  # 1.0 where the clipped branch was taken
+    log_ratio: torch.Tensor  # [B, R] or [B, 1]: log new / rollout policy (the sequence mean with GSPO)
+
+
+def policy_terms(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+    level: str = "token",
+) -> PolicyTerms:
+    """PPO's clipped surrogate per token, ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``.
+
+    ``r = exp(logp_new - logp_old)`` against the rollout policy (not the reference). `epsilon_high` above
+    `epsilon_low` is DAPO's clip-higher. `dual_clip` ``c > 1`` bounds the loss of negative advantages at ``-c A``
+    (dual-clip PPO). ``level="sequence"`` is GSPO: one ratio per sequence, ``exp`` of the mean token log-ratio.
+    """
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    log_ratio = logprobs - old_logprobs
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    elif level != "token":
+        raise ValueError(f"unknown importance_sampling_level {level!r}; expected 'token' or 'sequence'")
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    return PolicyTerms(loss, (clipped > unclipped).float(), log_ratio)
+
+
+def value_terms(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)`` per token, and where it clipped."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_sq = (values - returns).pow(2)
+    clipped_sq = (clipped_values - returns).pow(2)
+    return 0.5 * torch.maximum(unclipped_sq, clipped_sq), (clipped_sq > unclipped_sq).float()
+
+
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` True for each response whose group (`group_size` consecutive responses to one prompt) has rewards
+    that differ; False where they are all equal, so every advantage is 0 (DAPO's dynamic sampling drops these)."""
+    grouped = scores.view(-1, group_size)
+    spread = grouped.max(1).values > grouped.min(1).values
+    return spread.repeat_interleave(group_size)
+
+
 @dataclass
 class PolicyLossStats:
     loss: torch.Tensor
@@ -125,33 +221,34 @@ class PolicyLossStats:
 def clipped_policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
 ) -> PolicyLossStats:
-    """PPO's clipped surrogate: mean over valid tokens of ``max(-A r, -A clip(r, 1-eps, 1+eps))``.
-
-    ``r = exp(logp_new - logp_old)`` where logp_old comes from the rollout policy (not the reference).
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    """PPO's clipped surrogate over one whole batch: mean over valid tokens of ``max(-A r, -A clip(r, 1-eps,
+    1+eps))`` (`policy_terms` aggregated by ``dapo``)."""
+    terms = policy_terms(logprobs, old_logprobs, advantages, mask, cliprange)
+    norm = whole_batch_norm(mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = 0.5 * masked_mean(log_ratio.pow(2), mask)
-        max_ratio_deviation = ((ratio - 1.0).abs() * mask).max() if mask.numel() else ratio.new_zeros(())
-    return PolicyLossStats(loss, clip_fraction, approx_kl, max_ratio_deviation)
+        clip_fraction = aggregate(terms.clipped, mask, "dapo", norm)
+        approx_kl = aggregate(0.5 * terms.log_ratio.pow(2), mask, "dapo", norm)
+        max_ratio_deviation = ratio_deviation(terms.log_ratio, mask)
+    return PolicyLossStats(aggregate(terms.loss, mask, "dapo", norm), clip_fraction, approx_kl, max_ratio_deviation)
+
+
+def ratio_deviation(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max |ratio - 1| over valid tokens (0 for an empty batch)."""
+    if not mask.numel():
+        return log_ratio.new_zeros(())
+    return ((torch.exp(log_ratio) - 1.0).abs() * mask).max()
 
 
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``0.5 * mean max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)``; returns (loss, clip fraction)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    unclipped_sq = (values - returns).pow(2)
-    clipped_sq = (clipped_values - returns).pow(2)
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask)
+    """``0.5 * mean max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)`` over one whole batch; returns
+    (loss, clip fraction)."""
+    loss, clipped = value_terms(values, old_values, returns, cliprange_value)
+    norm = whole_batch_norm(mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped_sq > unclipped_sq).float(), mask)
-    return loss, clip_fraction
+        clip_fraction = aggregate(clipped, mask, "dapo", norm)
+    return aggregate(loss, mask, "dapo", norm), clip_fraction
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

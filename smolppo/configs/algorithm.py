@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # smolppo.algorithm.ppo_math.aggregate
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
 
 @dataclass(frozen=True)
 class AlgorithmSettings:
@@ -25,6 +28,12 @@ class AlgorithmSettings:
     cliprange: float
     cliprange_value: float
     vf_coef: float
+    # the loss family
+    loss_type: str
+    epsilon_high: Optional[float]
+    dual_clip: Optional[float]
+    importance_sampling_level: str
+    dynamic_sampling: bool
     # KL
     kl_estimator: str
     kl_in_loss: bool

@@ -143,7 +143,35 @@ class AlgorithmFields:
     )
     gamma: float = field(default=1.0, metadata=_help("Discount factor."))
     lam: float = field(default=0.95, metadata=_help("GAE lambda."))
-    cliprange: float = field(default=0.2, metadata=_help("Clip range epsilon of the policy ratio."))
+    cliprange: float = field(
+        default=0.2, metadata=_help("Clip range epsilon of the policy ratio (its lower side).", aliases=["--epsilon"])
+    )
+    epsilon_high: Optional[float] = field(
+        default=None,
+        metadata=_help("Upper clip range of the ratio (DAPO's clip-higher, e.g. 0.28); default: --cliprange."),
+    )
+    dual_clip: Optional[float] = field(
+        default=None, metadata=_help("Dual-clip PPO: bound the loss of negative advantages at -c x A (c > 1); off.")
+    )
+    loss_type: str = field(
+        default="dapo",
+        metadata=_help(
+            "How a mini-batch's loss is aggregated (exactly, whatever the micro-batch): dapo (one mean over all "
+            "response tokens; classic PPO), grpo (token mean per sequence, then over sequences), dr_grpo (token sum "
+            "over sequences x max_new_tokens), bnpo (= dapo here). docs/ALGORITHM.md has the table."
+        ),
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata=_help("token (PPO) or sequence (GSPO: one ratio per response, the mean token log-ratio)."),
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata=_help(
+            "grpo/rloo: leave out of the loss the groups whose rewards are all equal (no signal; DAPO), counted "
+            "in dynamic_sampling/dropped_groups."
+        ),
+    )
     cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
     vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the total loss (gae)."))
     whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards before GAE."))
@@ -176,8 +204,28 @@ class AlgorithmFields:
             raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if not (self.cliprange > 0 and self.cliprange_value > 0):
             raise ValueError("cliprange and cliprange_value must be > 0")
+        self._check_loss()
         if not self.vf_coef >= 0:
             raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
+
+    def _check_loss(self) -> None:
+        from smolppo.configs.algorithm import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be token or sequence, got {self.importance_sampling_level!r}"
+            )
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (the bound is -c x A), got {self.dual_clip}")
+        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(
+                f"dynamic_sampling drops groups of responses to one prompt: it needs advantage_estimator grpo or "
+                f"rloo, not {self.advantage_estimator}"
+            )
 
 
 @dataclass
