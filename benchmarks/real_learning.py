@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import real_task  # noqa: E402
 
-STAGES = ("model", "task", "reward", "ppo", "grpo", "lora", "compare")
+STAGES = ("model", "task", "reward", "ppo", "grpo", "lora", "compare", "grpo40", "dapo40", "compare_loss")
 RUNS = ("ppo", "grpo", "lora")
+LOSS_RUNS = ("grpo40", "dapo40")  # the loss family: GRPO with the defaults and with DAPO's settings, 40 updates
 
 # Shared by the three policy runs: 8 prompts an update (GRPO: 2 prompts x 4 samples), 64-token responses.
 COMMON = [
@@ -64,6 +65,11 @@ RUN_FLAGS = {
     "grpo": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
              "--learning-rate", "2e-5"],
     "lora": ["--use-lora", "--rollout-batch-size", "8", "--learning-rate", "2e-4"],
+    "grpo40": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
+               "--learning-rate", "2e-5", "--total-episodes", "320"],
+    "dapo40": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
+               "--learning-rate", "2e-5", "--total-episodes", "320", "--loss-type", "dapo", "--epsilon-high", "0.28",
+               "--dynamic-sampling", "--dynamic-sampling-refills", "2"],
 }  # fmt: skip
 
 
@@ -109,7 +115,10 @@ def main() -> int:
     parser.add_argument("--work", default=".real_task", help="where the task, models and runs go")
     parser.add_argument("--model", default=".real_model", help="converted real model")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
+    parser.add_argument("--fp32", action="store_true", help="no --bf16 (a CPU without native bf16 runs fp32 faster)")
     args = parser.parse_args()
+    common = [flag for flag in COMMON if not (args.fp32 and flag == "--bf16")]
+    precision = [] if args.fp32 else ["--bf16"]
     py, work = sys.executable, args.work
     os.makedirs(work, exist_ok=True)
     result_path = os.path.join(work, "real_learning.json")
@@ -131,24 +140,24 @@ def main() -> int:
     if "model" in stages:
         record("model", [py, "-m", "smolppo.real_model", args.model])
     if "task" in stages:
-        record("task", [py, "benchmarks/real_task.py", "--model", args.model, "--out", work, "--bf16"])
+        record("task", [py, "benchmarks/real_task.py", "--model", args.model, "--out", work, *precision])
     info = json.load(open(os.path.join(work, "task_info.json"), encoding="utf-8"))
     train_rows = str(info["train_rows"])
     if "reward" in stages:
         record("reward", [py, "train_reward_model.py", "--policy-model", args.model, "--dataset", task_file,
                           "--num-samples", train_rows, "--test-size", "0.2", "--max-length", "256",
                           "--num-train-epochs", "2", "--learning-rate", "2e-5", "--lr-scheduler-type", "linear",
-                          "--warmup-ratio", "0.1", "--per-device-train-batch-size", "8", "--bf16",
+                          "--warmup-ratio", "0.1", "--per-device-train-batch-size", "8", *precision,
                           "--no-gradient-checkpointing", "--eval-steps", "1000", "--save-steps", "1000",
                           "--output-dir", reward_dir, "--overwrite-output-dir"])  # fmt: skip
         summary = json.load(open(os.path.join(reward_dir, "reward_model_summary.json"), encoding="utf-8"))
         results["stages"]["reward"]["heldout"] = summary["heldout"]
         save()
-    for name in RUNS:
+    for name in (*RUNS, *LOSS_RUNS):
         if name in stages:
             out = os.path.join(work, name)
             record(name, [py, "train_ppo.py", "--policy-model", args.model, "--reward-model", reward_dir,
-                          "--dataset", task_file, "--num-samples", train_rows, *COMMON, *RUN_FLAGS[name],
+                          "--dataset", task_file, "--num-samples", train_rows, *common, *RUN_FLAGS[name],
                           "--output-dir", out, "--overwrite-output-dir"])  # fmt: skip
             summary = json.load(open(os.path.join(out, "run_summary.json"), encoding="utf-8"))
             results["stages"][name].update(
@@ -164,9 +173,25 @@ def main() -> int:
                            "--reward-model", reward_dir, "--dataset", task_file, "--skip-rows", train_rows,
                            "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
                            "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
-                           str(real_task.TEMPERATURE), "--top-p", "1.0", "--bf16", "--output", output])  # fmt: skip
+                           str(real_task.TEMPERATURE), "--top-p", "1.0", *precision, "--output", output])  # fmt: skip
         report = json.load(open(output, encoding="utf-8"))
         results["compare"] = {
+            "properties": {m["name"]: property_of(m) for m in report["models"]},
+            "comparisons": report["comparisons"],
+            "summaries": {m["name"]: m["summary"] for m in report["models"]},
+        }
+        save()
+    if "compare_loss" in stages:  # held-out prompts, the report: win rate, KL, degenerate share
+        output, report_dir = os.path.join(work, "compare_loss.json"), os.path.join(work, "report_loss")
+        models = [os.path.join(work, name) for name in LOSS_RUNS]
+        record("compare_loss", [py, "evaluate_generations.py", "--baseline-model", args.model, "--model-path",
+                                *models, "--reward-model", reward_dir, "--dataset", task_file, "--skip-rows",
+                                train_rows, "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
+                                "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
+                                str(real_task.TEMPERATURE), "--top-p", "1.0", *precision, "--output", output,
+                                "--report", report_dir])  # fmt: skip
+        report = json.load(open(output, encoding="utf-8"))
+        results["compare_loss"] = {
             "properties": {m["name"]: property_of(m) for m in report["models"]},
             "comparisons": report["comparisons"],
             "summaries": {m["name"]: m["summary"] for m in report["models"]},

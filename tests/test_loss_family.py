@@ -189,3 +189,26 @@ def test_our_loss_and_gradient_equal_trls_grpo_trainer(case):
     loss.backward()
     assert loss.item() == pytest.approx(spec["loss"], rel=1e-6, abs=1e-7)
     assert_close(logprobs.grad, torch.tensor(spec["gradient"]), rtol=1e-5, atol=1e-7)
+
+
+def test_dynamic_sampling_refills_groups_without_signal_from_new_prompts(tmp_path):
+    flags = (
+        "--reward-model",
+        "none",
+        "--reward-funcs",
+        "tests/data/binary_reward.py:odd_length",
+        "--advantage-estimator",
+        "grpo",
+        "--samples-per-prompt",
+        "2",
+        "--dynamic-sampling",
+    )
+    left_out = {}
+    for refills in (0, 4):
+        trainer = make_smoke_trainer(tmp_path / f"r{refills}", *flags, "--dynamic-sampling-refills", str(refills))
+        exp = trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(0))
+        assert len(exp.rollout) == len(exp.trained) == 32  # the batch stays full
+        left_out[refills] = int((exp.trained == 0).sum())
+        metrics = trainer.algorithm.metrics(exp, trainer.algorithm.optimise(exp, 0))
+        assert metrics["dynamic_sampling/dropped_responses"] == left_out[refills]
+    assert left_out[0] >= 4 and left_out[4] < left_out[0] / 2  # ties are common; refills replace most of them

@@ -59,17 +59,26 @@ class BehaviourWatch:
     * ``degenerate``: at least `degenerate_rate` of the responses repeat a 3-gram 4+ times, up from the start;
     * ``length``: at least `truncated_rate` of the responses run out of tokens, where fewer did at the start;
     * ``dominant_source``: with several reward sources, one brings at least `dominant_share` of the (weighted)
-      reward gain.
+      reward gain;
+    * ``length_collapse``: the mean response length fell below `length_fraction` of its start (answers of one
+      word, or none);
+    * ``saturated``: the reward's spread over the batch fell below `saturation_fraction` of its start: every
+      response scores the same, nothing is left to learn (often the reward's maximum, reached by a collapse);
+    * ``kl_penalty``: the KL penalty per response came to outweigh the spread of the score
+      (``objective/kl_penalty_to_score`` above 1, from below): the penalty drowns the reward signal.
 
     `observe` returns the new warnings; `warnings` keeps them all; `state_dict` / `load_state_dict` carry the watch
     across a resume.
     """
 
     WATCHED = ("rewards/mean", "response/distinct_1", "response/distinct_2", "response/degenerate_rate",
-               "response/truncated_rate")  # fmt: skip
+               "response/truncated_rate", "response/length_mean", "rewards/std",
+               "objective/kl_penalty_to_score")  # fmt: skip
 
     def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
-                 degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9):  # fmt: skip
+                 degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9,
+                 length_fraction: float = 0.3, saturation_fraction: float = 0.05):  # fmt: skip
+        self.length_fraction, self.saturation_fraction = length_fraction, saturation_fraction
         self.reward_weights = dict(reward_weights)
         self.window, self.diversity_fraction = window, diversity_fraction
         self.degenerate_rate, self.truncated_rate, self.dominant_share = (
@@ -140,6 +149,34 @@ class BehaviourWatch:
                     "check its scale and --reward-weights"
                 )
                 yield "dominant_source", message
+
+        yield from self._collapse_findings(start, now)
+
+    def _collapse_findings(self, start: dict, now: dict):
+        length, length_start = now.get("response/length_mean"), start.get("response/length_mean")
+        if length is not None and length_start and length_start >= 3 and length < self.length_fraction * length_start:
+            message = (
+                f"responses collapsed to {length:.1f} tokens (from {length_start:.1f}): the reward may pay for saying "
+                "little or one repeated word; read the logged samples, raise --init-kl-coef, or add a length or "
+                "content term with --reward-funcs"
+            )
+            yield "length_collapse", message
+        spread, spread_start = now.get("rewards/std"), start.get("rewards/std")
+        if spread is not None and spread_start and spread < self.saturation_fraction * spread_start:
+            message = (
+                f"the reward has no spread left (std {spread:.3g}, from {spread_start:.3g}): every response scores "
+                "the same, so there is nothing left to learn; if the samples are degenerate the reward was hacked, "
+                "otherwise stop here or use a harder reward"
+            )
+            yield "saturated", message
+        ratio, ratio_start = now.get("objective/kl_penalty_to_score"), start.get("objective/kl_penalty_to_score", 0.0)
+        if ratio is not None and ratio > 1.0 > ratio_start:
+            message = (
+                f"the KL penalty per response is now {ratio:.1f}x the spread of the score: the penalty drowns the "
+                "reward signal and the run undoes what it learned; lower --init-kl-coef, raise --target, or slow the "
+                "controller with a larger --horizon"
+            )
+            yield "kl_penalty", message
 
     @staticmethod
     def _mean(rows: list[dict]) -> dict[str, float]:

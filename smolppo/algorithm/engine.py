@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from smolppo import zero
-from smolppo.algorithm import ppo_math, update_stats
+from smolppo.algorithm import dynamic_sampling, ppo_math, update_stats
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
 from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
@@ -40,6 +40,7 @@ from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.schedule import Schedule
 from smolppo.data import PromptSet
 from smolppo.devices import check_on_device
+from smolppo.errors import UserError
 from smolppo.models import eos_token_ids
 from smolppo.rewards.sources import CombinedReward, RewardBatch
 from smolppo.runtime import (
@@ -101,6 +102,8 @@ class Algorithm:
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if config.dynamic_sampling_refills and self.zero_stage == 3:  # refills differ per process: no collectives
+            raise UserError("--dynamic-sampling-refills cannot run under ZeRO-3 (each process refills on its own)")
         frozen = [m for m in (ref_policy, reward.reader.model if reward.reader is not None else None) if m is not None]
         for frozen_model in frozen:
             frozen_model.to(acc.device).eval().requires_grad_(False)
@@ -128,15 +131,30 @@ class Algorithm:
     def make_experience(self, prompts: PromptSet, indices: list[int]) -> Experience:
         """Stages 1-5 for the prompts at `indices`, each sampled `samples_per_prompt` times in a row. What each
         stage hands on is checked to live on the rollout's device (`smolppo.devices`)."""
-        indices = [i for i in indices for _ in range(self.config.samples_per_prompt)]
+        cfg = self.config
+        indices = [i for i in indices for _ in range(cfg.samples_per_prompt)]
         rollout = self.rollout([prompts.input_ids[i] for i in indices])
-        return self.experience_from(rollout, prompts, indices)
+        if not (cfg.dynamic_sampling and cfg.dynamic_sampling_refills):
+            return self.experience_from(rollout, prompts, indices)
+        rollout, indices, *rewards = dynamic_sampling.refill(
+            rollout,
+            indices,
+            sample=lambda rows: self.rollout([prompts.input_ids[i] for i in rows]),
+            score=lambda sampled, rows: self.rewards(sampled, prompts, rows),
+            num_prompts=len(prompts.input_ids),
+            group_size=cfg.samples_per_prompt,
+            rounds=cfg.dynamic_sampling_refills,
+            seed=cfg.seed,
+            pad_id=self.tokenizer.pad_token_id,
+        )
+        return self.experience_from(rollout, prompts, indices, rewards)
 
-    def experience_from(self, rollout: Rollout, prompts: PromptSet, indices: list[int]) -> Experience:
-        """Stages 2-5 for a sampled `rollout` of the prompts at `indices` (one entry per response)."""
+    def experience_from(self, rollout: Rollout, prompts: PromptSet, indices: list[int], rewards=None) -> Experience:
+        """Stages 2-5 for a sampled `rollout` of the prompts at `indices` (one entry per response); `rewards`
+        (scores, parts) when they were computed already."""
         device = rollout.device
         check_on_device(self.accelerator.device, "rollout", **rollout.tensors())
-        scores, parts = self.rewards(rollout, prompts, indices)
+        scores, parts = rewards or self.rewards(rollout, prompts, indices)
         check_on_device(device, "rewards", scores=scores, reward_parts=parts)
         old_logprobs, ref_logprobs, kl = self.logprobs(rollout)
         check_on_device(device, "logprobs", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, kl=kl)
@@ -147,19 +165,8 @@ class Algorithm:
         trained = None
         if self.config.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
             trained = ppo_math.groups_with_signal(scores, self.config.samples_per_prompt).float()
-        experience = Experience(
-            rollout,
-            scores,
-            old_logprobs,
-            ref_logprobs,
-            kl,
-            advantages,
-            raw_advantages,
-            returns,
-            values,
-            parts,
-            trained,
-        )
+        logprobs, credit = (old_logprobs, ref_logprobs, kl), (advantages, raw_advantages, returns)
+        experience = Experience(rollout, scores, *logprobs, *credit, values, parts, trained)
         experience.check_device(device)
         return experience
 

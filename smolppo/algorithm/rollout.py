@@ -96,6 +96,29 @@ class TrimTable:
         return min(self.first[i] for i in rows), max(self.lengths[i] for i in rows)
 
 
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of the sequences of several (all on one device): prompts left-padded to the longest context,
+    responses right-padded to the widest; real tokens keep their positions."""
+    context = max(r.context_length for r in rollouts)
+    width = max(r.responses.shape[1] for r in rollouts)
+    ids, masks, response_masks = [], [], []
+    for r in rollouts:
+        pad = (context - r.context_length, width - r.responses.shape[1])
+        ids.append(torch.nn.functional.pad(r.input_ids, pad, value=pad_id))
+        masks.append(torch.nn.functional.pad(r.attention_mask, pad, value=0))
+        response_masks.append(torch.nn.functional.pad(r.response_mask, (0, pad[1])))
+    attention_mask = torch.cat(masks)
+    return Rollout(
+        input_ids=torch.cat(ids),
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        response_mask=torch.cat(response_masks),
+        response_lengths=torch.cat([r.response_lengths for r in rollouts]),
+        ended_with_eos=torch.cat([r.ended_with_eos for r in rollouts]),
+        context_length=context,
+    )
+
+
 def pad_response_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad a ``[B, r]`` per-response-token tensor with zeros to ``[B, width]``."""
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))

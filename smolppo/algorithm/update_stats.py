@@ -79,6 +79,10 @@ def update_metrics(exp: Experience, train_stats: dict[str, float], kl_coef: floa
         "advantage": ppo_math.masked_mean(exp.raw_advantages, mask).item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
+        # the KL penalty per response against the spread of the score: above 1 the penalty drowns the reward signal
+        "objective/kl_penalty_to_score": (
+            (-non_score.mean() / exp.scores.std().clamp(min=1e-6)).item() if len(exp.scores) > 1 else 0.0
+        ),
         "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
         "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
         "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),

@@ -34,6 +34,7 @@ class AlgorithmSettings:
     dual_clip: Optional[float]
     importance_sampling_level: str
     dynamic_sampling: bool
+    dynamic_sampling_refills: int
     # KL
     kl_estimator: str
     kl_in_loss: bool

@@ -169,7 +169,14 @@ class AlgorithmFields:
         default=False,
         metadata=_help(
             "grpo/rloo: leave out of the loss the groups whose rewards are all equal (no signal; DAPO), counted "
-            "in dynamic_sampling/dropped_groups."
+            "in dynamic_sampling/dropped_responses."
+        ),
+    )
+    dynamic_sampling_refills: int = field(
+        default=0,
+        metadata=_help(
+            "With --dynamic-sampling: up to this many draws of new prompts to replace the groups without signal, "
+            "keeping the batch full (DAPO); 0: the batch only shrinks."
         ),
     )
     cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
@@ -221,6 +228,10 @@ class AlgorithmFields:
             raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 (the bound is -c x A), got {self.dual_clip}")
+        if not (isinstance(self.dynamic_sampling_refills, int) and self.dynamic_sampling_refills >= 0):
+            raise ValueError(f"dynamic_sampling_refills must be an integer >= 0, got {self.dynamic_sampling_refills}")
+        if self.dynamic_sampling_refills and not self.dynamic_sampling:
+            raise ValueError("dynamic_sampling_refills refills what dynamic sampling drops: add --dynamic-sampling")
         if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
             raise ValueError(
                 f"dynamic_sampling drops groups of responses to one prompt: it needs advantage_estimator grpo or "

@@ -28,6 +28,8 @@ BEHAVIOUR_PANELS = [
     ("truncated", "Share out of max_new_tokens", ("response/truncated_rate",)),
     ("diversity", "Distinct-2 over the batch", ("response/distinct_2",)),
     ("degenerate", "Share repeating a 3-gram 4+ times", ("response/degenerate_rate",)),
+    ("kl_coef", "KL coefficient", ("objective/kl_coef",)),
+    ("penalty", "KL penalty / score spread (above 1: it drowns the reward)", ("objective/kl_penalty_to_score",)),
 ]
 COLUMNS = ["run", "tag", "step", "wall_time", "value"]
 ALGORITHM_NAMES = {"gae": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
@@ -137,7 +139,7 @@ def default_title(algorithms: dict[str, str], what: str = "training progress") -
 
 def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = None, targets=None,
                   algorithms: dict[str, str] | None = None, panels=PANELS):  # fmt: skip
-    """The 2 x 2 figure of `panels`; returns ``(figure, [(run, panel title) that could not be filled])``.
+    """The figure of `panels`, two a row; returns ``(figure, [(run, panel title) that could not be filled])``.
 
     A panel whose values are one constant across every run (a constant learning rate) shows that value as a
     note instead of a flat line; `targets` (run -> KL target) adds dashed target lines to the KL panel;
@@ -150,7 +152,8 @@ def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = 
     import matplotlib.pyplot as plt
 
     algorithms = algorithms or {}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows))
     missing = []
     runs = list(dict.fromkeys(frame["run"]))
     for ax, (key, panel_title, aliases) in zip(axes.flat, panels):

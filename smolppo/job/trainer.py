@@ -179,7 +179,12 @@ class Trainer:
             if self.writer and self.update % cfg.sample_logging_steps == 0:
                 self.writer.samples(self.last_samples, self.update)
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", kl=f"{metrics['kl_divergence']:.2f}")
+            progress.set_postfix(
+                reward=f"{metrics['rewards/mean']:.3f}",
+                kl=f"{metrics['kl_divergence']:.2f}",
+                kl_coef=f"{metrics['objective/kl_coef']:.3g}",
+                penalty_to_score=f"{metrics.get('objective/kl_penalty_to_score', 0.0):.2f}",
+            )
             if self._stop_requested():
                 return "interrupted", metrics
             if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
