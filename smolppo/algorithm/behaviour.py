@@ -64,21 +64,23 @@ class BehaviourWatch:
       word, or none);
     * ``saturated``: the reward's spread over the batch fell below `saturation_fraction` of its start: every
       response scores the same, nothing is left to learn (often the reward's maximum, reached by a collapse);
-    * ``kl_penalty``: the KL penalty per response came to outweigh the spread of the score
-      (``objective/kl_penalty_to_score`` above 1, from below): the penalty drowns the reward signal.
 
-    `observe` returns the new warnings; `warnings` keeps them all; `state_dict` / `load_state_dict` carry the watch
-    across a resume.
+    `penalty_report` says, at the end of a run, whether the KL penalty came to outweigh the score (a run-level
+    finding, not a sign of hacking: issue 32's stalled run, 3.6x with the RLHF reward -0.47 -> -5.1, and the smoke
+    preset's late KL climb, 6.6x). `observe` returns the new warnings; `warnings` keeps them all; `state_dict` /
+    `load_state_dict` carry the watch across a resume.
     """
 
     WATCHED = ("rewards/mean", "response/distinct_1", "response/distinct_2", "response/degenerate_rate",
                "response/truncated_rate", "response/length_mean", "rewards/std",
-               "objective/kl_penalty_to_score")  # fmt: skip
+               "objective/kl_penalty_to_score", "objective/rlhf_reward")  # fmt: skip
 
     def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
                  degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9,
-                 length_fraction: float = 0.3, saturation_fraction: float = 0.05):  # fmt: skip
+                 length_fraction: float = 0.3, saturation_fraction: float = 0.05,
+                 penalty_ratio: float = 2.0):  # fmt: skip
         self.length_fraction, self.saturation_fraction = length_fraction, saturation_fraction
+        self.penalty_ratio = penalty_ratio
         self.reward_weights = dict(reward_weights)
         self.window, self.diversity_fraction = window, diversity_fraction
         self.degenerate_rate, self.truncated_rate, self.dominant_share = (
@@ -169,14 +171,31 @@ class BehaviourWatch:
                 "otherwise stop here or use a harder reward"
             )
             yield "saturated", message
-        ratio, ratio_start = now.get("objective/kl_penalty_to_score"), start.get("objective/kl_penalty_to_score", 0.0)
-        if ratio is not None and ratio > 1.0 > ratio_start:
-            message = (
-                f"the KL penalty per response is now {ratio:.1f}x the spread of the score: the penalty drowns the "
-                "reward signal and the run undoes what it learned; lower --init-kl-coef, raise --target, or slow the "
-                "controller with a larger --horizon"
-            )
-            yield "kl_penalty", message
+
+    def penalty_report(self) -> dict | None:
+        """At the end of a run: whether the KL penalty came to outweigh the score (`kl_penalty_to_score` above
+        `penalty_ratio` in the last window, from below 1 in the first) while the RLHF reward (score - penalty) fell
+        below its start; ``None`` when it did not. The run summary says so, with what to do."""
+        if len(self.history) < 2 * self.window:
+            return None
+        start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
+        ratio, ratio_start = now.get("objective/kl_penalty_to_score"), start.get("objective/kl_penalty_to_score")
+        objective, objective_start = now.get("objective/rlhf_reward"), start.get("objective/rlhf_reward")
+        if None in (ratio, ratio_start, objective, objective_start):
+            return None
+        if not (ratio > self.penalty_ratio and ratio_start < 1.0 and objective < objective_start):
+            return None
+        message = (
+            f"the KL penalty per response ended at {ratio:.1f}x the spread of the score and the RLHF reward (score "
+            f"- penalty) fell from {objective_start:.2f} to {objective:.2f}: the penalty drowned the reward signal; "
+            "lower --init-kl-coef, raise --target, or slow the controller with a larger --horizon"
+        )
+        return {
+            "penalty_to_score": ratio,
+            "rlhf_reward_start": objective_start,
+            "rlhf_reward_end": objective,
+            "message": message,
+        }
 
     @staticmethod
     def _mean(rows: list[dict]) -> dict[str, float]:

@@ -194,4 +194,6 @@ def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = 
 def has_behaviour(frame: pd.DataFrame) -> bool:
     """Whether any run logged the behaviour scalars (runs from before they existed, or trl's, did not)."""
     tags = set(frame["tag"])
-    return any(alias in tags for _, _, aliases in BEHAVIOUR_PANELS for alias in aliases)
+    return any(
+        alias in tags for _, _, aliases in BEHAVIOUR_PANELS for alias in aliases if alias.startswith("response/")
+    )

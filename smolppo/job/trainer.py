@@ -156,7 +156,11 @@ class Trainer:
         else:
             self.save_model()
         self._explain_kl(metrics)
+        penalty = self.watch.penalty_report()
+        if penalty and acc.is_main_process:
+            logger.warning("%s", penalty["message"])
         summary = self._summary(status, metrics, time.time() - started)
+        summary["kl_penalty_outweighs_score"] = penalty
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if status == "finished":
