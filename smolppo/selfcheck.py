@@ -235,23 +235,29 @@ class Runner:
     def two_processes(self, device_count: int, forced: bool) -> Check:
         if device_count < 2 and not forced:
             return Check("two-processes", None, "one device: needs two GPUs (or --two-processes on a CPU)")
-        launcher = (
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
-        )
+        launcher = tuple(two_process_launcher())
         return self.train("two-processes", launcher=launcher)
+
+
+def two_process_launcher() -> list[str]:
+    """`accelerate launch` for two DDP processes on this machine (its torchrun launcher: accelerate's own `--cpu`
+    starts one process unless MPI is installed; without CUDA the two form a gloo group on the CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
 
 
 def run_checks(selected: list[str], device: str, device_count: int, work: str, timeout: int, forced: bool):

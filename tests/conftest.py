@@ -13,6 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from smolppo.selfcheck import two_process_launcher  # noqa: E402 - after the repository is on the path
+
 logger = logging.getLogger(__name__)
 
 
@@ -208,24 +210,7 @@ def run_script_in_process(script: str, *args: str, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-# accelerate's `--cpu` launcher starts one process unless MPI is installed; its torchrun launcher
-# (`--multi_gpu`) starts several, and on a machine without CUDA they form a gloo group on CPU.
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
+LAUNCH = two_process_launcher()  # two DDP processes under `accelerate launch` (gloo on a machine without CUDA)
 
 
 def launch(*args, launcher: tuple[str, ...] = tuple(LAUNCH[3:]), timeout: int = 300) -> subprocess.CompletedProcess:

@@ -191,6 +191,7 @@ def test_our_loss_and_gradient_equal_trls_grpo_trainer(case):
     assert_close(logprobs.grad, torch.tensor(spec["gradient"]), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.soak  # CI runs it after the README command (about 20 s)
 def test_dynamic_sampling_refills_groups_without_signal_from_new_prompts(tmp_path):
     flags = (
         "--reward-model",

@@ -26,6 +26,7 @@ def selfcheck(*args: str, env: dict | None = None, timeout: int = 900) -> subpro
     )
 
 
+@pytest.mark.soak  # CI runs it after the README command (with the whole self-check below)
 def test_a_training_run_passes_on_this_cpu(tmp_path):
     report_path = tmp_path / "selfcheck.json"
     result = selfcheck("--device", "cpu", "--checks", "ppo-fp32-full", "--output", str(report_path))
