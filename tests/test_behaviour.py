@@ -111,6 +111,9 @@ def test_watch_names_a_length_collapse_and_a_saturated_reward_once():
     assert list(kinds) == ["length_collapse", "saturated"]
     assert "collapsed to 1.3 tokens (from 8.6)" in kinds["length_collapse"]
     assert "no spread left (std 0, from 1.6)" in kinds["saturated"]
+    # A task paying for concise answers: 39.9 -> 11.5 tokens on the real SmolLM2 (measured) is learning, not collapse.
+    concise = [dict(healthy(u), **{"response/length_mean": 39.9 if u < 3 else 11.5}) for u in range(20)]
+    assert feed(BehaviourWatch({"reward_model": 1.0}), concise) == []
 
 
 def test_the_end_of_a_run_says_when_the_kl_penalty_drowned_the_score():

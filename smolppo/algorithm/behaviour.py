@@ -60,8 +60,9 @@ class BehaviourWatch:
     * ``length``: at least `truncated_rate` of the responses run out of tokens, where fewer did at the start;
     * ``dominant_source``: with several reward sources, one brings at least `dominant_share` of the (weighted)
       reward gain;
-    * ``length_collapse``: the mean response length fell below `length_fraction` of its start (answers of one
-      word, or none);
+    * ``length_collapse``: the mean response length fell below `length_fraction` of its start and below
+      `collapsed_length` tokens (answers of a word, or none; a task that pays for concise answers shortens them
+      from 40 to 11.5 tokens, which is not flagged);
     * ``saturated``: the reward's spread over the batch fell below `saturation_fraction` of its start: every
       response scores the same, nothing is left to learn (often the reward's maximum, reached by a collapse);
 
@@ -77,9 +78,10 @@ class BehaviourWatch:
 
     def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
                  degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9,
-                 length_fraction: float = 0.3, saturation_fraction: float = 0.05,
+                 length_fraction: float = 0.3, collapsed_length: float = 4.0, saturation_fraction: float = 0.05,
                  penalty_ratio: float = 2.0):  # fmt: skip
         self.length_fraction, self.saturation_fraction = length_fraction, saturation_fraction
+        self.collapsed_length = collapsed_length
         self.penalty_ratio = penalty_ratio
         self.reward_weights = dict(reward_weights)
         self.window, self.diversity_fraction = window, diversity_fraction
@@ -156,7 +158,8 @@ class BehaviourWatch:
 
     def _collapse_findings(self, start: dict, now: dict):
         length, length_start = now.get("response/length_mean"), start.get("response/length_mean")
-        if length is not None and length_start and length_start >= 3 and length < self.length_fraction * length_start:
+        shrunk = length is not None and length_start and length < self.length_fraction * length_start
+        if shrunk and length < self.collapsed_length:
             message = (
                 f"responses collapsed to {length:.1f} tokens (from {length_start:.1f}): the reward may pay for saying "
                 "little or one repeated word; read the logged samples, raise --init-kl-coef, or add a length or "
