@@ -62,6 +62,7 @@ def test_overwrite_refuses_a_directory_with_a_user_file(finished_run, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_overwrite_replaces_our_own_run(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     result = train_smoke(out, "--overwrite-output-dir", "--max-updates", "2")
@@ -194,6 +195,7 @@ def test_resuming_an_older_checkpoint_is_a_branch(finished_run, tmp_path):
     assert json.loads((out / "run_summary.json").read_text())["updates"] == 3
 
 
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_resuming_a_finished_run_keeps_its_metrics(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     finished = json.loads((out / "run_summary.json").read_text())["final_metrics"]
@@ -202,6 +204,7 @@ def test_resuming_a_finished_run_keeps_its_metrics(finished_run, tmp_path):
     assert json.loads((out / "run_summary.json").read_text())["final_metrics"] == finished != {}
 
 
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
     weights = out / "checkpoint-4" / "model.safetensors"
@@ -214,6 +217,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run
     load_file(out / "checkpoint-5" / "model.safetensors")
 
 
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_only_the_newest_checkpoint_keeps_the_optimizer_state(finished_run, tmp_path):
     assert (finished_run / "checkpoint-4" / "optimizer.pt").is_file()
     assert not (finished_run / "checkpoint-2" / "optimizer.pt").exists()  # --save-optimizer-state latest

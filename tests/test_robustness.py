@@ -163,6 +163,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- divergence
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_non_finite_reward_stops_without_saving_nan(tmp_path, smoke_paths):
     bad_reward = tmp_path / "nan_reward"
     shutil.copytree(smoke_paths["reward"], bad_reward)

@@ -97,6 +97,7 @@ def test_a_final_model_that_cannot_be_published_is_kept_where_no_cleanup_looks(t
     assert os.path.isfile(os.path.join(kept, "model.safetensors"))
 
 
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_rotation_skips_a_checkpoint_being_read_and_a_held_checkpoint_is_kept_to_resume(
     tmp_path, no_wait, monkeypatch, caplog
 ):
@@ -246,6 +247,7 @@ def test_each_process_restores_its_own_gpu_random_state():
 
 
 # ---------------------------------------------------------------------------------------------- text
+@pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_a_cp1252_console_gets_the_table_not_a_traceback(smoke_run, tmp_path):
     """A Windows console in cp1252 cannot show every character of a path: stdout escapes it instead of raising
     UnicodeEncodeError (stderr always did)."""
