@@ -14,22 +14,6 @@ from smolppo.algorithm.behaviour import behaviour_metrics
 from smolppo.algorithm.experience import Experience, MicroBatchLoss
 from smolppo.algorithm.rollout import response_tokens
 
-
-def shares(parts: MicroBatchLoss) -> dict[str, torch.Tensor]:
-    """The logged statistics of a micro-batch that are shares of its mini-batch's (detached)."""
-    values = {
-        "loss": parts.loss,
-        "policy_loss": parts.policy.loss,
-        "clip_fraction": parts.policy.clip_fraction,
-        "approx_kl": parts.policy.approx_kl,
-        "entropy": parts.entropy,
-        "value_loss": parts.value,
-        "value_clip_fraction": parts.value_clip,
-        "kl_loss": parts.kl,
-    }
-    return {key: value.detach() for key, value in values.items() if value is not None}
-
-
 SHARES = (
     "loss",
     "policy_loss",
@@ -40,6 +24,21 @@ SHARES = (
     "value_clip_fraction",
     "kl_loss",
 )
+
+
+def shares(parts: MicroBatchLoss) -> dict[str, torch.Tensor]:
+    """The logged statistics of a micro-batch that are shares of its mini-batch's (detached), named by `SHARES`."""
+    values = (
+        parts.loss,
+        parts.policy.loss,
+        parts.policy.clip_fraction,
+        parts.policy.approx_kl,
+        parts.entropy,
+        parts.value,
+        parts.value_clip,
+        parts.kl,
+    )
+    return {key: value.detach() for key, value in zip(SHARES, values) if value is not None}
 
 
 def to_host(steps: list[dict]) -> dict[str, list[float]]:
