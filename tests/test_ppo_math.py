@@ -67,36 +67,43 @@ def test_token_rewards_put_score_on_last_real_token():
     assert_close(rewards, torch.tensor([[-0.05, -0.1, 1.85], [-0.25, -1.25, 0.0]]))
 
 
+def _whole(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A batch's token mean, as the default loss type aggregates a mini-batch taken in one piece."""
+    return ppo_math.aggregate(per_token, mask, "dapo", ppo_math.whole_batch_norm(mask))
+
+
 def test_clipped_policy_loss_hand_computed():
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
     adv = torch.tensor([[1.0, 1.0, -2.0]])
-    stats = ppo_math.clipped_policy_loss(new, old, adv, torch.ones(1, 3), cliprange=0.2)
+    mask = torch.ones(1, 3)
+    terms = ppo_math.policy_terms(new, old, adv, mask, 0.2)
     # per token max(-A r, -A clip(r)): -1.2 (clipped), -0.5 (unclipped), 2.2 (inside the range)
-    assert_close(stats.loss, torch.tensor((-1.2 - 0.5 + 2.2) / 3))
-    assert_close(stats.clip_fraction, torch.tensor(1 / 3))
+    assert_close(_whole(terms.loss, mask), torch.tensor((-1.2 - 0.5 + 2.2) / 3))
+    assert_close(_whole(terms.clipped, mask), torch.tensor(1 / 3))
     log_r = torch.log(torch.tensor([1.5, 0.5, 1.1]))
-    assert_close(stats.approx_kl, 0.5 * log_r.pow(2).mean())
+    assert_close(_whole(0.5 * terms.log_ratio.pow(2), mask), 0.5 * log_r.pow(2).mean())
 
 
 def test_clipped_policy_loss_gradient_vanishes_when_clipped():
     new = torch.log(torch.tensor([[1.5]])).requires_grad_()
-    stats = ppo_math.clipped_policy_loss(new, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
-    stats.loss.backward()
+    mask = torch.ones(1, 1)
+    terms = ppo_math.policy_terms(new, torch.zeros(1, 1), torch.ones(1, 1), mask, 0.2)
+    _whole(terms.loss, mask).backward()
     assert new.grad.abs().item() == 0.0
 
 
 def test_clipped_value_loss_hand_computed():
-    loss, frac = ppo_math.clipped_value_loss(
-        torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), 0.2
+    mask = torch.ones(1, 2)
+    loss, clipped = ppo_math.value_terms(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0]]), 0.2
     )
-    assert_close(loss, torch.tensor(0.5))
-    assert_close(frac, torch.tensor(0.0))
-    loss, frac = ppo_math.clipped_value_loss(
-        torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2
-    )
-    assert_close(loss, torch.tensor(0.5 * 1.8**2))
-    assert_close(frac, torch.tensor(1.0))
+    assert_close(_whole(loss, mask), torch.tensor(0.5))
+    assert_close(_whole(clipped, mask), torch.tensor(0.0))
+    mask = torch.ones(1, 1)
+    loss, clipped = ppo_math.value_terms(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), 0.2)
+    assert_close(_whole(loss, mask), torch.tensor(0.5 * 1.8**2))
+    assert_close(_whole(clipped, mask), torch.tensor(1.0))
 
 
 def test_masked_mean_ignores_padding():

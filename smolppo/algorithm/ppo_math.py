@@ -218,37 +218,11 @@ class PolicyLossStats:
     max_ratio_deviation: torch.Tensor  # max |ratio - 1| over valid tokens
 
 
-def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
-) -> PolicyLossStats:
-    """PPO's clipped surrogate over one whole batch: mean over valid tokens of ``max(-A r, -A clip(r, 1-eps,
-    1+eps))`` (`policy_terms` aggregated by ``dapo``)."""
-    terms = policy_terms(logprobs, old_logprobs, advantages, mask, cliprange)
-    norm = whole_batch_norm(mask)
-    with torch.no_grad():
-        clip_fraction = aggregate(terms.clipped, mask, "dapo", norm)
-        approx_kl = aggregate(0.5 * terms.log_ratio.pow(2), mask, "dapo", norm)
-        max_ratio_deviation = ratio_deviation(terms.log_ratio, mask)
-    return PolicyLossStats(aggregate(terms.loss, mask, "dapo", norm), clip_fraction, approx_kl, max_ratio_deviation)
-
-
 def ratio_deviation(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """max |ratio - 1| over valid tokens (0 for an empty batch)."""
     if not mask.numel():
         return log_ratio.new_zeros(())
     return ((torch.exp(log_ratio) - 1.0).abs() * mask).max()
-
-
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``0.5 * mean max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)`` over one whole batch; returns
-    (loss, clip fraction)."""
-    loss, clipped = value_terms(values, old_values, returns, cliprange_value)
-    norm = whole_batch_norm(mask)
-    with torch.no_grad():
-        clip_fraction = aggregate(clipped, mask, "dapo", norm)
-    return aggregate(loss, mask, "dapo", norm), clip_fraction
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
