@@ -31,7 +31,7 @@ from smolppo.files import (
 )
 from smolppo.filesystem import FileHeldOpen
 from smolppo.models import safetensors_readable
-from smolppo.runs.output_dir import remove_entry, write_json_atomically
+from smolppo.runs.output_dir import keep_staging, remove_entry, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,8 @@ def save_checkpoint(
         remove_entry(final)
         filesystem.replace(staging, final)
     except FileHeldOpen as held:  # the checkpoint is complete: keep it under a name no clean-up touches
-        kept = os.path.join(output_dir, f"unpublished-{CHECKPOINT_PREFIX}{step}")
-        try:
-            filesystem.replace(staging, kept)
-        except OSError:
+        kept = keep_staging(staging, os.path.join(output_dir, f"unpublished-{CHECKPOINT_PREFIX}{step}"))
+        if kept is None:
             raise held.with_outcome(f"checkpoint {step} is complete in {staging!r}: move it elsewhere") from held
         raise held.with_outcome(
             f"checkpoint {step} is complete in {kept!r}: resume with --resume-from-checkpoint {kept}"

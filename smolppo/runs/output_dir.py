@@ -328,12 +328,20 @@ def publishing(output_dir: str, label: str = "final"):
 def keep_unpublished(staging: str, output_dir: str, label: str) -> str:
     """Move a staging directory whose outputs could not all be moved in to a name no clean-up touches
     (``unpublished-<label>-<time>``); returns what became of them, for the error line."""
-    kept = os.path.join(output_dir, f"unpublished-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    kept = keep_staging(staging, os.path.join(output_dir, f"unpublished-{label}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if kept is None:
+        return f"the {label} outputs not yet moved in are in {staging!r}: copy them elsewhere before the next run"
+    return f"the {label} outputs not yet moved in were kept in {kept!r}"
+
+
+def keep_staging(staging: str, kept: str) -> str | None:
+    """Rename a staging directory to `kept` (an ``unpublished-*`` name, which no clean-up removes): `kept`, or None
+    when it cannot be renamed either (then it stays where it is, under its staging name)."""
     try:
         filesystem.replace(staging, kept)
     except OSError:
-        return f"the {label} outputs not yet moved in are in {staging!r}: copy them elsewhere before the next run"
-    return f"the {label} outputs not yet moved in were kept in {kept!r}"
+        return None
+    return kept
 
 
 # ---------------------------------------------------------------------- one run per directory
