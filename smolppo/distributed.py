@@ -32,8 +32,9 @@ def on_windows() -> bool:
     return sys.platform == "win32"
 
 
-def several_processes() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def several_gpus_on_windows() -> bool:
+    """Several processes on CUDA under native Windows, whose PyTorch builds have no NCCL: gloo then."""
+    return on_windows() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
 
 
 def process_group() -> dict:
@@ -44,7 +45,7 @@ def process_group() -> dict:
         check_deepspeed_usable()
         return {"cpu": False} if torch.cuda.is_available() else {"cpu": False, "backend": "gloo"}
     cpu = use_cpu()
-    if on_windows() and several_processes() and not cpu:
+    if several_gpus_on_windows() and not cpu:
         os.environ.setdefault("USE_LIBUV", "0")  # Windows builds of PyTorch have no libuv for the TCP store
         return {"cpu": False, "backend": "gloo"}
     return {"cpu": cpu}
@@ -52,7 +53,7 @@ def process_group() -> dict:
 
 def ddp_backend() -> str | None:
     """The backend `transformers.Trainer` needs named (``ddp_backend``): gloo for several GPUs on Windows."""
-    return "gloo" if on_windows() and several_processes() and torch.cuda.is_available() else None
+    return "gloo" if several_gpus_on_windows() else None
 
 
 def check_deepspeed_usable() -> None:

@@ -156,11 +156,9 @@ class Trainer:
         else:
             self.save_model()
         self._explain_kl(metrics)
-        penalty = self.watch.penalty_report()
-        if penalty and acc.is_main_process:
-            logger.warning("%s", penalty["message"])
         summary = self._summary(status, metrics, time.time() - started)
-        summary["kl_penalty_outweighs_score"] = penalty
+        if summary["kl_penalty_outweighs_score"] and acc.is_main_process:
+            logger.warning("%s", summary["kl_penalty_outweighs_score"]["message"])
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if status == "finished":
@@ -343,6 +341,7 @@ class Trainer:
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
             "kl_coef_next_update": kl["kl_coef"],  # final_metrics' objective/kl_coef: the last update's
             "kl_target_reached": kl["engaged"],
+            "kl_penalty_outweighs_score": self.watch.penalty_report(),  # None, or the figures and what to do
             "warnings": self.watch.warnings,  # what the behaviour watch saw (BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),
