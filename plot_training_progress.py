@@ -63,8 +63,9 @@ def main() -> int:
         written.insert(1, behaviour_path)
     for run, panel in missing:
         logger.warning("run %s logged no scalar for the %r panel; it is not drawn there", run, panel)
-    logger.info("wrote %s (%d run%s, %d scalar rows)", ", ".join(written), len(runs), "" if len(runs) == 1 else "s",
-                len(frame))  # fmt: skip
+    logger.info(
+        "wrote %s (%d run%s, %d scalar rows)", ", ".join(written), len(runs), "" if len(runs) == 1 else "s", len(frame)
+    )
     return 0
 
 

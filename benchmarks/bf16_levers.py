@@ -26,10 +26,15 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 QUESTIONS = [
-    "What is the capital of France?", "Give me three tips for sleeping better.", "Explain photosynthesis briefly.",
-    "How do I boil an egg?", "What does 'ephemeral' mean?", "List three primary colors.", "Why is the sky blue?",
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain photosynthesis briefly.",
+    "How do I boil an egg?",
+    "What does 'ephemeral' mean?",
+    "List three primary colors.",
+    "Why is the sky blue?",
     "Name a large mammal.",
-]  # fmt: skip
+]
 
 
 def seconds(fn, repeat: int = 3, *args) -> float:
@@ -42,8 +47,12 @@ def seconds(fn, repeat: int = 3, *args) -> float:
 
 def matmul_rates(device) -> dict:
     """GFLOP/s of ``[rows, k] @ [k, n]`` for the shapes one micro-batch (4 x ~120 tokens) puts through the model."""
-    shapes = {"mlp_up": (480, 576, 1536), "mlp_down": (480, 1536, 576), "attn_qo": (480, 576, 576),
-              "lm_head": (128, 576, 49152)}  # fmt: skip
+    shapes = {
+        "mlp_up": (480, 576, 1536),
+        "mlp_down": (480, 1536, 576),
+        "attn_qo": (480, 576, 576),
+        "lm_head": (128, 576, 49152),
+    }
     rates = {}
     for name, (m, k, n) in shapes.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -60,8 +69,12 @@ def logprobs_with(model, rollout, bf16_body: bool, bf16_head: bool, chunk: int) 
         part = trim_padding(rollout.select(slice(start, start + chunk)))
         with torch.no_grad(), torch.autocast(part.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16_body):
             if bf16_head:
-                full = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                             position_ids=part.position_ids, use_cache=False).logits  # fmt: skip
+                full = model(
+                    input_ids=part.input_ids,
+                    attention_mask=part.attention_mask,
+                    position_ids=part.position_ids,
+                    use_cache=False,
+                ).logits
                 logits = full[:, part.context_length - 1 : -1].float()
             else:
                 logits = response_logits(model, part)
@@ -112,8 +125,11 @@ def main() -> int:
 
     def error(x):
         d = (x - fp32)[real].abs()
-        return {"max": float(d.max()), "mean": float(d.mean()), "sequence_mean": float(((x - fp32) * real).sum(1)
-                .abs().mean())}  # fmt: skip
+        return {
+            "max": float(d.max()),
+            "mean": float(d.mean()),
+            "sequence_mean": float(((x - fp32) * real).sum(1).abs().mean()),
+        }
 
     result["logprob_error_vs_fp32"] = {
         "bf16_body_fp32_head (ours)": error(ours),

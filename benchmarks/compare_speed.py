@@ -132,14 +132,31 @@ def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -
         f.writelines(json.dumps(row) + "\n" for row in rows)
     grpo = estimator == "grpo"
     config = PPOConfig(
-        policy_model=model, reward_model=os.path.join(REPO, ".real_task", "reward_model"), dataset=dataset,
-        num_samples=len(rows), output_dir=os.path.join(work, "out"), advantage_estimator=estimator,
-        samples_per_prompt=4 if grpo else 1, rollout_batch_size=len(rows), mini_batch_size=8,
-        per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=RESPONSE_LENGTH, temperature=0.7,
-        adaptive_kl=False, init_kl_coef=KL_COEF, kl_in_loss=grpo, gradient_checkpointing=False, bf16=bf16,
-        reward_check_pairs=0, learning_rate=1e-6, num_logged_samples=0, max_updates=updates + 1, seed=0,
+        policy_model=model,
+        reward_model=os.path.join(REPO, ".real_task", "reward_model"),
+        dataset=dataset,
+        num_samples=len(rows),
+        output_dir=os.path.join(work, "out"),
+        advantage_estimator=estimator,
+        samples_per_prompt=4 if grpo else 1,
+        rollout_batch_size=len(rows),
+        mini_batch_size=8,
+        per_device_train_batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=RESPONSE_LENGTH,
+        temperature=0.7,
+        adaptive_kl=False,
+        init_kl_coef=KL_COEF,
+        kl_in_loss=grpo,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        reward_check_pairs=0,
+        learning_rate=1e-6,
+        num_logged_samples=0,
+        max_updates=updates + 1,
+        seed=0,
         attn_implementation=attention,
-    )  # fmt: skip
+    )
     trainer = build_ppo_trainer(config)
     algorithm = trainer.algorithm
     algorithm.generation_config.min_new_tokens = RESPONSE_LENGTH  # EOS suppressed: the same work every update
@@ -151,8 +168,13 @@ def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -
     observed = algorithm.observed
     dtypes = {"body_matmul": observed.get("update_matmul_dtype"), "lm_head": observed.get("lm_head_dtype")}
     dtypes = {k: v.removeprefix("torch.") for k, v in dtypes.items() if v}
-    return {"cpu": clock.cpu, "wall": clock.wall, "generated": probe.generated, "eos_sampled": probe.eos_sampled,
-            "dtypes": dtypes}  # fmt: skip
+    return {
+        "cpu": clock.cpu,
+        "wall": clock.wall,
+        "generated": probe.generated,
+        "eos_sampled": probe.eos_sampled,
+        "dtypes": dtypes,
+    }
 
 
 def _trl_models(model: str, reward: str):
@@ -180,23 +202,49 @@ def trl12_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
         **kw, min_new_tokens=RESPONSE_LENGTH, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
     )
     rows = task_rows(8)
-    ids = [tokenizer(render_prompt(tokenizer, r["system"], r["question"]), add_special_tokens=False)["input_ids"]
-           for r in rows]  # fmt: skip
+    ids = [
+        tokenizer(render_prompt(tokenizer, r["system"], r["question"]), add_special_tokens=False)["input_ids"]
+        for r in rows
+    ]
     dataset = Dataset.from_dict({"input_ids": ids})
     args = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="speed-trl12-"), per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE_LENGTH,
-        learning_rate=1e-6, kl_coef=KL_COEF, temperature=0.7, total_episodes=8 * (updates + 1), stop_token=None,
-        report_to="none", use_cpu=True, seed=0, num_sample_generations=0, save_strategy="no", logging_steps=1,
-        local_rollout_forward_batch_size=8, per_device_eval_batch_size=1, bf16=bf16, gradient_checkpointing=False,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="speed-trl12-"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        response_length=RESPONSE_LENGTH,
+        learning_rate=1e-6,
+        kl_coef=KL_COEF,
+        temperature=0.7,
+        total_episodes=8 * (updates + 1),
+        stop_token=None,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        num_sample_generations=0,
+        save_strategy="no",
+        logging_steps=1,
+        local_rollout_forward_batch_size=8,
+        per_device_eval_batch_size=1,
+        bf16=bf16,
+        gradient_checkpointing=False,
+    )
     ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     probe = Probe(policy, eos)
     clock = UpdateClock()
 
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
-                         reward_model=classifier(), value_model=classifier(), train_dataset=dataset,
-                         eval_dataset=dataset.select(range(1)), callbacks=[clock.callback()])  # fmt: skip
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=classifier(),
+        value_model=classifier(),
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(1)),
+        callbacks=[clock.callback()],
+    )
     return train_and_measure(trainer, clock, probe)
 
 
@@ -211,17 +259,36 @@ def trl_grpo_worker(model: str, bf16: bool, updates: int, out: str) -> dict:
     rows = task_rows(2)
     dataset = Dataset.from_dict({"prompt": [render_prompt(tokenizer, r["system"], r["question"]) for r in rows]})
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="speed-grpo-"), per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_generations=4, max_completion_length=RESPONSE_LENGTH,
-        generation_kwargs={"min_new_tokens": RESPONSE_LENGTH}, beta=KL_COEF, num_iterations=1, temperature=0.7,
-        learning_rate=1e-6, bf16=bf16, use_cpu=True, max_steps=updates + 1, logging_steps=1, report_to="none",
-        save_strategy="no", gradient_checkpointing=False, seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="speed-grpo-"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        max_completion_length=RESPONSE_LENGTH,
+        generation_kwargs={"min_new_tokens": RESPONSE_LENGTH},
+        beta=KL_COEF,
+        num_iterations=1,
+        temperature=0.7,
+        learning_rate=1e-6,
+        bf16=bf16,
+        use_cpu=True,
+        max_steps=updates + 1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+    )
     probe = Probe(policy, tokenizer.eos_token_id)
     clock = UpdateClock()
 
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward_dir, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[clock.callback()])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward_dir,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock.callback()],
+    )
     return train_and_measure(trainer, clock, probe)
 
 
@@ -229,8 +296,13 @@ def train_and_measure(trainer, clock: UpdateClock, probe: Probe) -> dict:
     """Run a trl trainer to the end; its per-update times and probes."""
     clock.restart()
     trainer.train()
-    return {"cpu": clock.cpu, "wall": clock.wall, "generated": probe.generated, "eos_sampled": probe.eos_sampled,
-            "dtypes": probe.dtypes}  # fmt: skip
+    return {
+        "cpu": clock.cpu,
+        "wall": clock.wall,
+        "generated": probe.generated,
+        "eos_sampled": probe.eos_sampled,
+        "dtypes": probe.dtypes,
+    }
 
 
 def run_worker(case: str, model: str, updates: int, out: str) -> None:
@@ -295,16 +367,29 @@ def main() -> int:
         run_worker(opts.worker[0], opts.model, int(opts.worker[1]), opts.worker[2])
         return 0
     os.makedirs(WORK, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1",
-               SPEED_OURS_ATTENTION=opts.ours_attention)  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(opts.threads),
+        TRL_EXPERIMENTAL_SILENCE="1",
+        HF_HUB_OFFLINE="1",
+        SPEED_OURS_ATTENTION=opts.ours_attention,
+    )
     runs: dict[str, list[dict]] = {}
     for round_index in range(opts.rounds):
         for case in opts.cases:
             engine = next(c[1] for c in CASES if c[0] == case)
             out = os.path.join(WORK, f"{case}-round{round_index}.json")
             started = time.perf_counter()
-            cmd = [python_for(engine), os.path.abspath(__file__), "--model", opts.model,
-                   "--worker", case, str(opts.updates), out]  # fmt: skip
+            cmd = [
+                python_for(engine),
+                os.path.abspath(__file__),
+                "--model",
+                opts.model,
+                "--worker",
+                case,
+                str(opts.updates),
+                out,
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -314,13 +399,24 @@ def main() -> int:
             print(f"round {round_index} {case}: {time.perf_counter() - started:.0f} s", flush=True)
     table = summarise(runs)
     with open(os.path.join(WORK, f"results-ours-{opts.ours_attention}.json"), "w", encoding="utf-8") as f:
-        json.dump({"threads": opts.threads, "rounds": opts.rounds, "updates": opts.updates,
-                   "ours_attention": opts.ours_attention, "cases": table}, f, indent=2)  # fmt: skip
+        json.dump(
+            {
+                "threads": opts.threads,
+                "rounds": opts.rounds,
+                "updates": opts.updates,
+                "ours_attention": opts.ours_attention,
+                "cases": table,
+            },
+            f,
+            indent=2,
+        )
     for case, row in table.items():
         extra = f"  x{row['speedup_cpu']:.2f} (wall x{row['speedup_wall']:.2f})" if "speedup_cpu" in row else ""
-        print(f"{case:<16} cpu {row['cpu_s_per_update']:6.1f} s  wall {row['wall_s_per_update']:6.1f} s  "
-              f"tokens {row['generated_tokens_per_update']} (EOS sampled {row['eos_sampled']})  {row['dtypes']}  "
-              f"rss {row['peak_rss_gb']:.1f} GB{extra}")  # fmt: skip
+        print(
+            f"{case:<16} cpu {row['cpu_s_per_update']:6.1f} s  wall {row['wall_s_per_update']:6.1f} s  "
+            f"tokens {row['generated_tokens_per_update']} (EOS sampled {row['eos_sampled']})  {row['dtypes']}  "
+            f"rss {row['peak_rss_gb']:.1f} GB{extra}"
+        )
     return 0
 
 

@@ -29,9 +29,18 @@ if REPO not in sys.path:
 
 VENV = os.path.join(REPO, ".venv-trl12")
 HYPER = dict(  # identical on both sides (the settings)
-    batch=16, ppo_epochs=4, response_length=16, learning_rate=1e-3, kl_coef=0.05, gamma=1.0, lam=0.95,
-    cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, temperature=0.7,
-)  # fmt: skip
+    batch=16,
+    ppo_epochs=4,
+    response_length=16,
+    learning_rate=1e-3,
+    kl_coef=0.05,
+    gamma=1.0,
+    lam=0.95,
+    cliprange=0.2,
+    cliprange_value=0.2,
+    vf_coef=0.1,
+    temperature=0.7,
+)
 
 
 def venv_python() -> str:
@@ -62,9 +71,13 @@ def build_task(workdir: str) -> str:
     tokenizer.pad_token = "<|endoftext|>"  # distinct from EOS (<|im_end|>)
     tokenizer.padding_side = "left"
     shape = dict(
-        smoke.POLICY_SHAPE, vocab_size=len(tokenizer), max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+        smoke.POLICY_SHAPE,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     policy = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -107,9 +120,19 @@ def train_reward_model(model, tokenizer, out: str) -> None:
 
     prompts = [render_prompt(tokenizer, r["system"], r["question"]) for r in load_smoke_rows()]
     data = Dataset.from_list(lexical_pairs(tokenizer, prompts))
-    args = RewardConfig(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=32, num_train_epochs=3,
-                        learning_rate=3e-3, lr_scheduler_type="constant", save_strategy="no", report_to="none",
-                        use_cpu=True, seed=0, disable_tqdm=True, logging_steps=50)  # fmt: skip
+    args = RewardConfig(
+        output_dir=os.path.join(out, "trainer"),
+        per_device_train_batch_size=32,
+        num_train_epochs=3,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=50,
+    )
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(out)
@@ -128,17 +151,38 @@ def our_trainer(task: str, out: str, seed: int, updates: int, **overrides):
     AcceleratorState._reset_state(reset_partial_state=True)
     h = dict(HYPER, **overrides)
     config = PPOConfig(
-        policy_model=os.path.join(task, "policy"), reward_model=os.path.join(task, "reward"),
-        dataset=os.path.join(task, "prompts.jsonl"), num_samples=128, reward_check_pairs=0, output_dir=out,
-        seed=seed, rollout_batch_size=h["batch"], mini_batch_size=h["batch"], per_device_train_batch_size=h["batch"],
-        ppo_epochs=h["ppo_epochs"], max_new_tokens=h["response_length"], learning_rate=h["learning_rate"],
-        lr_scheduler_type="linear", warmup_ratio=0.0, init_kl_coef=h["kl_coef"], target=h.get("target", 6.0),
-        adaptive_kl=h.get("adaptive_kl", False), horizon=h.get("horizon"),
-        gamma=h["gamma"], lam=h["lam"], cliprange=h["cliprange"], cliprange_value=h["cliprange_value"],
-        vf_coef=h["vf_coef"], temperature=h["temperature"], gradient_checkpointing=False, max_updates=updates,
-        num_train_epochs=100, max_grad_norm=h.get("max_grad_norm", 1.0), num_logged_samples=0,
+        policy_model=os.path.join(task, "policy"),
+        reward_model=os.path.join(task, "reward"),
+        dataset=os.path.join(task, "prompts.jsonl"),
+        num_samples=128,
+        reward_check_pairs=0,
+        output_dir=out,
+        seed=seed,
+        rollout_batch_size=h["batch"],
+        mini_batch_size=h["batch"],
+        per_device_train_batch_size=h["batch"],
+        ppo_epochs=h["ppo_epochs"],
+        max_new_tokens=h["response_length"],
+        learning_rate=h["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_ratio=0.0,
+        init_kl_coef=h["kl_coef"],
+        target=h.get("target", 6.0),
+        adaptive_kl=h.get("adaptive_kl", False),
+        horizon=h.get("horizon"),
+        gamma=h["gamma"],
+        lam=h["lam"],
+        cliprange=h["cliprange"],
+        cliprange_value=h["cliprange_value"],
+        vf_coef=h["vf_coef"],
+        temperature=h["temperature"],
+        gradient_checkpointing=False,
+        max_updates=updates,
+        num_train_epochs=100,
+        max_grad_norm=h.get("max_grad_norm", 1.0),
+        num_logged_samples=0,
         max_prompt_length=512,
-    )  # fmt: skip
+    )
     return build_ppo_trainer(config)
 
 
@@ -154,26 +198,55 @@ def trl_trainer(task: str, out: str, seed: int, updates: int, prompt_ids: list[l
     h = HYPER
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(task, "policy"), padding_side="left")
     rows = [json.loads(line) for line in open(os.path.join(task, "prompts.jsonl"), encoding="utf-8")]
-    ids = [tokenizer(render_prompt(tokenizer, r["system"], r["question"]), add_special_tokens=False)["input_ids"]
-           for r in rows]  # fmt: skip
+    ids = [
+        tokenizer(render_prompt(tokenizer, r["system"], r["question"]), add_special_tokens=False)["input_ids"]
+        for r in rows
+    ]
     dataset = Dataset.from_dict({"input_ids": prompt_ids or ids})
     args = PPOConfig(
-        output_dir=out, per_device_train_batch_size=h["batch"], gradient_accumulation_steps=1, num_mini_batches=1,
-        num_ppo_epochs=h["ppo_epochs"], response_length=h["response_length"], learning_rate=h["learning_rate"],
-        lr_scheduler_type="linear", kl_coef=h["kl_coef"], gamma=h["gamma"], lam=h["lam"],
-        cliprange=h["cliprange"], cliprange_value=h["cliprange_value"], vf_coef=h["vf_coef"],
-        temperature=h["temperature"], total_episodes=h["batch"] * updates, stop_token="eos", report_to="none",
-        use_cpu=True, seed=seed, num_sample_generations=0, save_strategy="no", logging_steps=1,
-        local_rollout_forward_batch_size=h["batch"], per_device_eval_batch_size=1, bf16=False,
-    )  # fmt: skip
+        output_dir=out,
+        per_device_train_batch_size=h["batch"],
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=h["ppo_epochs"],
+        response_length=h["response_length"],
+        learning_rate=h["learning_rate"],
+        lr_scheduler_type="linear",
+        kl_coef=h["kl_coef"],
+        gamma=h["gamma"],
+        lam=h["lam"],
+        cliprange=h["cliprange"],
+        cliprange_value=h["cliprange_value"],
+        vf_coef=h["vf_coef"],
+        temperature=h["temperature"],
+        total_episodes=h["batch"] * updates,
+        stop_token="eos",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        num_sample_generations=0,
+        save_strategy="no",
+        logging_steps=1,
+        local_rollout_forward_batch_size=h["batch"],
+        per_device_eval_batch_size=1,
+        bf16=False,
+    )
     torch.manual_seed(seed)
     load = dict(dtype=torch.float32)
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(task, "policy"), **load)
     ref = AutoModelForCausalLM.from_pretrained(os.path.join(task, "policy"), **load)
     reward = AutoModelForSequenceClassification.from_pretrained(os.path.join(task, "reward"), **load)
     value = AutoModelForSequenceClassification.from_pretrained(os.path.join(task, "reward"), **load)
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=dataset, eval_dataset=dataset.select(range(2)))  # fmt: skip
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(2)),
+    )
     return trainer
 
 
@@ -205,9 +278,25 @@ def trl_diff_worker(task: str, work: str) -> None:
     def step(*args, **kwargs):
         frame = sys._getframe(1)
         if not captured:
-            keep = ("logprobs", "ref_logprobs", "scores", "values", "rewards", "advantages", "returns", "kl",
-                    "padding_mask", "padding_mask_p1", "responses", "query_responses", "pg_loss", "vf_loss", "loss",
-                    "micro_batch_inds", "sequence_lengths")  # fmt: skip
+            keep = (
+                "logprobs",
+                "ref_logprobs",
+                "scores",
+                "values",
+                "rewards",
+                "advantages",
+                "returns",
+                "kl",
+                "padding_mask",
+                "padding_mask_p1",
+                "responses",
+                "query_responses",
+                "pg_loss",
+                "vf_loss",
+                "loss",
+                "micro_batch_inds",
+                "sequence_lengths",
+            )
             for key in keep:
                 value = frame.f_locals.get(key)
                 captured[key] = value.detach().clone() if torch.is_tensor(value) else value
@@ -381,8 +470,9 @@ def common_reward(policy_dir: str, task: str, seed: int = 1234) -> float:
     torch.manual_seed(seed)
     scores = []
     for _ in range(2):
-        rollout = generate_rollout(policy, [row_prompt(tokenizer, r)[1] for r in rows], tokenizer,
-                                   [tokenizer.eos_token_id], config)  # fmt: skip
+        rollout = generate_rollout(
+            policy, [row_prompt(tokenizer, r)[1] for r in rows], tokenizer, [tokenizer.eos_token_id], config
+        )
         scores.append(reader.score([row_conversation(r) for r in rows], response_texts(tokenizer, rollout)))
     return float(torch.cat(scores).mean())
 

@@ -31,46 +31,68 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import real_task  # noqa: E402
 
-STAGES = ("model", "task", "reward", "ppo", "grpo", "lora", "compare", "grpo40", "dapo40", "compare_loss")
+STAGES = (
+    "model",
+    "task",
+    "reward",
+    "ppo",
+    "grpo",
+    "lora",
+    "compare",
+    "grpo40",
+    "dapo40",
+    "compare_loss",
+    "kl_adaptive",
+    "kl_pi",
+    "kl_pid",
+    "kl_slow",
+    "kl_in_loss",
+    "compare_kl",
+)
 RUNS = ("ppo", "grpo", "lora")
 LOSS_RUNS = ("grpo40", "dapo40")  # the loss family: GRPO with the defaults and with DAPO's settings, 40 updates
 
-# Shared by the three policy runs: 8 prompts an update (GRPO: 2 prompts x 4 samples), 64-token responses.
-COMMON = [
-    "--bf16",
-    "--max-new-tokens",
-    str(real_task.MAX_NEW_TOKENS),
-    "--temperature",
-    str(real_task.TEMPERATURE),
-    "--ppo-epochs",
-    "2",
-    "--mini-batch-size",
-    "8",
-    "--per-device-train-batch-size",
-    "4",
-    "--no-gradient-checkpointing",
-    "--save-steps",
-    "1000",
-    "--sample-logging-steps",
-    "10",
-    "--reward-check-pairs",
-    "29",
-    "--total-episodes",
-    "240",
-    "--seed",
-    "0",
-]  # fmt: skip  30 updates of 8 episodes: the run's plan, so the cosine schedule and warm-up fit it
+# Shared by the three policy runs: 8 prompts an update (GRPO: 2 prompts x 4 samples), 64-token responses; 30
+# updates of 8 episodes is the run's plan, so the cosine schedule and warm-up fit it.
+COMMON = (
+    f"--bf16 --max-new-tokens {real_task.MAX_NEW_TOKENS} --temperature {real_task.TEMPERATURE} --ppo-epochs 2 "
+    "--mini-batch-size 8 --per-device-train-batch-size 4 --no-gradient-checkpointing --save-steps 1000 "
+    "--sample-logging-steps 10 --reward-check-pairs 29 --total-episodes 240 --seed 0"
+).split()
+GRPO = "--advantage-estimator grpo --samples-per-prompt 4 --rollout-batch-size 2 --learning-rate 2e-5"
 RUN_FLAGS = {
-    "ppo": ["--rollout-batch-size", "8", "--learning-rate", "2e-5"],
-    "grpo": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
-             "--learning-rate", "2e-5"],
-    "lora": ["--use-lora", "--rollout-batch-size", "8", "--learning-rate", "2e-4"],
-    "grpo40": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
-               "--learning-rate", "2e-5", "--total-episodes", "320"],
-    "dapo40": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--rollout-batch-size", "2",
-               "--learning-rate", "2e-5", "--total-episodes", "320", "--loss-type", "dapo", "--epsilon-high", "0.28",
-               "--dynamic-sampling", "--dynamic-sampling-refills", "2"],
-}  # fmt: skip
+    "ppo": "--rollout-batch-size 8 --learning-rate 2e-5".split(),
+    "grpo": GRPO.split(),
+    "lora": "--use-lora --rollout-batch-size 8 --learning-rate 2e-4".split(),
+    "grpo40": f"{GRPO} --total-episodes 320".split(),
+    "dapo40": f"{GRPO} --total-episodes 320 --loss-type dapo --epsilon-high 0.28 --dynamic-sampling "
+    "--dynamic-sampling-refills 2".split(),
+}
+
+REWARD_FLAGS = (
+    "--test-size 0.2 --max-length 256 --num-train-epochs 2 --learning-rate 2e-5 --lr-scheduler-type linear "
+    "--warmup-ratio 0.1 --per-device-train-batch-size 8 --no-gradient-checkpointing --eval-steps 1000 "
+    "--save-steps 1000 --overwrite-output-dir"
+).split()
+EVAL_FLAGS = (
+    f"--num-completions 2 --max-new-tokens {real_task.MAX_NEW_TOKENS} --temperature {real_task.TEMPERATURE} "
+    "--top-p 1.0"
+).split()
+
+# The KL-control study (issue #32): the user's command, defaults otherwise, 40 updates; one run per controller.
+KL_STUDY = (
+    "--warmup-ratio 0 --learning-rate 2e-5 --max-new-tokens 48 --ppo-epochs 2 --mini-batch-size 4 "
+    "--per-device-train-batch-size 4 --rollout-batch-size 8 --num-train-epochs 5 --max-updates 40 "
+    "--no-gradient-checkpointing "
+    f"--temperature {real_task.TEMPERATURE} --save-steps 1000 --sample-logging-steps 10 --reward-check-pairs 29"
+).split()
+KL_RUNS = {
+    "kl_adaptive": ["--kl-controller", "adaptive"],
+    "kl_pi": ["--kl-controller", "pi"],
+    "kl_pid": ["--kl-controller", "pid"],
+    "kl_slow": ["--horizon", "10000"],  # the issue's "controller too slow to act"
+    "kl_in_loss": ["--kl-in-loss", "--kl-estimator", "k3"],
+}
 
 
 def run(command: list[str], log_path: str) -> float:
@@ -144,54 +166,93 @@ def main() -> int:
     info = json.load(open(os.path.join(work, "task_info.json"), encoding="utf-8"))
     train_rows = str(info["train_rows"])
     if "reward" in stages:
-        record("reward", [py, "train_reward_model.py", "--policy-model", args.model, "--dataset", task_file,
-                          "--num-samples", train_rows, "--test-size", "0.2", "--max-length", "256",
-                          "--num-train-epochs", "2", "--learning-rate", "2e-5", "--lr-scheduler-type", "linear",
-                          "--warmup-ratio", "0.1", "--per-device-train-batch-size", "8", *precision,
-                          "--no-gradient-checkpointing", "--eval-steps", "1000", "--save-steps", "1000",
-                          "--output-dir", reward_dir, "--overwrite-output-dir"])  # fmt: skip
+        record(
+            "reward",
+            [
+                py,
+                "train_reward_model.py",
+                "--policy-model",
+                args.model,
+                "--dataset",
+                task_file,
+                "--num-samples",
+                train_rows,
+                *REWARD_FLAGS,
+                *precision,
+                "--output-dir",
+                reward_dir,
+            ],
+        )
         summary = json.load(open(os.path.join(reward_dir, "reward_model_summary.json"), encoding="utf-8"))
         results["stages"]["reward"]["heldout"] = summary["heldout"]
         save()
-    for name in (*RUNS, *LOSS_RUNS):
+    runs = {
+        **{name: [*common, *RUN_FLAGS[name]] for name in (*RUNS, *LOSS_RUNS)},
+        **{name: [*precision, *KL_STUDY, *flags] for name, flags in KL_RUNS.items()},
+    }
+    for name, flags in runs.items():
         if name in stages:
             out = os.path.join(work, name)
-            record(name, [py, "train_ppo.py", "--policy-model", args.model, "--reward-model", reward_dir,
-                          "--dataset", task_file, "--num-samples", train_rows, *common, *RUN_FLAGS[name],
-                          "--output-dir", out, "--overwrite-output-dir"])  # fmt: skip
+            record(
+                name,
+                [
+                    py,
+                    "train_ppo.py",
+                    "--policy-model",
+                    args.model,
+                    "--reward-model",
+                    reward_dir,
+                    "--dataset",
+                    task_file,
+                    "--num-samples",
+                    train_rows,
+                    *flags,
+                    "--output-dir",
+                    out,
+                    "--overwrite-output-dir",
+                ],
+            )
             summary = json.load(open(os.path.join(out, "run_summary.json"), encoding="utf-8"))
             results["stages"][name].update(
                 kl_figures(out, summary["config"]["target"]),
                 reward_model_check=summary["reward_model_check"],
+                kl_penalty_outweighs_score=summary.get("kl_penalty_outweighs_score"),
                 seconds_per_update=round(results["stages"][name]["wall_s"] / summary["updates"], 1),
             )
             save()
-    if "compare" in stages:
-        output = os.path.join(work, "compare.json")
-        models = [os.path.join(work, name) for name in RUNS if os.path.isdir(os.path.join(work, name))]
-        record("compare", [py, "evaluate_generations.py", "--baseline-model", args.model, "--model-path", *models,
-                           "--reward-model", reward_dir, "--dataset", task_file, "--skip-rows", train_rows,
-                           "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
-                           "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
-                           str(real_task.TEMPERATURE), "--top-p", "1.0", *precision, "--output", output])  # fmt: skip
+    comparisons = {"compare": RUNS, "compare_loss": LOSS_RUNS, "compare_kl": tuple(KL_RUNS)}
+    for stage, names in comparisons.items():  # held-out prompts, the report: win rate, KL, degenerate share
+        if stage not in stages:
+            continue
+        output, report_dir = os.path.join(work, f"{stage}.json"), os.path.join(work, f"report_{stage}")
+        models = [os.path.join(work, name) for name in names if os.path.isdir(os.path.join(work, name))]
+        record(
+            stage,
+            [
+                py,
+                "evaluate_generations.py",
+                "--baseline-model",
+                args.model,
+                "--model-path",
+                *models,
+                "--reward-model",
+                reward_dir,
+                "--dataset",
+                task_file,
+                "--skip-rows",
+                train_rows,
+                "--num-prompts",
+                str(info["held_out_rows"]),
+                *EVAL_FLAGS,
+                *precision,
+                "--output",
+                output,
+                "--report",
+                report_dir,
+            ],
+        )
         report = json.load(open(output, encoding="utf-8"))
-        results["compare"] = {
-            "properties": {m["name"]: property_of(m) for m in report["models"]},
-            "comparisons": report["comparisons"],
-            "summaries": {m["name"]: m["summary"] for m in report["models"]},
-        }
-        save()
-    if "compare_loss" in stages:  # held-out prompts, the report: win rate, KL, degenerate share
-        output, report_dir = os.path.join(work, "compare_loss.json"), os.path.join(work, "report_loss")
-        models = [os.path.join(work, name) for name in LOSS_RUNS]
-        record("compare_loss", [py, "evaluate_generations.py", "--baseline-model", args.model, "--model-path",
-                                *models, "--reward-model", reward_dir, "--dataset", task_file, "--skip-rows",
-                                train_rows, "--num-prompts", str(info["held_out_rows"]), "--num-completions", "2",
-                                "--max-new-tokens", str(real_task.MAX_NEW_TOKENS), "--temperature",
-                                str(real_task.TEMPERATURE), "--top-p", "1.0", *precision, "--output", output,
-                                "--report", report_dir])  # fmt: skip
-        report = json.load(open(output, encoding="utf-8"))
-        results["compare_loss"] = {
+        results[stage] = {
             "properties": {m["name"]: property_of(m) for m in report["models"]},
             "comparisons": report["comparisons"],
             "summaries": {m["name"]: m["summary"] for m in report["models"]},

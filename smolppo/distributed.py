@@ -99,8 +99,10 @@ def make_accelerator(accumulation_steps: int, micro_batch_size: int, max_grad_no
         "gradient_clipping": (max_grad_norm, "--max-grad-norm"),
         "train_micro_batch_size_per_gpu": (micro_batch_size, "--per-device-train-batch-size"),
     }
-    for key, env in (("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
-                     ("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING")):  # fmt: skip
+    for key, env in (
+        ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+        ("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING"),
+    ):
         _check_agrees(key, os.environ.pop(env, "auto"), *wanted[key])  # else accelerate would use it instead
     group = process_group()
     handlers = [InitProcessGroupKwargs(backend=group.pop("backend"))] if "backend" in group else []

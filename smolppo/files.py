@@ -11,11 +11,15 @@ SCALARS_CSV = "training_scalars.csv"  # and its CSV export
 CARD_FILE = "README.md"  # the model card of a finished run
 
 # Inside a checkpoint.
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-DEEPSPEED_DIR = "deepspeed"  # under DeepSpeed instead of optimizer.pt: the engine's own sharded state
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng_state.pt"
+STATE_FILE = "trainer_state.json"  # the checkpoint's index: counters, config, what it holds (the job's)
+ALGORITHM_STATE_FILE = "algorithm_state.json"  # the algorithm's state as data (smolppo.algorithm.state)
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # AdamW's moments
+DEEPSPEED_DIR = "deepspeed"  # under DeepSpeed instead of the optimizer's tensors: the engine's own sharded state
+CHECKPOINT_FORMAT_KEY = "checkpoint_format"  # in STATE_FILE: 2 = the files above; absent = format 1 (below)
+# Format 1, written by earlier versions and still resumed (read as plain data only, never unpickled as objects).
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
+LEGACY_SCHEDULER_FILE = "scheduler.pt"
+LEGACY_RNG_FILE = "rng_state.pt"
 MODEL_WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

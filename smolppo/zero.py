@@ -62,9 +62,12 @@ def save_engine_state(engine, directory: str) -> None:
 def load_engine_state(engine, directory: str) -> None:
     """Restore what `save_engine_state` wrote: weights, fp32 master weights and optimizer moments."""
     path, _ = engine.load_checkpoint(
-        directory, tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
+        directory,
+        tag=ENGINE_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
         load_lr_scheduler_states=False,
-    )  # fmt: skip
+    )
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed state in {directory}")
 

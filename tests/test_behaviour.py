@@ -51,8 +51,9 @@ def test_trainer_logs_them_for_its_own_responses(tmp_path):
     metrics = algo.metrics(exp, algo.optimise(exp, 0))
     rollout = exp.rollout
     responses = []
-    for row, length, ended in zip(rollout.responses.tolist(), rollout.response_lengths.tolist(),
-                                  rollout.ended_with_eos.tolist()):  # fmt: skip
+    for row, length, ended in zip(
+        rollout.responses.tolist(), rollout.response_lengths.tolist(), rollout.ended_with_eos.tolist()
+    ):
         responses.append(row[: length - 1] if ended else row[:length])
     assert all(algo.tokenizer.eos_token_id not in r for r in responses)
     unigrams = [t for r in responses for t in r]
@@ -63,8 +64,12 @@ def test_trainer_logs_them_for_its_own_responses(tmp_path):
 
 # ---------------------------------------------------------------------- the watch
 def healthy(update: int) -> dict:
-    return {"rewards/mean": 0.1 * update, "response/distinct_2": 0.8, "response/degenerate_rate": 0.0,
-            "response/truncated_rate": 0.3}  # fmt: skip
+    return {
+        "rewards/mean": 0.1 * update,
+        "response/distinct_2": 0.8,
+        "response/degenerate_rate": 0.0,
+        "response/truncated_rate": 0.3,
+    }
 
 
 def feed(watch, rows):

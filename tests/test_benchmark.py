@@ -99,8 +99,10 @@ def test_seed_spread_summary_pairs_variants_by_seed(monkeypatch):
     import smoke_seed_spread as spread
 
     assert spread.parse_variant("sdpa") == ("sdpa", 0.0) and spread.parse_variant("eager+1e-6") == ("eager", 1e-6)
-    runs = [{"variant": v, "seed": s, "gain": g} for v, s, g in
-            [("a", 1, 0.2), ("a", 2, 0.4), ("a", 3, 0.1), ("b", 1, 0.3), ("b", 2, 0.6), ("b", 3, 0.1)]]  # fmt: skip
+    runs = [
+        {"variant": v, "seed": s, "gain": g}
+        for v, s, g in [("a", 1, 0.2), ("a", 2, 0.4), ("a", 3, 0.1), ("b", 1, 0.3), ("b", 2, 0.6), ("b", 3, 0.1)]
+    ]
     text = spread.summary(runs, ["a", "b"], [1, 2, 3])
     assert "0.233" in text and "0.333" in text  # means
     # differences 0.1, 0.2, 0.0: mean 0.1, sd 0.1, t = 0.1 / (0.1 / sqrt 3) = 1.73

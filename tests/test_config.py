@@ -147,13 +147,34 @@ def test_kl_horizon_is_one_update_whatever_the_estimator_or_length_unless_set():
 
 
 def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
-    cfg = parse("--model_name_or_path", "/m", "--reward_model_path", "/r", "--dataset_name", "d.jsonl",
-                "--dataset_train_split", "test", "--use_peft", "--num_ppo_epochs", "2", "--response_length", "20",
-                "--kl_coef", "0.1", "--num_generations", "2", "--advantage_estimator", "grpo")  # fmt: skip
+    cfg = parse(
+        "--model_name_or_path",
+        "/m",
+        "--reward_model_path",
+        "/r",
+        "--dataset_name",
+        "d.jsonl",
+        "--dataset_train_split",
+        "test",
+        "--use_peft",
+        "--num_ppo_epochs",
+        "2",
+        "--response_length",
+        "20",
+        "--kl_coef",
+        "0.1",
+        "--num_generations",
+        "2",
+        "--advantage_estimator",
+        "grpo",
+    )
     assert (cfg.policy_model, cfg.reward_model, cfg.dataset, cfg.dataset_split) == ("/m", "/r", "d.jsonl", "test")
     assert cfg.use_lora and (cfg.ppo_epochs, cfg.max_new_tokens, cfg.init_kl_coef, cfg.samples_per_prompt) == (
-        2, 20, 0.1, 2
-    )  # fmt: skip
+        2,
+        20,
+        0.1,
+        2,
+    )
     yaml_file = tmp_path / "trl.yaml"
     yaml_file.write_text("sft_model_path: /sft\nuse_peft: true\nnum_mini_batches: 8\ntotal_episodes: 1000\n")
     cfg = parse("--config", str(yaml_file), "--rollout-batch-size", "64")
@@ -192,8 +213,10 @@ def test_smoke_with_trl_flags_runs_and_prints_its_schedule(tmp_path, smoke_cache
     caplog.set_level(logging.INFO, logger="smolppo.job.trainer")
     out = tmp_path / "run"
     make_smoke_trainer(out, "--use_peft", "--report_to", "tensorboard", "--max-updates", "2").train()
-    assert "gae: 2 updates (5 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps" \
-        in caplog.text  # fmt: skip
+    assert (
+        "gae: 2 updates (5 per epoch), 16 prompts x 1 samples = 16 episodes per update, 4 optimizer steps"
+        in caplog.text
+    )
     assert (out / "adapter_model.safetensors").is_file() and any((out / "logs").iterdir())
 
 
@@ -202,8 +225,19 @@ def test_help_lists_fields_by_section_with_trl_aliases():
 
     text = SectionedParser(PPOConfig).format_help()
     sections = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
-    assert sections[1:] == ["run", "presets", "model", "rewards", "data", "precision and memory", "LoRA",
-                            "optimizer and schedule", "output, logging and resuming", "algorithm: estimator, KL, PPO",
-                            "hub", "training run: learning rate, batches, generation, sample logging"]  # fmt: skip
+    assert sections[1:] == [
+        "run",
+        "presets",
+        "model",
+        "rewards",
+        "data",
+        "precision and memory",
+        "LoRA",
+        "optimizer and schedule",
+        "output, logging and resuming",
+        "algorithm: estimator, KL, PPO",
+        "hub",
+        "training run: learning rate, batches, generation, sample logging",
+    ]
     lora = text[text.index("\nLoRA:") : text.index("\noptimizer and schedule:")]
     assert "--use_peft" in lora and "--lora_r" in lora

@@ -91,15 +91,19 @@ def assert_deepspeed_ran(out, stage: int, checkpoints=("checkpoint-2", "checkpoi
     """DeepSpeed's engine trained (the summary) and wrote its own sharded state into the checkpoints."""
     summary = json.loads((out / files.RUN_SUMMARY_FILE).read_text())
     assert summary["distributed"] == {
-        "type": "DEEPSPEED", "processes": 2, "backend": "gloo", "zero_stage": stage, "wrapper": "DeepSpeedEngine",
-    }  # fmt: skip
+        "type": "DEEPSPEED",
+        "processes": 2,
+        "backend": "gloo",
+        "zero_stage": stage,
+        "wrapper": "DeepSpeedEngine",
+    }
     for checkpoint in checkpoints:
         shards = sorted(os.listdir(out / checkpoint / files.DEEPSPEED_DIR / "state"))
         optimizer_shards = [s for s in shards if s.endswith("optim_states.pt")]  # bf16_zero_... in bf16 mode
         assert len(optimizer_shards) == 2
         for rank, shard in enumerate(optimizer_shards):
             assert shard.endswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"), shard
-        assert not (out / checkpoint / files.OPTIMIZER_FILE).exists()  # the DDP layout is not written
+        assert not (out / checkpoint / files.OPTIMIZER_TENSORS).exists()  # the DDP layout is not written
         state = json.loads((out / checkpoint / files.STATE_FILE).read_text())
         assert state["deepspeed_state"] == {"processes": 2, "zero_stage": stage}
 
@@ -197,7 +201,7 @@ def test_ddp_checkpoint_resumes_under_zero2(two_process_run, tmp_path):
     assert_deepspeed_ran(out, 2, checkpoints=("checkpoint-5",))
     # --save-optimizer-state latest (the default): only the newest checkpoint keeps optimizer state, whatever its form
     assert (out / "checkpoint-4" / files.MODEL_WEIGHTS).exists()
-    assert not (out / "checkpoint-4" / files.OPTIMIZER_FILE).exists()
+    assert not (out / "checkpoint-4" / files.OPTIMIZER_TENSORS).exists()
     resumed = weights(out)
     initial = initial_policy(out)
     policy = [k for k in resumed if not k.startswith("value.")]
@@ -209,9 +213,13 @@ def test_ddp_checkpoint_resumes_under_zero2(two_process_run, tmp_path):
 def test_deepspeed_with_cpu_flag_is_refused_in_one_line(tmp_path):
     """accelerate drops DeepSpeed under --cpu; the run says so instead of training without it."""
     result = run_script(
-        "train_ppo.py", "--preset", "smoke", "--output-dir", str(tmp_path / "out"),
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(tmp_path / "out"),
         env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"},
-    )  # fmt: skip
+    )
     one_line_error(result, "DeepSpeed", "--cpu")
     assert not (tmp_path / "out").exists()
 

@@ -60,19 +60,23 @@ def test_gae_with_the_kl_in_the_loss(tmp_path):
     assert "loss/kl" in trainer.step()
 
 
-def test_algorithm_state_round_trips(tmp_path):
-    """`state_dict` carries what resuming needs besides weights; `load_state_dict` brings it back exactly."""
+def test_algorithm_saves_and_loads_itself(tmp_path):
+    """`Algorithm.save` writes what resuming needs (weights, AdamW moments, schedule, KL controller); `load` into
+    another algorithm brings it back exactly."""
     trainer = make_smoke_trainer(tmp_path / "a", "--max-updates", "3")
     for _ in range(2):
         trainer.step()
-    saved = trainer.algorithm.state_dict()
-    assert set(saved) == {"optimizer", "lr_scheduler", "kl_controller"}
-    assert saved["optimizer"]["state"] and saved["kl_controller"]["kl_coef"] > 0
+    saved_dir = tmp_path / "saved"
+    saved_dir.mkdir()
+    holds = trainer.algorithm.save(str(saved_dir))
+    assert holds == {"checkpoint_format": 2, "optimizer_state": True}
     other = make_smoke_trainer(tmp_path / "b", "--max-updates", "3")
-    assert other.algorithm.state_dict()["lr_scheduler"] != saved["lr_scheduler"]
-    other.algorithm.load_state_dict(saved)
-    restored = other.algorithm.state_dict()
-    assert restored["kl_controller"] == saved["kl_controller"]
-    assert restored["lr_scheduler"] == saved["lr_scheduler"]
-    for key, value in saved["optimizer"]["state"].items():
-        assert_close(restored["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
+    assert other.algorithm.lr_scheduler.state_dict() != trainer.algorithm.lr_scheduler.state_dict()
+    other.algorithm.load(str(saved_dir))
+    assert other.algorithm.kl_controller.state_dict() == trainer.algorithm.kl_controller.state_dict()
+    assert other.algorithm.lr_scheduler.state_dict() == trainer.algorithm.lr_scheduler.state_dict()
+    mine, theirs = trainer.algorithm.optimizer.state_dict(), other.algorithm.optimizer.state_dict()
+    for key, value in mine["state"].items():
+        assert_close(theirs["state"][key]["exp_avg"], value["exp_avg"])
+    for a, b in zip(trainer.algorithm.policy.parameters(), other.algorithm.policy.parameters()):
+        assert_close(a, b)

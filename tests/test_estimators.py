@@ -23,8 +23,17 @@ make_trainer = make_smoke_trainer
     ],
 )
 def test_estimator_learns_without_a_value_model(tmp_path, estimator, prompts, min_gain):
-    trainer = make_trainer(tmp_path, "--advantage-estimator", estimator, "--samples-per-prompt", "4",
-                           "--rollout-batch-size", str(prompts), "--max-updates", "40")  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        "--advantage-estimator",
+        estimator,
+        "--samples-per-prompt",
+        "4",
+        "--rollout-batch-size",
+        str(prompts),
+        "--max-updates",
+        "40",
+    )
     assert trainer.algorithm.value_scorer is None
     assert all(n.startswith("policy.") for n, _ in trainer.algorithm.model.named_parameters())
     history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
@@ -55,8 +64,15 @@ def test_group_advantages_are_shared_by_each_prompts_samples(tmp_path):
 
 @pytest.mark.soak  # CI runs it after the README command
 def test_reward_function_alone_trains_and_is_logged(tmp_path):
-    trainer = make_trainer(tmp_path, "--reward-model", "none", "--reward-funcs",
-                           "examples/reward_functions.py:readable_text", "--reward-weights", "10")  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        "--reward-model",
+        "none",
+        "--reward-funcs",
+        "examples/reward_functions.py:readable_text",
+        "--reward-weights",
+        "10",
+    )
     assert trainer.reward.reader is None and trainer.algorithm.reward.reader is None and trainer.reward_check is None
     summary = trainer.train()
     from smolppo.evaluation.plotting import read_scalars
@@ -76,8 +92,19 @@ def test_grpo_run_writes_and_resumes_without_a_value_model(tmp_path, smoke_cache
     make_trainer(out, *flags, "--max-updates", "2").train()
     assert not (out / "value_model").exists() and not (out / "checkpoint-2" / "value_model").exists()
     assert (out / "model.safetensors").is_file()
-    resumed = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), *flags, "--max-updates", "4",
-                         "--resume-from-checkpoint", "latest", "--allow-config-change")  # fmt: skip
+    resumed = run_script(
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(out),
+        *flags,
+        "--max-updates",
+        "4",
+        "--resume-from-checkpoint",
+        "latest",
+        "--allow-config-change",
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["updates"] == 4 and summary["status"] == "finished"
@@ -93,8 +120,16 @@ def test_evaluation_scores_a_function_only_run_with_its_functions(tmp_path):
     function = ["--reward-funcs", "examples/reward_functions.py:readable_text", "--reward-weights", "10"]
     trainer = make_trainer(tmp_path, "--reward-model", "none", *function, "--max-updates", "1")
     trainer.train()
-    report = evaluate(EvalConfig(model_path=[str(tmp_path)], num_prompts=3, num_completions=2, bootstrap_samples=50,
-                                 max_new_tokens=8, device="cpu"))  # fmt: skip
+    report = evaluate(
+        EvalConfig(
+            model_path=[str(tmp_path)],
+            num_prompts=3,
+            num_completions=2,
+            bootstrap_samples=50,
+            max_new_tokens=8,
+            device="cpu",
+        )
+    )
     settings = report["settings"]
     assert settings["resolved_reward_model"] is None
     assert settings["reward_sources"] == [{"name": "readable_text", "weight": 10.0}]

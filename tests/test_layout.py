@@ -13,7 +13,9 @@ PACKAGE = os.path.join(REPO, "smolppo")
 # A module may import from its own layer and the layers before it; the base (top-level modules and configs/)
 # imports no sub-package at all.
 LAYERS = ["base", "runs", "rewards", "algorithm", "evaluation", "job"]
-MAX_MODULE_LINES = 420
+# Module length is a guideline checked in review (about 400 lines: one subject per module); this ceiling only
+# catches a module that has clearly become two. Lines are never packed to fit: black-style formatting throughout.
+MAX_MODULE_LINES = 600
 MAX_README_LINES = 250
 
 
@@ -67,6 +69,20 @@ def test_layer_rule_catches_an_upward_import(tmp_path):
 def test_no_module_over_the_limit():
     lengths = {m: len(open(p, encoding="utf-8").readlines()) for m, p in _modules().items()}
     assert not {m: n for m, n in lengths.items() if n > MAX_MODULE_LINES}
+
+
+def test_no_code_is_kept_out_of_the_formatter():
+    """No ``fmt: skip`` / ``fmt: off`` anywhere: code is formatted, not packed under a line count."""
+    marker = "# fmt" + ": "
+    packed = []
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules")]
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path, encoding="utf-8") as f:
+                    packed += [f"{os.path.relpath(path, REPO)}:{n}" for n, line in enumerate(f, 1) if marker in line]
+    assert not packed, packed
 
 
 def _anchor(heading: str) -> str:

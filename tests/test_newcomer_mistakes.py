@@ -194,8 +194,21 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "run"
-        result = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), "--max-updates", "4",
-                            "--save-steps", "2", "--save-total-limit", "2", "--report-to", "none")  # fmt: skip
+        result = run_script(
+            "train_ppo.py",
+            "--preset",
+            "smoke",
+            "--output-dir",
+            str(out),
+            "--max-updates",
+            "4",
+            "--save-steps",
+            "2",
+            "--save-total-limit",
+            "2",
+            "--report-to",
+            "none",
+        )
         assert result.returncode == 4, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: no space left on the device of {str(out)!r}"), last
@@ -204,9 +217,23 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]
         assert not [n for n in os.listdir(out) if n.startswith(files.STAGING_PREFIX)]  # its space was freed
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        resumed = run_script("train_ppo.py", "--preset", "smoke", "--output-dir", str(out), "--max-updates", "4",
-                             "--save-steps", "2", "--save-total-limit", "2", "--report-to", "none",
-                             "--resume-from-checkpoint", "latest")  # fmt: skip
+        resumed = run_script(
+            "train_ppo.py",
+            "--preset",
+            "smoke",
+            "--output-dir",
+            str(out),
+            "--max-updates",
+            "4",
+            "--save-steps",
+            "2",
+            "--save-total-limit",
+            "2",
+            "--report-to",
+            "none",
+            "--resume-from-checkpoint",
+            "latest",
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert json.loads((out / "run_summary.json").read_text())["updates"] == 4
     finally:

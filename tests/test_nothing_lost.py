@@ -159,9 +159,15 @@ def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run
     one_line_error(refused, "learning_rate: 0.003 -> 0.01", "--allow-config-change")
     assert snapshot(out) == before
     honoured = train_smoke(
-        out, "--resume-from-checkpoint", "latest", "--max-updates", "6", "--learning-rate", "0.01",
+        out,
+        "--resume-from-checkpoint",
+        "latest",
+        "--max-updates",
+        "6",
+        "--learning-rate",
+        "0.01",
         "--allow-config-change",
-    )  # fmt: skip
+    )
     assert honoured.returncode == 0, honoured.stderr[-3000:]
     rates = scalars(out / "logs", "learning_rate")
     assert rates[4] == pytest.approx(0.003) and rates[5] == pytest.approx(0.01) and rates[6] == pytest.approx(0.01)
@@ -187,9 +193,15 @@ def test_resuming_an_older_checkpoint_is_a_branch(finished_run, tmp_path):
     refused = train_smoke(out, "--resume-from-checkpoint", older, "--max-updates", "4")
     one_line_error(refused, "is not the newest checkpoint", "checkpoint-4", "--discard-newer-checkpoints")
     branch = train_smoke(
-        out, "--resume-from-checkpoint", older, "--max-updates", "3", "--discard-newer-checkpoints",
-        "--save-total-limit", "5",
-    )  # fmt: skip
+        out,
+        "--resume-from-checkpoint",
+        older,
+        "--max-updates",
+        "3",
+        "--discard-newer-checkpoints",
+        "--save-total-limit",
+        "5",
+    )
     assert branch.returncode == 0, branch.stderr[-3000:]
     assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2, 3]  # the resumed-from one kept
     assert json.loads((out / "run_summary.json").read_text())["updates"] == 3
@@ -219,13 +231,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run
 
 @pytest.mark.soak  # CI runs it after the README command (moved to keep that command short)
 def test_only_the_newest_checkpoint_keeps_the_optimizer_state(finished_run, tmp_path):
-    assert (finished_run / "checkpoint-4" / "optimizer.pt").is_file()
-    assert not (finished_run / "checkpoint-2" / "optimizer.pt").exists()  # --save-optimizer-state latest
+    assert (finished_run / "checkpoint-4" / "optimizer.safetensors").is_file()
+    assert not (finished_run / "checkpoint-2" / "optimizer.safetensors").exists()  # --save-optimizer-state latest
     state = json.loads((finished_run / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["optimizer_state"] is False
     out = _copy_run(finished_run, tmp_path)
-    branch = train_smoke(out, "--resume-from-checkpoint", str(out / "checkpoint-2"), "--max-updates", "3",
-                    "--discard-newer-checkpoints")  # fmt: skip
+    branch = train_smoke(
+        out, "--resume-from-checkpoint", str(out / "checkpoint-2"), "--max-updates", "3", "--discard-newer-checkpoints"
+    )
     assert branch.returncode == 0, branch.stderr[-3000:]
     assert "keeps weights only (its optimizer state was dropped): AdamW moments restart" in branch.stderr
 
@@ -235,11 +248,22 @@ def test_all_checkpoints_keep_the_optimizer_state_when_asked_and_the_size_is_sai
     from tests.conftest import make_smoke_trainer
 
     out = tmp_path / "all"
-    trainer = make_smoke_trainer(out, "--max-updates", "4", "--save-steps", "2", "--save-total-limit", "5",
-                                 "--save-optimizer-state", "all", "--report-to", "none")  # fmt: skip
+    trainer = make_smoke_trainer(
+        out,
+        "--max-updates",
+        "4",
+        "--save-steps",
+        "2",
+        "--save-total-limit",
+        "5",
+        "--save-optimizer-state",
+        "all",
+        "--report-to",
+        "none",
+    )
     with caplog.at_level("INFO"):
         trainer.train()
-    assert all((out / f"checkpoint-{n}" / "optimizer.pt").is_file() for n in (2, 4))
+    assert all((out / f"checkpoint-{n}" / "optimizer.safetensors").is_file() for n in (2, 4))
     said = "each checkpoint writes 1.6 MB (models 0.5 MB, optimizer state 1.1 MB); checkpoints in this run: 2"
     assert said in caplog.text
     size = sum(f.stat().st_size for f in (out / "checkpoint-4").rglob("*") if f.is_file())
@@ -249,11 +273,11 @@ def test_all_checkpoints_keep_the_optimizer_state_when_asked_and_the_size_is_sai
 @pytest.mark.soak
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(finished_run, tmp_path):
     out = _copy_run(finished_run, tmp_path)
-    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    (out / "checkpoint-4" / "optimizer.safetensors").unlink()
     explicit = train_smoke(out, "--resume-from-checkpoint", str(out / "checkpoint-4"), "--max-updates", "5")
-    one_line_error(explicit, "optimizer.pt is missing")
+    one_line_error(explicit, "optimizer.safetensors is missing")
     corrupt = _copy_run(finished_run, tmp_path / "c")
-    (corrupt / "checkpoint-4" / "scheduler.pt").write_bytes(b"garbage")
+    (corrupt / "checkpoint-4" / "algorithm_state.json").write_bytes(b"garbage")
     result = train_smoke(corrupt, "--resume-from-checkpoint", "latest", "--max-updates", "5")
     one_line_error(result, "checkpoint-4", "is damaged")
 
@@ -422,11 +446,25 @@ def test_sigterm_before_training_stops_with_one_line(tmp_path):
 def test_reward_model_training_stops_gracefully_on_sigint(tmp_path):
     out = tmp_path / "rm"
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "train_reward_model.py"), *SMOKE, "--output-dir", str(out),
-         "--num-train-epochs", "200", "--save-steps", "100000", "--eval-steps", "100000"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            os.path.join(REPO, "train_reward_model.py"),
+            *SMOKE,
+            "--output-dir",
+            str(out),
+            "--num-train-epochs",
+            "200",
+            "--save-steps",
+            "100000",
+            "--eval-steps",
+            "100000",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     deadline = time.time() + 90
     while not (out / "logs").is_dir():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]

@@ -58,8 +58,13 @@ def test_partial_logs_and_several_runs(tmp_path):
     assert sorted(frame["run"].unique()) == ["grpo", "ppo"] and len(frame) == 20
     figure, missing = plot_progress(frame)
     assert len(figure.axes) == 4
-    assert missing == [("grpo", "Training loss"), ("grpo", "Learning rate"), ("ppo", "Learning rate"),
-                       ("grpo", "KL divergence from reference"), ("ppo", "KL divergence from reference")]  # fmt: skip
+    assert missing == [
+        ("grpo", "Training loss"),
+        ("grpo", "Learning rate"),
+        ("ppo", "Learning rate"),
+        ("grpo", "KL divergence from reference"),
+        ("ppo", "KL divergence from reference"),
+    ]
     reward_axis = figure.axes[2]
     assert len(reward_axis.lines) == 2 and reward_axis.get_legend() is not None
     result = run_script(
@@ -133,8 +138,14 @@ def test_titles_and_legends_name_the_algorithm_and_a_single_point_shows(tmp_path
     reward = figure.axes[2]
     assert reward.lines[0].get_marker() == "o" and len(reward.lines[0].get_xdata()) == 1
     assert reward.get_legend().get_texts()[0].get_text() == "a (GRPO)"
-    result = run_script("plot_training_progress.py", "--log-dir", single["a"], str(tmp_path / "runs" / "b" / "logs"),
-                        "--output", str(tmp_path / "both.png"))  # fmt: skip
+    result = run_script(
+        "plot_training_progress.py",
+        "--log-dir",
+        single["a"],
+        str(tmp_path / "runs" / "b" / "logs"),
+        "--output",
+        str(tmp_path / "both.png"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "both_behaviour.png").read_bytes()[:4] == b"\x89PNG"
     assert "both_behaviour.png" in result.stderr

@@ -130,6 +130,42 @@ def test_adaptive_kl_controller_follows_ziegler():
     assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99 * 0.98)
 
 
+def test_pi_kl_controller_hand_computed():
+    ctl = ppo_math.PIDKLController(0.1, target=6.0, horizon=100, kp=0.5, ki=0.1, smoothing=0.5, bound=10.0)
+    ctl.update(3.0, n_steps=100)  # below the target, never reached: held; the smoothed KL starts at 3
+    assert ctl.value == 0.1 and not ctl.engaged and ctl.smoothed_kl == 3.0
+    ctl.update(21.0, n_steps=100)  # smoothed 0.5*3 + 0.5*21 = 12: e = log 2; I = 0.1 log 2
+    e = math.log(2.0)
+    assert ctl.engaged and ctl.smoothed_kl == 12.0
+    assert ctl.value == pytest.approx(0.1 * math.exp(0.5 * e + 0.1 * e))
+    ctl.update(0.0, n_steps=100)  # smoothed 6: e = 0, the proportional part lets go at once, the integral stays
+    assert ctl.value == pytest.approx(0.1 * math.exp(0.1 * e))
+    ctl.update(0.0, n_steps=100)  # smoothed 3: e = -log 2
+    assert ctl.value == pytest.approx(0.1 * math.exp(-0.5 * e + 0.1 * e - 0.1 * e))
+
+
+def test_pi_kl_controller_is_bounded_without_windup():
+    ctl = ppo_math.PIDKLController(0.1, target=1.0, horizon=1, kp=0.5, ki=1.0, smoothing=0.0, bound=4.0)
+    for _ in range(20):  # a long overshoot: e clipped at 1, the integral alone would reach 20
+        ctl.update(100.0, n_steps=1)
+    assert ctl.value == pytest.approx(0.4)  # at the bound, 4x the initial coefficient
+    assert ctl.integral == pytest.approx(math.log(4.0) - 0.5)  # held where the output meets the bound
+    ctl.update(1.0 / math.e, n_steps=1)  # back under the target: e = -1, it leaves the bound at once
+    assert ctl.value == pytest.approx(0.1 * math.exp(-0.5 + math.log(4.0) - 0.5 - 1.0))
+    restored = ppo_math.PIDKLController(0.1, target=1.0, horizon=1, kp=0.5, ki=1.0, smoothing=0.0, bound=4.0)
+    restored.load_state_dict(ctl.state_dict())
+    ctl.update(2.0, n_steps=1), restored.update(2.0, n_steps=1)
+    assert restored.value == ctl.value
+
+
+def test_pid_kl_controller_acts_on_the_trend():
+    pi = ppo_math.PIDKLController(0.1, target=4.0, horizon=1, kp=0.5, ki=0.0, kd=0.0, smoothing=0.0)
+    pid = ppo_math.PIDKLController(0.1, target=4.0, horizon=1, kp=0.5, ki=0.0, kd=1.0, smoothing=0.0)
+    for kl in (4.0, 8.0):  # the KL doubles in one update
+        pi.update(kl, 1), pid.update(kl, 1)
+    assert pid.value == pytest.approx(pi.value * math.exp(math.log(2.0)))  # the rise itself adds log 2
+
+
 def test_fixed_kl_controller_never_moves():
     ctl = ppo_math.FixedKLController(0.05)
     ctl.update(100.0, n_steps=1000)

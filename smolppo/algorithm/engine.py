@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from smolppo import zero
 from smolppo.algorithm import dynamic_sampling, ppo_math, update_stats
+from smolppo.algorithm import state as algorithm_state
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
 from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
@@ -111,10 +112,7 @@ class Algorithm:
                 store_body_linears_in_bf16(frozen_model)
         set_attention(attention_for(config.attn_implementation), policy, value_model, *frozen)
         self.ref_policy = ref_policy
-        if config.adaptive_kl:
-            self.kl_controller = ppo_math.AdaptiveKLController(config.init_kl_coef, config.target, schedule.kl_horizon)
-        else:
-            self.kl_controller = ppo_math.FixedKLController(config.init_kl_coef)
+        self.kl_controller = ppo_math.kl_controller(config, schedule.kl_horizon)
         self.timer = StageTimer(acc.device)
         self.observed: dict = {}
 
@@ -350,26 +348,42 @@ class Algorithm:
     def kl_status(self) -> dict:
         """The KL coefficient for the next update, the target and whether the KL has reached it (adaptive only)."""
         controller = self.kl_controller
-        return {"kl_coef": controller.value, "target": getattr(controller, "target", None),
-                "engaged": getattr(controller, "engaged", None)}  # fmt: skip
-
-    def state_dict(self) -> dict:
-        """What resuming needs besides the weights: AdamW state (None under DeepSpeed, which shards its own), the
-        learning-rate schedule and the KL controller."""
         return {
-            "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
+            "kl_coef": controller.value,
+            "target": getattr(controller, "target", None),
+            "engaged": getattr(controller, "engaged", None),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict`'s output (``optimizer`` None: fresh AdamW moments). The schedule keeps its position
-        but takes this run's peak learning rate; a horizon given on the command line replaces the saved one."""
-        if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    def save(self, directory: str) -> dict | None:
+        """Everything resuming needs, into the existing `directory`: the models in Hugging Face format, AdamW's
+        moments, the learning-rate schedule, the KL controller and the random streams (`smolppo.algorithm.state`).
+        Every process calls it; the main process gets what the checkpoint holds (for its index)."""
+        return algorithm_state.save(self, directory)
+
+    def load(self, directory: str) -> None:
+        """Restore what `save` wrote (or an earlier version's checkpoint); a damaged or unsafe file is one line."""
+        algorithm_state.load(self, directory)
+
+    def save_pretrained(self, open_directory) -> None:
+        """The trained models (policy or adapter + tokenizer, value model beside it) in Hugging Face format. Every
+        process calls it (ZeRO-3 gathers the weights); the main process writes into the directory that entering
+        ``open_directory()`` yields (a staging directory published when the block ends)."""
+        self.accelerator.wait_for_everyone()
+        weights = algorithm_state.full_state_dicts(self)
+        if self.accelerator.is_main_process:
+            with open_directory() as directory:
+                algorithm_state.write_models(self, directory, weights)
+
+    def checkpoint_bytes(self) -> dict[str, int]:
+        """The size of one checkpoint: ``weights`` and ``optimizer`` (AdamW's moments or DeepSpeed's state)."""
+        return algorithm_state.checkpoint_bytes(self)
+
+    def restore_schedules(self, lr_scheduler: dict, kl_controller: dict) -> None:
+        """Saved schedule states back in place. The learning-rate schedule keeps its position but takes this run's
+        peak rate; a horizon given on the command line replaces the saved one."""
+        self.lr_scheduler.load_state_dict(lr_scheduler)
         apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
-        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.kl_controller.load_state_dict(kl_controller)
         if self.config.horizon is not None and hasattr(self.kl_controller, "horizon"):
             self.kl_controller.horizon = self.schedule.kl_horizon
 

@@ -6,6 +6,7 @@ including the first EOS) and 0.0 after; everything computed at masked positions 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -279,3 +280,84 @@ class AdaptiveKLController:
         self.horizon = int(state.get("kl_horizon") or self.horizon)
         if state.get("kl_engaged") is not None:
             self.engaged = bool(state["kl_engaged"])
+
+
+def kl_controller(config, horizon: int):
+    """The run's KL controller: fixed without ``adaptive_kl``, else the ``kl_controller`` named in `config`."""
+    if not config.adaptive_kl:
+        return FixedKLController(config.init_kl_coef)
+    if config.kl_controller == "adaptive":
+        return AdaptiveKLController(config.init_kl_coef, config.target, horizon)
+    return PIDKLController(
+        config.init_kl_coef, config.target, horizon, kd=1.0 if config.kl_controller == "pid" else 0.0
+    )
+
+
+class PIDKLController:
+    """Proportional-integral(-derivative) control of the KL coefficient on a smoothed KL, in log space, bounded.
+
+    ``kl_s = smoothing * kl_s + (1 - smoothing) * KL``; ``e = clip(log(kl_s / target), -1, 1)`` (a ratio error:
+    twice the target and half of it weigh the same); ``I += ki * e * n_steps / horizon``;
+    ``coef = init * exp(kp * e + I + kd * (e - e_previous))``, kept within ``[init / bound, init * bound]``.
+
+    Against the multiplicative rule (`AdaptiveKLController`): the proportional term answers an overshoot at once,
+    in proportion, and lets go as soon as the KL is back under the target, where the multiplicative rule keeps
+    compounding until the KL falls below it; the bound and back-calculation (the integral is reset so that the
+    output sits at the bound) stop windup, so a long overshoot cannot leave a penalty that drowns the reward for the
+    rest of the run. With ``kd`` the controller also acts on the KL's trend: a fast rise raises the coefficient
+    before the level overshoots. Held at `init_kl_coef` until the KL first reaches the target, as the adaptive rule.
+    """
+
+    def __init__(
+        self,
+        init_kl_coef: float,
+        target: float,
+        horizon: int,
+        kp: float = 0.5,
+        ki: float = 0.1,
+        kd: float = 0.0,
+        smoothing: float = 0.5,
+        bound: float = 10.0,
+    ):
+        self.init, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+        self.kp, self.ki, self.kd, self.smoothing, self.bound = kp, ki, kd, smoothing, bound
+        self.value = self.init
+        self.engaged = False
+        self.integral = 0.0
+        self.smoothed_kl: float | None = None
+        self.previous_error = 0.0
+
+    def update(self, observed_kl: float, n_steps: int) -> None:
+        kl = float(observed_kl)
+        self.smoothed_kl = (
+            kl if self.smoothed_kl is None else self.smoothing * self.smoothed_kl + (1 - self.smoothing) * kl
+        )
+        error = min(max(math.log(max(self.smoothed_kl, 1e-8) / self.target), -1.0), 1.0)
+        trend, self.previous_error = error - self.previous_error, error
+        self.engaged = self.engaged or kl >= self.target
+        if not self.engaged or self.init == 0.0:
+            return
+        self.integral += self.ki * error * n_steps / self.horizon
+        output = self.kp * error + self.integral + self.kd * trend
+        limit = math.log(self.bound)
+        bounded = min(max(output, -limit), limit)
+        self.integral += bounded - output  # back-calculation: no windup beyond the bound
+        self.value = self.init * math.exp(bounded)
+
+    def state_dict(self) -> dict:
+        return {
+            "kl_coef": self.value,
+            "kl_horizon": self.horizon,
+            "kl_engaged": self.engaged,
+            "kl_integral": self.integral,
+            "kl_smoothed": self.smoothed_kl,
+            "kl_previous_error": self.previous_error,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["kl_coef"])
+        self.horizon = int(state.get("kl_horizon") or self.horizon)
+        self.engaged = bool(state.get("kl_engaged") or False)
+        self.integral = float(state.get("kl_integral") or 0.0)
+        self.smoothed_kl = state.get("kl_smoothed")
+        self.previous_error = float(state.get("kl_previous_error") or 0.0)

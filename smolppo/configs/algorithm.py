@@ -39,6 +39,7 @@ class AlgorithmSettings:
     kl_estimator: str
     kl_in_loss: bool
     adaptive_kl: bool
+    kl_controller: str
     init_kl_coef: float
     target: float
     horizon: Optional[int]

@@ -10,6 +10,7 @@ from smolppo.configs.parts import DEFAULT_REWARD_MODEL, _help, check_positive, c
 KL_HORIZON_UPDATES = 1  # default horizon = this many updates' episodes: at most +-20% per update, any estimator
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
+KL_CONTROLLERS = ("adaptive", "pi", "pid")  # smolppo.algorithm.ppo_math.kl_controller
 NO_REWARD_MODEL = "none"
 
 
@@ -130,6 +131,14 @@ class AlgorithmFields:
     adaptive_kl: bool = field(
         default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
     )
+    kl_controller: str = field(
+        default="adaptive",
+        metadata=_help(
+            "How the adaptive coefficient moves: adaptive (Ziegler et al.: multiplied by up to 1 +/- 20%% per "
+            "update), pi (proportional-integral on a smoothed KL, bounded to 10x the initial coefficient either "
+            "way, no windup) or pid (pi that also acts on the KL's trend). docs/ALGORITHM.md compares them."
+        ),
+    )
     target: float = field(default=6.0, metadata=_help("Target KL (nats per response) for the adaptive controller."))
     horizon: Optional[int] = field(
         default=None,
@@ -201,6 +210,8 @@ class AlgorithmFields:
             )
         if self.horizon is not None:
             check_positive(self, "horizon")
+        if self.kl_controller not in KL_CONTROLLERS:
+            raise ValueError(f"kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not self.init_kl_coef >= 0:

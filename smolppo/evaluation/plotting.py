@@ -18,10 +18,22 @@ logger = logging.getLogger(__name__)
 PANELS = [
     ("loss", "Training loss", ("loss", "train/loss")),
     ("learning_rate", "Learning rate", ("learning_rate", "train/learning_rate", "lr")),
-    ("reward", "Mean reward per batch", ("rewards/mean", "train/reward", "reward", "train/objective/scores",
-                                          "objective/scores", "train/accuracy", "eval/accuracy", "accuracy")),
+    (
+        "reward",
+        "Mean reward per batch",
+        (
+            "rewards/mean",
+            "train/reward",
+            "reward",
+            "train/objective/scores",
+            "objective/scores",
+            "train/accuracy",
+            "eval/accuracy",
+            "accuracy",
+        ),
+    ),
     ("kl", "KL divergence from reference", ("kl_divergence", "train/kl", "kl", "train/objective/kl", "objective/kl")),
-]  # fmt: skip
+]
 # The second figure: what the responses look like (`smolppo.algorithm.behaviour`), for runs that logged them.
 BEHAVIOUR_PANELS = [
     ("length", "Response length (tokens)", ("response/length_mean",)),
@@ -137,8 +149,14 @@ def default_title(algorithms: dict[str, str], what: str = "training progress") -
     return (" and ".join(named) if len(named) <= 2 else ", ".join(named)) + " " + what
 
 
-def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = None, targets=None,
-                  algorithms: dict[str, str] | None = None, panels=PANELS):  # fmt: skip
+def plot_progress(
+    frame: pd.DataFrame,
+    weight: float = 0.0,
+    title: str | None = None,
+    targets=None,
+    algorithms: dict[str, str] | None = None,
+    panels=PANELS,
+):
     """The figure of `panels`, two a row; returns ``(figure, [(run, panel title) that could not be filled])``.
 
     A panel whose values are one constant across every run (a constant learning rate) shows that value as a
@@ -168,14 +186,26 @@ def plot_progress(frame: pd.DataFrame, weight: float = 0.0, title: str | None = 
                 continue
             series[run] = (tag, frame[(frame["run"] == run) & (frame["tag"] == tag)])
         if not series:
-            ax.text(0.5, 0.5, f"no {' / '.join(aliases[:2])} scalar logged", ha="center", va="center",
-                    transform=ax.transAxes)  # fmt: skip
+            ax.text(
+                0.5,
+                0.5,
+                f"no {' / '.join(aliases[:2])} scalar logged",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
             continue
         ax.set_ylabel(", ".join(dict.fromkeys(tag for tag, _ in series.values())))
         values = pd.concat([data["value"] for _, data in series.values()])
         if len(values) > 1 and values.nunique() == 1:
-            ax.text(0.5, 0.5, f"constant {values.iloc[0]:.4g} in {', '.join(series)}", ha="center", va="center",
-                    transform=ax.transAxes)  # fmt: skip
+            ax.text(
+                0.5,
+                0.5,
+                f"constant {values.iloc[0]:.4g} in {', '.join(series)}",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
             continue
         for run, (_, data) in series.items():
             label = f"{run} ({algorithms[run]})" if run in algorithms else run

@@ -210,8 +210,10 @@ def load_value_model(config, policy_path: str, policy_tokenizer, reward: RewardR
 def load_ppo_models(config) -> PPOModels:
     """Policy (+LoRA), reference (a frozen copy, or none with LoRA), reward reader (when a reward model is used) and
     value model (only for the gae estimator)."""
-    for name, flag in ((config.reward_model if config.uses_reward_model else None, "reward-model"),
-                       (config.value_model, "value-model")):  # fmt: skip
+    for name, flag in (
+        (config.reward_model if config.uses_reward_model else None, "reward-model"),
+        (config.value_model, "value-model"),
+    ):
         if name:  # local paths first: a missing one fails at once, before the hub is asked for anything
             resolve_model_path(name, flag)
     policy_path = resolve_model_path(config.policy_model, "policy-model")

@@ -22,7 +22,7 @@ from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
 from smolppo.rewards.reader import PairwiseCheck
 from smolppo.rewards.sources import CombinedReward
-from smolppo.runs import checkpointing, hub, output_dir, run_state
+from smolppo.runs import checkpointing, hub, output_dir
 from smolppo.signals import GracefulStop
 from smolppo.tracking import MetricsWriter, peak_memory_bytes, run_environment
 
@@ -107,7 +107,7 @@ class Trainer:
         try:
             return self._train(resume_from)
         except Exception as exc:
-            size = run_state.checkpoint_bytes(self.algorithm)
+            size = self.algorithm.checkpoint_bytes()
             needed = size["weights"] + size["optimizer"]
             # torch.save reports a short write on a full disk as "unexpected pos": judge by the space left too
             short_of_space = (
@@ -228,7 +228,7 @@ class Trainer:
             s.kl_horizon,
             f"; resuming at update {self.update}" if self.update else "",
         )
-        size = run_state.checkpoint_bytes(self.algorithm)
+        size = self.algorithm.checkpoint_bytes()
         updates = range(self.update + 1, s.total_updates + 1)
         checkpoints = sum(1 for u in updates if u % cfg.save_steps == 0 or u == s.total_updates)
         logger.info(
@@ -258,18 +258,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving and resuming
     def save_model(self, target: str | None = None) -> None:
-        """Final policy (full weights or LoRA adapter) + tokenizer in `target`, value model (gae) beside it."""
-        run_state.save_model(self.algorithm, target or self.config.output_dir)
+        """Final policy (full weights or LoRA adapter) + tokenizer in `target`, value model (gae) beside it: staged,
+        then moved in, never over the user's files."""
+        self.algorithm.save_pretrained(lambda: output_dir.publishing(target or self.config.output_dir))
 
     def save_checkpoint(self) -> str | None:
-        """Everything needed to continue exactly: models, optimizer, scheduler, KL controller, RNG, counters."""
-        counters = {"update": self.update, "episodes": self.episodes, "last_metrics": self.last_metrics,
-                    "watch": self.watch.state_dict()}  # fmt: skip
-        return run_state.save_checkpoint(self.algorithm, self.config, counters)
+        """``checkpoint-<update>``: the algorithm's state (`Algorithm.save`) and this job's counters, written into a
+        staging directory that is renamed in only when complete; the path (None on the other processes)."""
+        cfg, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            checkpointing.fresh_staging_dir(cfg.output_dir, self.update)
+        acc.wait_for_everyone()  # every process writes into it (under DeepSpeed, its shard of the state)
+        staging = checkpointing.staging_dir(cfg.output_dir, self.update)
+        try:
+            holds = self.algorithm.save(staging)
+            if acc.is_main_process:
+                counters = {"update": self.update, "episodes": self.episodes, "last_metrics": self.last_metrics}
+                index = {**holds, **counters, "watch": self.watch.state_dict(), "config": cfg.recorded()}
+                output_dir.write_json_atomically(os.path.join(staging, files.STATE_FILE), index)
+        except BaseException:
+            checkpointing.discard_staging(cfg.output_dir, self.update)
+            raise
+        if not acc.is_main_process:
+            return None
+        path = checkpointing.publish_checkpoint(cfg.output_dir, self.update, cfg.save_total_limit)
+        if cfg.save_optimizer_state == "latest":
+            checkpointing.drop_optimizer_state(cfg.output_dir, keep=path)
+        return path
 
     def load_checkpoint(self, path: str) -> None:
         """Restore everything `save_checkpoint` wrote; a damaged file is one line naming it."""
-        state = run_state.load_checkpoint(self.algorithm, path)
+        state = checkpointing.read_index(path)
+        self.algorithm.load(path)
         self.update, self.episodes = state["update"], state["episodes"]
         self.last_metrics = state.get("last_metrics", {})
         self.watch.load_state_dict(state.get("watch", {}))

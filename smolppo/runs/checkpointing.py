@@ -13,18 +13,20 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 
 from smolppo import filesystem
 from smolppo.errors import UserError
 from smolppo.files import (
     ADAPTER_WEIGHTS,
+    ALGORITHM_STATE_FILE,
+    CHECKPOINT_FORMAT_KEY,
     CHECKPOINT_PREFIX,
     DEEPSPEED_DIR,
+    LEGACY_OPTIMIZER_FILE,
+    LEGACY_RNG_FILE,
+    LEGACY_SCHEDULER_FILE,
     MODEL_WEIGHTS,
-    OPTIMIZER_FILE,
-    RNG_FILE,
-    SCHEDULER_FILE,
+    OPTIMIZER_TENSORS,
     STAGING_PREFIX,
     STATE_FILE,
     VALUE_MODEL_DIR,
@@ -35,7 +37,7 @@ from smolppo.runs.output_dir import keep_staging, remove_entry, write_json_atomi
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: the optimizer state was dropped
+OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: no optimizer tensors (dropped, or DeepSpeed)
 DEEPSPEED_STATE_KEY = "deepspeed_state"  # {"processes", "zero_stage"}: DEEPSPEED_DIR holds the engine's state
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -100,19 +102,11 @@ def fresh_staging_dir(output_dir: str, step: int) -> str:
     return staging
 
 
-def save_checkpoint(
-    output_dir: str, step: int, write: Callable[[str], None], save_total_limit: int, staged: bool = False
-) -> str:
-    """Call ``write(tmp_dir)``, then rename it to ``checkpoint-<step>`` and rotate old checkpoints. With `staged`,
-    `fresh_staging_dir` was made (and partly filled by every process) before."""
-    os.makedirs(output_dir, exist_ok=True)
+def publish_checkpoint(output_dir: str, step: int, save_total_limit: int) -> str:
+    """Rename `step`'s complete staging directory (see `fresh_staging_dir`) to ``checkpoint-<step>``, then rotate
+    old checkpoints; the path. A checkpoint whose rename meets a file held open is kept to resume from."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    staging = staging_dir(output_dir, step) if staged else fresh_staging_dir(output_dir, step)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a partial checkpoint is never renamed in; free its space now
-        raise
+    staging = staging_dir(output_dir, step)
     try:
         remove_entry(final)
         filesystem.replace(staging, final)
@@ -125,6 +119,11 @@ def save_checkpoint(
         ) from held
     rotate_checkpoints(output_dir, save_total_limit)
     return final
+
+
+def discard_staging(output_dir: str, step: int) -> None:
+    """Remove `step`'s staging directory after a failed save: a partial checkpoint is never renamed in."""
+    shutil.rmtree(staging_dir(output_dir, step), ignore_errors=True)
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: int) -> None:
@@ -142,7 +141,10 @@ def drop_optimizer_state(output_dir: str, keep: str) -> None:
     """Remove the optimizer state from every checkpoint but `keep` (the newest): marked in its state file first,
     then the file goes, so an interruption between the two leaves a checkpoint that resumes either way."""
     for _, path in list_checkpoints(output_dir):
-        optimizer, engine_state = os.path.join(path, OPTIMIZER_FILE), os.path.join(path, DEEPSPEED_DIR)
+        optimizer = os.path.join(path, OPTIMIZER_TENSORS)
+        if not os.path.isfile(optimizer):
+            optimizer = os.path.join(path, LEGACY_OPTIMIZER_FILE)
+        engine_state = os.path.join(path, DEEPSPEED_DIR)
         if os.path.samefile(path, keep) or not (os.path.isfile(optimizer) or os.path.isdir(engine_state)):
             continue
         with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
@@ -159,6 +161,20 @@ def drop_optimizer_state(output_dir: str, keep: str) -> None:
         logger.info("dropped the optimizer state of %s (--save-optimizer-state latest)", path)
 
 
+def read_index(path: str) -> dict:
+    """A checkpoint's index (``trainer_state.json``: counters, config, what it holds); one line when unreadable."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["update"]), int(state["episodes"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"checkpoint {path!r} is damaged ({STATE_FILE} unreadable: {type(exc).__name__}); resume from an earlier "
+            "checkpoint-N"
+        ) from exc
+
+
 def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
     """Why the PPO checkpoint at `path` cannot be resumed from, or None when it looks complete."""
     try:
@@ -167,11 +183,12 @@ def checkpoint_problem(path: str, needs_optimizer: bool = True) -> str | None:
         int(state["update"]), state["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is missing or unreadable"
-    required = [SCHEDULER_FILE, RNG_FILE]
+    current = state.get(CHECKPOINT_FORMAT_KEY) is not None
+    required = [ALGORITHM_STATE_FILE] if current else [LEGACY_SCHEDULER_FILE, LEGACY_RNG_FILE]
     if state["config"].get("advantage_estimator", "gae") == "gae":  # only PPO's GAE has a value model
         required.append(os.path.join(VALUE_MODEL_DIR, MODEL_WEIGHTS))
     if needs_optimizer and state.get(OPTIMIZER_STATE_KEY, True):
-        required.append(OPTIMIZER_FILE)
+        required.append(OPTIMIZER_TENSORS if current else LEGACY_OPTIMIZER_FILE)
     weights = ADAPTER_WEIGHTS if state["config"].get("use_lora") else MODEL_WEIGHTS
     for name in [weights, *required]:
         if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:

@@ -12,9 +12,20 @@ logger = logging.getLogger(__name__)
 
 CARD_METRICS = ("rewards/mean", "kl_divergence", "loss", "objective/kl_coef", "response/length_mean")
 CARD_SETTINGS = (
-    "advantage_estimator", "samples_per_prompt", "use_lora", "learning_rate", "rollout_batch_size",
-    "mini_batch_size", "ppo_epochs", "init_kl_coef", "target", "temperature", "max_new_tokens", "num_samples", "seed",
-)  # fmt: skip
+    "advantage_estimator",
+    "samples_per_prompt",
+    "use_lora",
+    "learning_rate",
+    "rollout_batch_size",
+    "mini_batch_size",
+    "ppo_epochs",
+    "init_kl_coef",
+    "target",
+    "temperature",
+    "max_new_tokens",
+    "num_samples",
+    "seed",
+)
 
 
 def model_card(summary: dict) -> str:
