@@ -86,7 +86,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, set_seed
 
     from smolppo import smoke
-    from smolppo.algorithm.engine import Algorithm
+    from smolppo.algorithm.ppo import Algorithm
     from smolppo.configs import PPOConfig
     from smolppo.data import PromptSet
     from smolppo.job.trainer import Trainer

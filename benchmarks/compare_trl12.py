@@ -167,9 +167,9 @@ def our_trainer(task: str, out: str, seed: int, updates: int, **overrides):
         lr_scheduler_type="linear",
         warmup_ratio=0.0,
         init_kl_coef=h["kl_coef"],
-        target=h.get("target", 6.0),
+        kl_target=h.get("target", 6.0),
         adaptive_kl=h.get("adaptive_kl", False),
-        horizon=h.get("horizon"),
+        kl_horizon=h.get("horizon"),
         gamma=h["gamma"],
         lam=h["lam"],
         cliprange=h["cliprange"],
@@ -423,8 +423,8 @@ def diff(workdir: str) -> dict:
     parts.loss.backward()
     our_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in algo.model.named_parameters()}
     report["loss"] = abs(float(parts.loss) - float(cap["loss"]))
-    report["policy_loss"] = abs(float(parts.policy.loss) - float(cap["pg_loss"]))
-    report["value_loss"] = abs(float(parts.value) - float(cap["vf_loss"]))
+    report["policy_loss"] = abs(float(parts.policy_stats.loss) - float(cap["pg_loss"]))
+    report["value_loss"] = abs(float(parts.value_loss) - float(cap["vf_loss"]))
     worst, name, matched = _grad_diffs(our_grads, cap["grads"])
     report["gradients: worst relative L2 difference"] = worst
     report["gradients: worst tensor"] = name

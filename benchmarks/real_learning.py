@@ -214,7 +214,7 @@ def main() -> int:
             )
             summary = json.load(open(os.path.join(out, "run_summary.json"), encoding="utf-8"))
             results["stages"][name].update(
-                kl_figures(out, summary["config"]["target"]),
+                kl_figures(out, summary["config"]["kl_target"]),
                 reward_model_check=summary["reward_model_check"],
                 kl_penalty_outweighs_score=summary.get("kl_penalty_outweighs_score"),
                 seconds_per_update=round(results["stages"][name]["wall_s"] / summary["updates"], 1),

@@ -16,7 +16,7 @@ def test_spec_defaults():
     cfg = parse()
     assert cfg.policy_model == "HuggingFaceTB/smollm2-135M-SFT-Only"
     assert cfg.reward_model.endswith("reward_model_orca_output/checkpoint-2160")
-    assert (cfg.ppo_epochs, cfg.init_kl_coef, cfg.target, cfg.gamma, cfg.lam) == (4, 0.05, 6.0, 1.0, 0.95)
+    assert (cfg.ppo_epochs, cfg.init_kl_coef, cfg.kl_target, cfg.gamma, cfg.lam) == (4, 0.05, 6.0, 1.0, 0.95)
     assert (cfg.temperature, cfg.per_device_train_batch_size) == (0.7, 4)
     assert not hasattr(cfg, "top_p")  # evaluation has its own; rollouts sample the full distribution
     assert (cfg.lora_r, cfg.lora_alpha, cfg.peak_learning_rate, cfg.num_train_epochs) == (16, 32, 5e-6, 3)

@@ -56,8 +56,8 @@ def test_group_advantages_are_shared_by_each_prompts_samples(tmp_path):
     mask = rollout.response_mask
     assert_close(exp.advantages, expected[:, None] * mask)
     parts = trainer.algorithm.micro_batch_loss(exp.select(torch.arange(4)).trimmed())
-    assert parts.value is None and parts.kl is not None and parts.kl.item() >= 0.0  # k3 is non-negative
-    assert_close(parts.loss, parts.policy.loss + trainer.algorithm.kl_status()["kl_coef"] * parts.kl)
+    assert parts.value_loss is None and parts.kl_loss is not None and parts.kl_loss.item() >= 0.0  # k3 is non-negative
+    assert_close(parts.loss, parts.policy_stats.loss + trainer.algorithm.kl_status()["kl_coef"] * parts.kl_loss)
     metrics = trainer.step()
     assert "loss/kl" in metrics
 

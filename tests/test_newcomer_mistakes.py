@@ -13,6 +13,7 @@ import pytest
 from smolppo import files, smoke
 from smolppo.cli import parse_config
 from smolppo.configs import PPOConfig
+from smolppo.configs.parts import resume_rules
 from smolppo.errors import UserError
 from smolppo.job.build import held_out_pairs
 from smolppo.models import load_causal_lm, resolve_model_path
@@ -82,6 +83,21 @@ def test_a_broken_reward_template_is_one_line(smoke_paths, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- resume
+PPO_RULES = resume_rules(PPOConfig)
+
+
+def test_resume_rules_come_from_the_fields_themselves():
+    free, fixed = PPO_RULES
+    assert {"save_steps", "max_updates", "output_dir", "report_to"} <= free and not {"learning_rate", "seed"} & free
+    assert fixed == {"use_lora", "lora_r", "lora_target_modules"}
+
+
+def test_a_setting_renamed_since_the_checkpoint_is_still_compared(tmp_path):
+    path = _checkpoint(tmp_path, target=6.0, horizon=None)  # an earlier version's names
+    with pytest.raises(UserError, match="kl_target: 6.0 -> 3.0"):
+        checkpointing.check_resume_config(path, {"kl_target": 3.0, "kl_horizon": None}, PPO_RULES, allow_changes=False)
+
+
 def _checkpoint(tmp_path, **config):
     path = tmp_path / "checkpoint-2"
     path.mkdir()
@@ -92,20 +108,20 @@ def _checkpoint(tmp_path, **config):
 def test_switching_estimator_on_resume_names_the_switch_not_damage(tmp_path):
     path = _checkpoint(tmp_path, advantage_estimator="grpo")
     with pytest.raises(UserError) as info:
-        checkpointing.check_resume_config(path, {"advantage_estimator": "gae"}, allow_changes=True)
+        checkpointing.check_resume_config(path, {"advantage_estimator": "gae"}, PPO_RULES, allow_changes=True)
     assert "(advantage_estimator grpo) as gae" in str(info.value) and "checkpoint itself is fine" in str(info.value)
     assert "damaged" not in str(info.value)
     # grpo -> rloo keeps the same models: an allowed change
-    assert checkpointing.check_resume_config(path, {"advantage_estimator": "rloo"}, allow_changes=True)
+    assert checkpointing.check_resume_config(path, {"advantage_estimator": "rloo"}, PPO_RULES, allow_changes=True)
 
 
 def test_a_reward_function_by_absolute_or_relative_path_is_the_same_setting(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     relative = "examples/reward_functions.py:readable_text"
     absolute = os.path.join(REPO, "examples", "reward_functions.py") + ":readable_text"
-    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [absolute]}) == []
+    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [absolute]}, frozenset()) == []
     other = os.path.join(REPO, "examples", "other.py") + ":readable_text"
-    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [other]})
+    assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [other]}, frozenset())
 
 
 # ---------------------------------------------------------------------------------------------- damaged models

@@ -37,7 +37,7 @@ def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float], check=lambda
         assert len(history) == 40 and all(math.isfinite(k) for k in kls)
         assert history[-1]["response/length_mean"] > 0
         shortfalls = [learning_shortfall(before, policy_rewards(trainer), min_gain=0.15)]
-        second_half_kl, target = float(np.mean(kls[20:])), trainer.config.target
+        second_half_kl, target = float(np.mean(kls[20:])), trainer.config.kl_target
         if not kl_band[0] * target <= second_half_kl <= kl_band[1] * target:
             shortfalls.append(f"second-half KL {second_half_kl:.1f} outside {kl_band} x target {target}")
         if not rewards[-8:].mean() > rewards[:8].mean():  # the training batches rise too

@@ -134,7 +134,7 @@ class BehaviourWatch:
                 message = (
                     f"responses lost diversity while the reward rose (distinct-{n} {d_now:.2f}, from {d_start:.2f}; "
                     f"reward {reward_gain:+.2f}): the policy may be exploiting the reward; raise --init-kl-coef or "
-                    "lower --target, and read the logged samples"
+                    "lower --kl-target, and read the logged samples"
                 )
                 yield "diversity", message
                 break
@@ -145,7 +145,7 @@ class BehaviourWatch:
         if degenerate >= self.degenerate_rate and degenerate > degenerate_start:
             message = (
                 f"{degenerate:.0%} of responses repeat a 3-gram 4+ times (from {degenerate_start:.0%}): degenerate "
-                "text the reward pays for; lower --target (KL), raise --init-kl-coef, or add a repetition penalty "
+                "text the reward pays for; lower --kl-target (KL), raise --init-kl-coef, or add a repetition penalty "
                 "with --reward-funcs / --reward-weights"
             )
             yield "degenerate", message
@@ -208,7 +208,7 @@ class BehaviourWatch:
         message = (
             f"the KL penalty per response ended at {ratio:.1f}x the spread of the score and the RLHF reward (score "
             f"- penalty) fell from {objective_start:.2f} to {objective:.2f}: the penalty drowned the reward signal; "
-            "lower --init-kl-coef, raise --target, or slow the controller with a larger --horizon"
+            "lower --init-kl-coef, raise --kl-target, or slow the controller with a larger --kl-horizon"
         )
         return {
             "penalty_to_score": ratio,

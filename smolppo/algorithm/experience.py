@@ -28,7 +28,7 @@ class Experience:
     kl: torch.Tensor
     # credit assignment [B, R]: what the loss uses, before whitening, and the critic's targets (or reward-to-go)
     advantages: torch.Tensor
-    raw_advantages: torch.Tensor
+    unwhitened_advantages: torch.Tensor
     returns: torch.Tensor
     # critic (gae only) [B, R]
     old_values: torch.Tensor | None = None
@@ -61,12 +61,12 @@ class Experience:
 class MicroBatchLoss:
     """One micro-batch's share of its mini-batch's loss and statistics (`smolppo.algorithm.ppo_math.aggregate`)."""
 
-    loss: torch.Tensor
-    policy: ppo_math.PolicyLossStats
+    loss: torch.Tensor  # the total this micro-batch contributes
+    policy_stats: ppo_math.PolicyLossStats  # the clipped surrogate's share and its statistics
     logits: torch.Tensor  # tempered
-    value: torch.Tensor | None = None
-    value_clip: torch.Tensor | None = None
-    kl: torch.Tensor | None = None  # the in-loss KL term (kl_in_loss only)
+    value_loss: torch.Tensor | None = None  # gae only
+    value_clip_fraction: torch.Tensor | None = None
+    kl_loss: torch.Tensor | None = None  # the in-loss KL term (kl_in_loss only)
     entropy: torch.Tensor | None = None
 
 

@@ -287,9 +287,9 @@ def kl_controller(config, horizon: int):
     if not config.adaptive_kl:
         return FixedKLController(config.init_kl_coef)
     if config.kl_controller == "adaptive":
-        return AdaptiveKLController(config.init_kl_coef, config.target, horizon)
+        return AdaptiveKLController(config.init_kl_coef, config.kl_target, horizon)
     return PIDKLController(
-        config.init_kl_coef, config.target, horizon, kd=1.0 if config.kl_controller == "pid" else 0.0
+        config.init_kl_coef, config.kl_target, horizon, kd=1.0 if config.kl_controller == "pid" else 0.0
     )
 
 

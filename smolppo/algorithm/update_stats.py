@@ -30,13 +30,13 @@ def shares(parts: MicroBatchLoss) -> dict[str, torch.Tensor]:
     """The logged statistics of a micro-batch that are shares of its mini-batch's (detached), named by `SHARES`."""
     values = (
         parts.loss,
-        parts.policy.loss,
-        parts.policy.clip_fraction,
-        parts.policy.approx_kl,
+        parts.policy_stats.loss,
+        parts.policy_stats.clip_fraction,
+        parts.policy_stats.approx_kl,
         parts.entropy,
-        parts.value,
-        parts.value_clip,
-        parts.kl,
+        parts.value_loss,
+        parts.value_clip_fraction,
+        parts.kl_loss,
     )
     return {key: value.detach() for key, value in zip(SHARES, values) if value is not None}
 
@@ -75,7 +75,7 @@ def update_metrics(exp: Experience, train_stats: dict[str, float], kl_coef: floa
         "rewards/mean": exp.scores.mean().item(),
         "rewards/std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
         "kl_divergence": sequence_kl.mean().item(),
-        "advantage": ppo_math.masked_mean(exp.raw_advantages, mask).item(),
+        "advantage": ppo_math.masked_mean(exp.unwhitened_advantages, mask).item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
         # the KL penalty per response against the spread of the score: above 1 the penalty drowns the reward signal

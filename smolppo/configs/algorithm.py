@@ -11,7 +11,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 @dataclass(frozen=True)
 class AlgorithmSettings:
-    """Everything `smolppo.algorithm.engine.Algorithm` needs: the estimator, PPO and KL settings, the optimizer, the
+    """Everything `smolppo.algorithm.ppo.Algorithm` needs: the estimator, PPO and KL settings, the optimizer, the
     batch sizes it iterates with, sampling and precision. Values are resolved (the learning rate that applies)."""
 
     # estimator and rewards
@@ -41,8 +41,8 @@ class AlgorithmSettings:
     adaptive_kl: bool
     kl_controller: str
     init_kl_coef: float
-    target: float
-    horizon: Optional[int]
+    kl_target: float
+    kl_horizon: Optional[int]
     # optimizer and schedule
     learning_rate: float
     weight_decay: float

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 DEFAULT_POLICY_MODEL = "HuggingFaceTB/smollm2-135M-SFT-Only"
 DEFAULT_REWARD_MODEL = "../reward_model_on_orca_dataset/reward_model_orca_output/checkpoint-2160"
@@ -18,7 +18,18 @@ DEFAULT_NUM_SAMPLES = 10_000
 
 
 def _help(text: str, **extra) -> dict:
+    """A field's metadata for the argument parser: its help, and optionally ``aliases`` (other flags)."""
     return {"help": text, **extra}
+
+
+def resume_rules(config_cls) -> tuple[frozenset[str], frozenset[str]]:
+    """``(free, fixed)``: the settings that may change when a run resumes (bookkeeping, run length) and those that
+    never may (the saved weights' shapes depend on them), as each field group declares them (``RESUME_FREE``,
+    ``RESUME_FIXED``); any other setting changes the run's numbers and needs ``--allow-config-change``."""
+    groups = config_cls.__mro__
+    free = frozenset().union(*(vars(group).get("RESUME_FREE", frozenset()) for group in groups))
+    fixed = frozenset().union(*(vars(group).get("RESUME_FIXED", frozenset()) for group in groups))
+    return free, fixed
 
 
 def check_finite(cfg) -> None:
@@ -70,6 +81,8 @@ class ConfigBase:
 
     SECTION = "run"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"debug"})  # may change on resume
+
     debug: bool = field(default=False, metadata=_help("Show full tracebacks instead of one-line errors."))
 
     def __post_init__(self) -> None:
@@ -84,9 +97,13 @@ class ConfigBase:
 class PresetFields:
     SECTION = "presets"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"preset"})  # may change on resume
+
     preset: Optional[str] = field(
         default=None,
-        metadata=_help("Recipe applied before YAML/CLI values: a name in recipes/<script>/ (smoke, full, lora, ...)."),
+        metadata=_help(
+            "Recipe applied before YAML/CLI values: a name in recipes/<script>/ (smoke, full, lora, ...).",
+        ),
     )
 
 
@@ -153,6 +170,10 @@ class PrecisionFields:
 class LoRAFields:
     SECTION = "LoRA"
 
+    RESUME_FIXED: ClassVar[frozenset[str]] = frozenset(
+        {"use_lora", "lora_r", "lora_target_modules"}
+    )  # the weights' shapes
+
     use_lora: bool = field(
         default=False,
         metadata=_help("Train LoRA adapters on the policy instead of all weights.", aliases=["--use_peft"]),
@@ -178,6 +199,8 @@ class LoRAFields:
 class OptimizerFields:
     SECTION = "optimizer and schedule"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"num_train_epochs"})  # may change on resume
+
     lr_scheduler_type: str = field(
         default="cosine", metadata=_help("Learning-rate schedule (any transformers scheduler name).")
     )
@@ -200,21 +223,37 @@ class OptimizerFields:
 class OutputFields:
     SECTION = "output, logging and resuming"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "output_dir",
+            "overwrite_output_dir",
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+            "resume_from_checkpoint",
+            "report_to",
+        }
+    )  # may change on resume
+
     output_dir: str = field(
         default="./ppo_training_output", metadata=_help("Where the model, logs and checkpoints go.")
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata=_help("Replace a finished or interrupted run in output_dir (its files are removed).")
+        default=False,
+        metadata=_help("Replace a finished or interrupted run in output_dir (its files are removed)."),
     )
     logging_steps: int = field(default=1, metadata=_help("Write TensorBoard scalars every N updates."))
     save_steps: int = field(default=50, metadata=_help("Write a checkpoint every N updates."))
     save_total_limit: int = field(default=1, metadata=_help("Keep at most this many checkpoint-* directories."))
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata=_help("Continue a run from a checkpoint-N directory, or 'latest' in output_dir.")
+        default=None,
+        metadata=_help("Continue a run from a checkpoint-N directory, or 'latest' in output_dir."),
     )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
-        metadata=_help("Where scalars go: any of tensorboard, wandb, trackio, or none (wandb/trackio: pip install)."),
+        metadata=_help(
+            "Where scalars go: any of tensorboard, wandb, trackio, or none (wandb/trackio: pip install).",
+        ),
     )
 
     def _check_output(self) -> None:

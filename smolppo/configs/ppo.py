@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import ClassVar, Optional
 
 from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.parts import (
@@ -54,6 +54,18 @@ class PPOConfig(
 
     SECTION = "training run: learning rate, batches, generation, sample logging"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "allow_config_change",
+            "save_optimizer_state",
+            "discard_newer_checkpoints",
+            "max_updates",
+            "total_episodes",
+            "num_logged_samples",
+            "sample_logging_steps",
+        }
+    )  # may change on resume
+
     value_model: Optional[str] = field(
         default=None,
         metadata=_help(
@@ -83,17 +95,20 @@ class PPOConfig(
     )
     allow_config_change: bool = field(
         default=False,
-        metadata=_help("On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json)."),
+        metadata=_help(
+            "On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json).",
+        ),
     )
     save_optimizer_state: str = field(
         default="latest",
         metadata=_help(
             "Which kept checkpoints hold the AdamW state (2/3 of a full fine-tune's checkpoint): 'latest' (the one "
-            "resume picks; older kept ones keep weights only and resume with fresh moments) or 'all'."
+            "resume picks; older kept ones keep weights only and resume with fresh moments) or 'all'.",
         ),
     )
     discard_newer_checkpoints: bool = field(
-        default=False, metadata=_help("Resume from an older checkpoint and delete the checkpoints after it.")
+        default=False,
+        metadata=_help("Resume from an older checkpoint and delete the checkpoints after it."),
     )
     # Batches (per process)
     rollout_batch_size: int = field(default=64, metadata=_help("Prompts drawn for one update."))
@@ -112,7 +127,8 @@ class PPOConfig(
         metadata=_help("Micro-batches per optimizer step; derived as mini_batch_size / per_device_train_batch_size."),
     )
     max_updates: Optional[int] = field(
-        default=None, metadata=_help("Stop after this many updates (default: num_train_epochs of prompts).")
+        default=None,
+        metadata=_help("Stop after this many updates (default: num_train_epochs of prompts)."),
     )
     total_episodes: Optional[int] = field(
         default=None,
@@ -237,7 +253,7 @@ class PPOConfig(
         minibatches = self.rollout_batch_size * self.samples_per_prompt // self.effective_mini_batch_size
         steps_per_update = self.ppo_epochs * minibatches
         return Schedule(
-            kl_horizon=self.horizon or KL_HORIZON_UPDATES * episodes_per_update,
+            kl_horizon=self.kl_horizon or KL_HORIZON_UPDATES * episodes_per_update,
             global_rollout_batch=global_batch,
             episodes_per_update=episodes_per_update,
             updates_per_epoch=updates_per_epoch,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from smolppo.configs.parts import DEFAULT_REWARD_MODEL, _help, check_positive, check_probability
 
@@ -22,6 +22,10 @@ def names_a_reward_model(reward_model: str) -> bool:
 @dataclass
 class RewardFields:
     SECTION = "rewards"
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {"reward_check_pairs", "min_reward_accuracy"}
+    )  # may change on resume
 
     reward_model: str = field(
         default=DEFAULT_REWARD_MODEL,
@@ -55,7 +59,8 @@ class RewardFields:
         metadata=_help("Held-out chosen/rejected pairs the reward model is checked on before training (0: skip)."),
     )
     min_reward_accuracy: Optional[float] = field(
-        default=None, metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this.")
+        default=None,
+        metadata=_help("Refuse to train when the reward model's pairwise accuracy is below this."),
     )
     missing_eos_score: Optional[float] = field(
         default=None, metadata=_help("If set, responses that never emit EOS get this score instead of the reward.")
@@ -139,12 +144,16 @@ class AlgorithmFields:
             "way, no windup) or pid (pi that also acts on the KL's trend). docs/ALGORITHM.md compares them."
         ),
     )
-    target: float = field(default=6.0, metadata=_help("Target KL (nats per response) for the adaptive controller."))
-    horizon: Optional[int] = field(
+    kl_target: float = field(
+        default=6.0,
+        metadata=_help("Target KL (nats per response) for the adaptive controller.", aliases=["--target"]),
+    )
+    kl_horizon: Optional[int] = field(
         default=None,
         metadata=_help(
             "Adaptive KL horizon, in episodes (trl's unit). Default: one update's episodes, so the coefficient moves "
-            "by at most 20%% per update whatever the estimator, batch or run length (trl's fixed 10000: ~2x per run)."
+            "by at most 20%% per update whatever the estimator, batch or run length (trl's fixed 10000: ~2x per run).",
+            aliases=["--horizon"],
         ),
     )
     kl_estimator: str = field(
@@ -208,16 +217,16 @@ class AlgorithmFields:
                 f"advantage_estimator {self.advantage_estimator} compares responses to the same prompt: set "
                 f"--samples-per-prompt to 2 or more (got {self.samples_per_prompt})"
             )
-        if self.horizon is not None:
-            check_positive(self, "horizon")
+        if self.kl_horizon is not None:
+            check_positive(self, "kl_horizon")
         if self.kl_controller not in KL_CONTROLLERS:
             raise ValueError(f"kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if not self.init_kl_coef >= 0:
             raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
-        if not self.target > 0:
-            raise ValueError(f"target must be > 0, got {self.target}")
+        if not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if not (self.cliprange > 0 and self.cliprange_value > 0):
@@ -254,10 +263,16 @@ class AlgorithmFields:
 class HubFields:
     SECTION = "hub"
 
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {"push_to_hub", "hub_model_id", "hub_private_repo"}
+    )  # may change on resume
+
     push_to_hub: bool = field(
-        default=False, metadata=_help("After a finished run, upload the final model, tokenizer and card to the hub.")
+        default=False,
+        metadata=_help("After a finished run, upload the final model, tokenizer and card to the hub."),
     )
     hub_model_id: Optional[str] = field(
-        default=None, metadata=_help("Hub repository for --push-to-hub (default: the output directory's name).")
+        default=None,
+        metadata=_help("Hub repository for --push-to-hub (default: the output directory's name)."),
     )
     hub_private_repo: bool = field(default=False, metadata=_help("Create the hub repository as private."))

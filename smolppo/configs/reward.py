@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from smolppo.configs.parts import (
     ConfigBase,
@@ -26,6 +26,10 @@ class RewardModelConfig(
     """Everything `train_reward_model.py` needs; `policy_model` is the model the classifier starts from."""
 
     SECTION = "reward-model training"
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {"output_dir", "num_train_epochs", "max_steps", "eval_steps", "logging_steps", "save_steps"}
+    )  # may change on resume
 
     reward_template: Optional[str] = field(
         default=None,

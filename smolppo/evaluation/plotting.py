@@ -126,8 +126,9 @@ def kl_targets(runs: dict[str, str]) -> dict[str, float]:
     targets = {}
     for run, directory in runs.items():
         config = _run_config(directory)
-        if config.get("adaptive_kl") and isinstance(config.get("target"), (int, float)):
-            targets[run] = float(config["target"])
+        target = config.get("kl_target", config.get("target"))  # "target" in runs of earlier versions
+        if config.get("adaptive_kl") and isinstance(target, (int, float)):
+            targets[run] = float(target)
     return targets
 
 

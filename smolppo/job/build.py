@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from smolppo import files
+from smolppo.configs.parts import resume_rules
 from smolppo.data import ANSWER_COLUMNS, PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
@@ -77,7 +78,7 @@ def build_ppo_trainer(config, accelerator=None):
     algorithm and the job that runs it (a `smolppo.job.trainer.Trainer`)."""
     from transformers import set_seed
 
-    from smolppo.algorithm.engine import Algorithm
+    from smolppo.algorithm.ppo import Algorithm
     from smolppo.distributed import make_accelerator
     from smolppo.job.trainer import Trainer
     from smolppo.rewards.sources import build_reward
@@ -158,7 +159,8 @@ def plan_resume(config, resume_from: str | None, deepspeed: bool) -> ResumePlan:
         return ResumePlan()
     needs_optimizer = not deepspeed
     path = checkpointing.resolve_resume(config.output_dir, resume_from, needs_optimizer)
-    changes = checkpointing.check_resume_config(path, config.recorded(), config.allow_config_change)
+    rules = resume_rules(type(config))
+    changes = checkpointing.check_resume_config(path, config.recorded(), rules, config.allow_config_change)
     newer = checkpointing.newer_checkpoints(config.output_dir, path)
     usable = [p for p in newer if checkpointing.checkpoint_problem(p, needs_optimizer) is None]
     if usable and not config.discard_newer_checkpoints:  # damaged newer ones were passed over: they go anyway

@@ -1,6 +1,6 @@
 """The job around the algorithm: the update loop, progress and logging, checkpoints and resume, signals, the
 divergence stop and the run summary. One update is `Trainer.step`: the algorithm's ``make_experience`` for this
-update's prompts, then its ``optimise`` (see `smolppo.algorithm.engine`), then the schedules move on.
+update's prompts, then its ``optimise`` (see `smolppo.algorithm.ppo`), then the schedules move on.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from smolppo import files, zero
 from smolppo.algorithm.behaviour import BehaviourWatch
-from smolppo.algorithm.engine import Algorithm
 from smolppo.algorithm.experience import Experience
+from smolppo.algorithm.ppo import Algorithm
 from smolppo.data import PromptSampler, PromptSet
 from smolppo.distributed import cpu_has_fast_bf16
 from smolppo.errors import UserError
@@ -224,7 +224,7 @@ class Trainer:
             cfg.lr_scheduler_type,
             s.planned_updates,
             s.warmup_steps,
-            cfg.target,
+            cfg.kl_target,
             s.kl_horizon,
             f"; resuming at update {self.update}" if self.update else "",
         )
@@ -250,7 +250,7 @@ class Trainer:
             return
         logger.info(
             "the KL never reached its target %.3g (last update: %.3g nats), so the adaptive controller held the "
-            "coefficient at %.3g; lower --target to steer a run this short, or keep it: the penalty acted anyway",
+            "coefficient at %.3g; lower --kl-target to steer a run this short, or keep it: the penalty acted anyway",
             kl["target"],
             metrics.get("kl_divergence", float("nan")),
             kl["kl_coef"],

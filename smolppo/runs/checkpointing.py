@@ -41,34 +41,8 @@ OPTIMIZER_STATE_KEY = "optimizer_state"  # False in trainer_state.json: no optim
 DEEPSPEED_STATE_KEY = "deepspeed_state"  # {"processes", "zero_stage"}: DEEPSPEED_DIR holds the engine's state
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
-# Config fields that may differ when resuming: they change bookkeeping or the run's length, not its numbers.
-RESUME_FREE_FIELDS = {
-    "preset",
-    "output_dir",
-    "overwrite_output_dir",
-    "resume_from_checkpoint",
-    "allow_config_change",
-    "discard_newer_checkpoints",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "num_logged_samples",
-    "sample_logging_steps",
-    "debug",
-    "max_updates",
-    "num_train_epochs",
-    "total_episodes",
-    "report_to",
-    "push_to_hub",
-    "hub_model_id",
-    "hub_private_repo",
-    "max_steps",
-    "reward_check_pairs",
-    "min_reward_accuracy",
-    "eval_steps",
-    "save_optimizer_state",
-}
-RESUME_FIXED_FIELDS = {"use_lora", "lora_r", "lora_target_modules"}  # the saved weights' shapes depend on them
+# Settings renamed since a checkpoint may have been written: its recorded name -> today's.
+RENAMED_SETTINGS = {"target": "kl_target", "horizon": "kl_horizon"}
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -247,20 +221,25 @@ def _comparable(key: str, value):
     return value
 
 
-def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """``(field, old, new)`` for every field that changes the run's numbers between a checkpoint and now."""
+def config_changes(old: dict, new: dict, free: frozenset[str]) -> list[tuple[str, object, object]]:
+    """``(field, old, new)`` for every setting outside `free` that differs between a checkpoint and now."""
+    old = {RENAMED_SETTINGS.get(key, key): value for key, value in old.items()}
     return [
         (key, old.get(key), value)
         for key, value in sorted(new.items())
-        if key not in RESUME_FREE_FIELDS and key in old and _comparable(key, old[key]) != _comparable(key, value)
+        if key not in free and key in old and _comparable(key, old[key]) != _comparable(key, value)
     ]
 
 
-def check_resume_config(path: str, config: dict, allow_changes: bool) -> list[tuple[str, object, object]]:
-    """Refuse a resume whose flags differ from the checkpoint's, unless `allow_changes`; return the changes."""
-    changes = config_changes(recorded_config(path), config)
+def check_resume_config(
+    path: str, config: dict, rules: tuple[frozenset[str], frozenset[str]], allow_changes: bool
+) -> list[tuple[str, object, object]]:
+    """Refuse a resume whose settings differ from the checkpoint's, unless `allow_changes`; return the changes.
+    `rules`: the settings free to change and those the saved weights fix (`smolppo.configs.parts.resume_rules`)."""
+    free, fixed_settings = rules
+    changes = config_changes(recorded_config(path), config, free)
     described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
-    fixed = [k for k, _, _ in changes if k in RESUME_FIXED_FIELDS]
+    fixed = [k for k, _, _ in changes if k in fixed_settings]
     estimators = [(old, new) for k, old, new in changes if k == "advantage_estimator"]
     if estimators and (estimators[0][0] == "gae") != (estimators[0][1] == "gae"):
         old, new = estimators[0]

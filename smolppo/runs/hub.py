@@ -20,7 +20,7 @@ CARD_SETTINGS = (
     "mini_batch_size",
     "ppo_epochs",
     "init_kl_coef",
-    "target",
+    "kl_target",
     "temperature",
     "max_new_tokens",
     "num_samples",

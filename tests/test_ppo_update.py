@@ -1,4 +1,4 @@
-"""The engine's switches wired as they say, on the smoke models in-process: `--missing-eos-score`,
+"""The algorithm's switches wired as they say, on the smoke models in-process: `--missing-eos-score`,
 `--whiten-rewards` and `--kl-in-loss` under GAE (the formulas themselves are tested by hand in test_ppo_math.py),
 and the algorithm's own state across a save and a load."""
 
@@ -36,10 +36,10 @@ def test_whitened_rewards_feed_gae(tmp_path):
     rewards = ppo_math.token_rewards(exp.scores, exp.kl, kl_coef, mask)
     whitened = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
     raw, returns = ppo_math.gae_advantages(whitened, exp.old_values, mask, cfg.gamma, cfg.lam)
-    assert_close(exp.raw_advantages, raw)
+    assert_close(exp.unwhitened_advantages, raw)
     assert_close(exp.returns, returns)
     unwhitened, _ = ppo_math.gae_advantages(rewards, exp.old_values, mask, cfg.gamma, cfg.lam)
-    assert not torch.allclose(exp.raw_advantages, unwhitened)  # the switch changed something
+    assert not torch.allclose(exp.unwhitened_advantages, unwhitened)  # the switch changed something
 
 
 def test_gae_with_the_kl_in_the_loss(tmp_path):
@@ -51,11 +51,11 @@ def test_gae_with_the_kl_in_the_loss(tmp_path):
     raw, _ = ppo_math.gae_advantages(
         ppo_math.token_rewards(exp.scores, exp.kl, 0.0, mask), exp.old_values, mask, cfg.gamma, cfg.lam
     )
-    assert_close(exp.raw_advantages, raw)
+    assert_close(exp.unwhitened_advantages, raw)
     # The loss: clipped surrogate + vf_coef x value loss + kl_coef x k3 KL to the reference.
     parts = algo.micro_batch_loss(exp.select(torch.arange(4)).trimmed())
-    assert parts.value is not None and parts.kl is not None and parts.kl.item() >= 0.0
-    expected = parts.policy.loss + cfg.vf_coef * parts.value + algo.kl_status()["kl_coef"] * parts.kl
+    assert parts.value_loss is not None and parts.kl_loss is not None and parts.kl_loss.item() >= 0.0
+    expected = parts.policy_stats.loss + cfg.vf_coef * parts.value_loss + algo.kl_status()["kl_coef"] * parts.kl_loss
     assert_close(parts.loss, expected)
     assert "loss/kl" in trainer.step()
 

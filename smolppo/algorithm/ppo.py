@@ -158,12 +158,14 @@ class Algorithm:
         check_on_device(device, "logprobs", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, kl=kl)
         values = self.values(rollout) if self.value_scorer is not None else None
         check_on_device(device, "values", values=values)
-        advantages, raw_advantages, returns = self.advantages(rollout, scores, kl, values)
-        check_on_device(device, "advantages", advantages=advantages, raw_advantages=raw_advantages, returns=returns)
+        advantages, unwhitened_advantages, returns = self.advantages(rollout, scores, kl, values)
+        check_on_device(
+            device, "advantages", advantages=advantages, unwhitened_advantages=unwhitened_advantages, returns=returns
+        )
         trained = None
         if self.config.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
             trained = ppo_math.groups_with_signal(scores, self.config.samples_per_prompt).float()
-        logprobs, credit = (old_logprobs, ref_logprobs, kl), (advantages, raw_advantages, returns)
+        logprobs, credit = (old_logprobs, ref_logprobs, kl), (advantages, unwhitened_advantages, returns)
         experience = Experience(rollout, scores, *logprobs, *credit, values, parts, trained)
         experience.check_device(device)
         return experience
@@ -217,7 +219,7 @@ class Algorithm:
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout, scores, kl, values):
-        """Stage 5: ``(advantages, raw_advantages, returns)`` by the configured estimator."""
+        """Stage 5: ``(advantages, unwhitened_advantages, returns)`` by the configured estimator."""
         cfg, mask = self.config, rollout.response_mask
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_controller.value
         with self.timer.stage("advantages"):
@@ -304,15 +306,15 @@ class Algorithm:
             clip_fraction, approx_kl = share(terms.clipped), share(0.5 * terms.log_ratio.pow(2))
             deviation = ppo_math.ratio_deviation(terms.log_ratio, mask)
             entropy = share(ppo_math.entropy_from_logits(logits.detach()))
-        policy = ppo_math.PolicyLossStats(share(terms.loss), clip_fraction, approx_kl, deviation)
-        parts = MicroBatchLoss(policy.loss, policy, logits, entropy=entropy)
+        policy_stats = ppo_math.PolicyLossStats(share(terms.loss), clip_fraction, approx_kl, deviation)
+        parts = MicroBatchLoss(policy_stats.loss, policy_stats, logits, entropy=entropy)
         if values is not None:
             value_loss, clipped = ppo_math.value_terms(values, batch.old_values, batch.returns, cfg.cliprange_value)
-            parts.value, parts.value_clip = share(value_loss), share(clipped).detach()
-            parts.loss = parts.loss + cfg.vf_coef * parts.value
+            parts.value_loss, parts.value_clip_fraction = share(value_loss), share(clipped).detach()
+            parts.loss = parts.loss + cfg.vf_coef * parts.value_loss
         if cfg.kl_in_loss:
-            parts.kl = share(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"))
-            parts.loss = parts.loss + self.kl_controller.value * parts.kl
+            parts.kl_loss = share(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"))
+            parts.loss = parts.loss + self.kl_controller.value * parts.kl_loss
         return parts
 
     def _train_micro_batch(self, batch: Experience, norm: ppo_math.LossNorm) -> dict:
@@ -337,7 +339,7 @@ class Algorithm:
             self.lr_scheduler.step()
         world = acc.num_processes  # the processes' shares are averaged with the metrics: each counts world times
         stats.update({key: value.detach() * world for key, value in update_stats.shares(parts).items()})
-        stats["max_ratio_deviation"] = parts.policy.max_ratio_deviation
+        stats["max_ratio_deviation"] = parts.policy_stats.max_ratio_deviation
         return stats
 
     # ------------------------------------------------------------------ end of update and state
@@ -384,7 +386,7 @@ class Algorithm:
         self.lr_scheduler.load_state_dict(lr_scheduler)
         apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
         self.kl_controller.load_state_dict(kl_controller)
-        if self.config.horizon is not None and hasattr(self.kl_controller, "horizon"):
+        if self.config.kl_horizon is not None and hasattr(self.kl_controller, "horizon"):
             self.kl_controller.horizon = self.schedule.kl_horizon
 
     # ------------------------------------------------------------------ metrics
