@@ -146,7 +146,7 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         mixed_precision="bf16" if bench.bf16 else "no",
         gradient_accumulation_steps=config.accumulation_steps,
     )
-    reader = RewardReader(reward.to(device), tokenizer, batch_size=config.effective_mini_batch_size)
+    reader = RewardReader(reward.to(device), tokenizer, batch_size=config.effective_inference_batch_size)
     reward_sources = CombinedReward([RewardModelSource(reader)])
     algorithm = Algorithm(
         config.algorithm_settings(),

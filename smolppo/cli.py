@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -19,50 +20,36 @@ T = TypeVar("T")
 DEBUG_ENV = "SMOLPPO_DEBUG"
 
 
-def _option_value(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+def script_options(args: Sequence[str]) -> argparse.Namespace:
+    """The options read before the config is parsed: ``--config FILE``, ``--preset NAME`` and ``--debug``."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--config")
+    early.add_argument("--preset")
+    early.add_argument("--debug", nargs="?", const="true", default=None)
+    known, _ = early.parse_known_args(list(args))
+    return known
 
 
-class SectionedParser(TrlParser):
-    """`TrlParser` whose ``--help`` lists fields under the field group that declares them (`SECTION` of the class)."""
-
-    def _add_dataclass_arguments(self, dtype):
-        import dataclasses
-        from typing import get_type_hints
-
-        type_hints = get_type_hints(dtype)
-        groups = {}
-        for field in dataclasses.fields(dtype):
-            if not field.init:
-                continue
-            owner = next(c for c in dtype.__mro__ if field.name in c.__dict__.get("__annotations__", {}))
-            title = getattr(owner, "SECTION", None) if owner is not dtype else None
-            title = title or getattr(dtype, "SECTION", dtype.__name__)
-            if title not in groups:
-                groups[title] = self.add_argument_group(title)
-            field.type = type_hints[field.name]
-            self._parse_dataclass_field(groups[title], field)
+def config_parser(config_cls) -> TrlParser:
+    """The parser of `config_cls`: one ``--help`` section per field group (its ``_argument_group_name``); a plain
+    dataclass (a benchmark's) is one group."""
+    return TrlParser(getattr(config_cls, "GROUPS", (config_cls,)))
 
 
 def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes: str | None = None) -> T:
     """Build `config_cls` from defaults, a recipe (``--preset NAME`` = ``recipes/<recipes>/NAME.yaml``), a YAML
     file (``--config``) and CLI flags, in that order of precedence.
 
-    Raises `UserError` for values `__post_init__` rejects, unknown presets and unknown YAML keys; argparse itself
+    Raises `UserError` for values a field group rejects, unknown presets and unknown YAML keys; argparse itself
     exits with status 2 and a usage line on malformed flags.
     """
     from smolppo.configs import available_recipes, recipe_path
 
     args = list(sys.argv[1:] if args is None else args)
-    parser = SectionedParser(config_cls)
-    config_path = _option_value(args, "--config")
-    values = load_yaml_config(config_cls, config_path) if config_path is not None else {}
-    preset = _option_value(args, "--preset") or values.get("preset")  # a preset named in the YAML works the same
+    parser = config_parser(config_cls)
+    options = script_options(args)
+    values = load_yaml_config(config_cls, options.config) if options.config is not None else {}
+    preset = options.preset or values.get("preset")  # a preset named in the YAML works the same
     if preset is not None:
         names = available_recipes(recipes) if recipes else []
         if preset not in names:
@@ -70,13 +57,13 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
         recipe = load_yaml_config(config_cls, recipe_path(recipes, preset))
         recipe.pop("env", None)
         parser.set_defaults_with_config(**recipe)
-    if config_path is not None:  # applied here (not by TrlParser) so that trl's names work as YAML keys too
+    if options.config is not None:  # applied here (not by TrlParser) so that trl's names work as YAML keys too
         for key, value in (values.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
         parser.set_defaults_with_config(**values)
-        args = _without_option(args, "--config")
     try:
-        (config,) = parser.parse_args_and_config(args)
+        groups = parser.parse_args_into_dataclasses(without_config(args))
+        config = config_cls.from_groups(groups) if hasattr(config_cls, "from_groups") else groups[0]
     except ValueError as exc:
         raise UserError(f"invalid configuration: {exc}") from exc
     from smolppo.smoke import resolve_config  # the smoke preset's names end here
@@ -84,16 +71,12 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None, recipes
     return resolve_config(config)
 
 
-def _without_option(args: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = i + 1 < len(args)
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
+def without_config(args: list[str]) -> list[str]:
+    """`args` without ``--config FILE`` (its values are already the parser's defaults)."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--config")
+    _, rest = early.parse_known_args(args)
+    return rest
 
 
 def field_aliases(config_cls) -> dict[str, str]:
@@ -153,8 +136,13 @@ def check_yaml_values(config_cls, config_path: str, loaded) -> None:
 
 
 def wants_debug(args: Sequence[str] | None = None) -> bool:
-    args = sys.argv[1:] if args is None else args
-    return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    """``--debug`` on the command line (read before the config is parsed, so a bad config shows its traceback too),
+    or ``SMOLPPO_DEBUG=1``."""
+    flag = script_options(sys.argv[1:] if args is None else args).debug
+    return (flag is not None and flag.lower() not in ("false", "0", "no")) or os.environ.get(DEBUG_ENV, "") not in (
+        "",
+        "0",
+    )
 
 
 def tolerate_console_encoding() -> None:

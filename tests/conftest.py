@@ -41,11 +41,14 @@ def tokenizer(smoke_paths):
     return load_tokenizer(smoke_paths["tokenizer"])
 
 
-def run_script(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would, from the repository root (`env` added to the environment)."""
+def run_script(
+    script: str, *args: str, timeout: int = 300, env: dict | None = None, cwd: str = REPO
+) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would (from `cwd`, the repository root by default; `env` added to
+    the environment): the one helper every subprocess run of a script goes through."""
     return subprocess.run(
         [sys.executable, os.path.join(REPO, script), *args],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,14 +85,20 @@ def lora_run(tmp_path_factory, smoke_cache):
     return out
 
 
+def reset_accelerate_state() -> None:
+    """A clean accelerate state for the next in-process accelerator, through accelerate's own public test helper
+    (`AccelerateTestCase` resets the state in its ``tearDown``); the one place tests do this."""
+    from accelerate.test_utils.testing import AccelerateTestCase
+
+    AccelerateTestCase().tearDown()
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Each in-process trainer starts from a clean accelerate state (and leaves one behind)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
 
 def make_smoke_trainer(output_dir, *flags):
@@ -146,16 +155,23 @@ def assert_learns(trial, seeds: tuple[int, ...] = (42, 1, 2)) -> None:
 SMOKE = ("--preset", "smoke")
 
 
+def smoke_preset() -> dict:
+    """The smoke recipe's own values (recipes/train_ppo/smoke.yaml): numbers in tests are derived from these."""
+    from smolppo.cli import load_yaml_config
+    from smolppo.configs import PPOConfig, recipe_path
+
+    return load_yaml_config(PPOConfig, recipe_path("train_ppo", "smoke"))
+
+
+def smoke_updates(num_prompts: int) -> int:
+    """Updates of a whole smoke run over `num_prompts` usable prompts: whole rollout batches, every epoch."""
+    preset = smoke_preset()
+    return num_prompts // preset["rollout_batch_size"] * preset["num_train_epochs"]
+
+
 def train_smoke(out, *args, cwd: str = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`train_ppo.py --preset smoke --output-dir OUT ARGS` as a user runs it (from `cwd`)."""
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_ppo.py"), *SMOKE, "--output-dir", str(out), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    """`train_ppo.py --preset smoke --output-dir OUT ARGS` (through `run_script`)."""
+    return run_script("train_ppo.py", *SMOKE, "--output-dir", str(out), *args, cwd=cwd, timeout=timeout)
 
 
 def scalars(log_dir, tag: str) -> dict[int, float]:

@@ -22,6 +22,8 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import reset_accelerate_state
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FINGERPRINT = os.path.join(HERE, "data", "gae_fingerprint.json")
 KEYS = ("rewards/mean", "loss", "loss/policy", "loss/value", "kl_divergence", "advantage", "objective/kl_coef")
@@ -33,18 +35,17 @@ def platform() -> dict:
 
 
 def fingerprint(output_dir: str, *flags: str) -> dict:
-    from accelerate.state import AcceleratorState
 
     from smolppo.cli import parse_config
     from smolppo.configs import PPOConfig
     from smolppo.job.build import build_ppo_trainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = parse_config(PPOConfig, ["--preset", "smoke", "--output-dir", output_dir, *flags], "train_ppo")
     trainer = build_ppo_trainer(config)
     history = [trainer.step() for _ in range(UPDATES)]
     checksum = sum(p.detach().double().abs().sum().item() for p in trainer.policy.parameters())
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     return {"metrics": [{k: m[k] for k in KEYS} for m in history], "policy_abs_sum": checksum}
 
 

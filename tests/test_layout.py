@@ -4,6 +4,7 @@ README stays a front door whose links all lead somewhere, and CI runs the README
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import re
 
@@ -141,3 +142,56 @@ def test_a_parsed_config_holds_no_smoke_name_and_a_wrong_one_is_one_line():
     assert os.path.isdir(evaluation.model_path[0]) and evaluation.model_path[1] == "./other"
     with pytest.raises(UserError, match="unknown smoke name 'smoke:polcy'; the smoke preset has smoke:tokenizer"):
         parse_config(PPOConfig, ["--policy-model", "smoke:polcy"])
+
+
+# ---------------------------------------------------------------------------------------------- who owns which state
+def _ownership_table() -> dict[str, tuple[str, str]]:
+    text = open(os.path.join(REPO, "docs", "DEVELOPMENT.md"), encoding="utf-8").read()
+    section = text[text.index("## Who owns which state") :]
+    section = section[: section.index("\n## ", 5)]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip().strip("`"): (cells[1].strip(), cells[2].strip()) for cells in rows}
+
+
+def test_the_ownership_table_names_every_layer():
+    table = _ownership_table()
+    assert set(table) == {"configs", *LAYERS[1:]}
+    assert all(os.path.isdir(os.path.join(PACKAGE, layer)) for layer in table)
+
+
+def test_runs_never_touches_the_algorithm():
+    """`runs/` owns directories: no name in it refers to the algorithm (it used to read 11 of its attributes); it
+    may know the names of the files a checkpoint holds (upper-case constants from `smolppo.files`)."""
+    touching = []
+    for module, path in _modules().items():
+        if _layer(module) != "runs":
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = {getattr(node, "id", None), getattr(node, "arg", None), getattr(node, "attr", None)}
+            if any(name and "algorithm" in name.lower() and not name.isupper() for name in names):
+                touching.append(f"{module}:{node.lineno}")
+    assert not touching, touching
+
+
+def test_the_algorithm_receives_its_settings_groups():
+    import inspect
+
+    from smolppo.algorithm.ppo import Algorithm
+    from smolppo.configs.algorithm import AlgorithmSettings
+
+    assert inspect.signature(Algorithm.__init__).parameters["config"].annotation == "AlgorithmSettings"
+    groups = [f.type for f in dataclasses.fields(AlgorithmSettings) if f.type.endswith("Fields")]
+    assert len(groups) >= 6  # estimator, KL, loss, sampling, optimizer, precision, rewards
+
+
+def test_every_script_setting_belongs_to_one_frozen_group():
+    from smolppo.configs import EvalConfig, PlotConfig, PPOConfig, RewardModelConfig
+
+    for config in (PPOConfig, RewardModelConfig, EvalConfig, PlotConfig):
+        owners: dict[str, list[str]] = {}
+        for group in config.GROUPS:
+            assert group.__dataclass_params__.frozen, group
+            for f in dataclasses.fields(group):
+                owners.setdefault(f.name, []).append(group.__name__)
+        assert set(owners) == {f.name for f in dataclasses.fields(config)}, config  # nothing outside a group
+        assert all(len(groups) == 1 for groups in owners.values()), {k: v for k, v in owners.items() if len(v) > 1}

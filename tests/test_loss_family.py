@@ -93,7 +93,7 @@ def varied_lengths(trainer, cuts=(3, 0, 7, 1, 5, 0, 2, 9)):
     from smolppo.algorithm.rollout import build_rollout
 
     algo, prompts = trainer.algorithm, trainer.prompts
-    indices = [i for i in trainer.sampler.indices(0) for _ in range(algo.config.samples_per_prompt)]
+    indices = [i for i in trainer.sampler.indices(0) for _ in range(algo.config.estimator.samples_per_prompt)]
     rollout = algo.rollout([prompts.input_ids[i] for i in indices])
     responses, context = rollout.responses.clone(), rollout.context_length
     for row, cut in zip(range(len(rollout)), cuts):

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from smolppo.algorithm import ppo_math
-from tests.conftest import make_smoke_trainer
+from tests.conftest import make_smoke_trainer, reset_accelerate_state
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
@@ -28,36 +27,40 @@ def test_missing_eos_score_replaces_the_reward_of_responses_that_never_end(tmp_p
     assert_close(scores[ended], parts["reward_model"][ended].to(scores.dtype))  # finished ones keep their reward
 
 
+def _token_rewards_seen_by_gae(exp) -> torch.Tensor:
+    """With gamma = lam = 1 the returns are reward-to-go, so the per-token rewards GAE saw are their differences."""
+    returns, mask = exp.returns, exp.rollout.response_mask
+    following = torch.cat([returns[:, 1:], torch.zeros_like(returns[:, :1])], dim=1) * mask
+    return (returns - following) * mask
+
+
 def test_whitened_rewards_feed_gae(tmp_path):
-    trainer = make_smoke_trainer(tmp_path, "--whiten-rewards")
+    """GAE sees per-token rewards scaled to unit variance over the batch's real tokens, their mean kept."""
+    plain = make_smoke_trainer(tmp_path / "plain", "--gamma", "1", "--lam", "1")
+    raw = _token_rewards_seen_by_gae(_experience(plain))
+    reset_accelerate_state()
+    trainer = make_smoke_trainer(tmp_path / "whitened", "--whiten-rewards", "--gamma", "1", "--lam", "1")
     exp = _experience(trainer)
-    mask, cfg = exp.rollout.response_mask, trainer.config
-    kl_coef = trainer.algorithm.kl_status()["kl_coef"]
-    rewards = ppo_math.token_rewards(exp.scores, exp.kl, kl_coef, mask)
-    whitened = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-    raw, returns = ppo_math.gae_advantages(whitened, exp.old_values, mask, cfg.gamma, cfg.lam)
-    assert_close(exp.unwhitened_advantages, raw)
-    assert_close(exp.returns, returns)
-    unwhitened, _ = ppo_math.gae_advantages(rewards, exp.old_values, mask, cfg.gamma, cfg.lam)
-    assert not torch.allclose(exp.unwhitened_advantages, unwhitened)  # the switch changed something
+    mask = exp.rollout.response_mask.bool()
+    seen = _token_rewards_seen_by_gae(exp)[mask].double()
+    assert seen.var().item() == pytest.approx(1.0, rel=1e-3)  # unbiased variance of the real tokens' rewards
+    assert seen.mean().item() == pytest.approx(raw[mask].double().mean().item(), abs=1e-5)  # the mean is kept
+    assert not torch.allclose(seen, raw[mask].double())  # the same rollout (same seed), other rewards
 
 
 def test_gae_with_the_kl_in_the_loss(tmp_path):
-    trainer = make_smoke_trainer(tmp_path, "--kl-in-loss")
+    """No KL penalty in the rewards: every real token's return is its response's score. The loss's KL term is the
+    k3 estimate, 0 (to rounding) while the policy is the reference, positive once it has moved."""
+    trainer = make_smoke_trainer(tmp_path, "--kl-in-loss", "--gamma", "1", "--lam", "1")
     algo = trainer.algorithm
     exp = _experience(trainer)
-    mask, cfg = exp.rollout.response_mask, trainer.config
-    # No KL penalty in the rewards: GAE sees the score alone, at the last real token.
-    raw, _ = ppo_math.gae_advantages(
-        ppo_math.token_rewards(exp.scores, exp.kl, 0.0, mask), exp.old_values, mask, cfg.gamma, cfg.lam
-    )
-    assert_close(exp.unwhitened_advantages, raw)
-    # The loss: clipped surrogate + vf_coef x value loss + kl_coef x k3 KL to the reference.
+    mask = exp.rollout.response_mask
+    assert_close(exp.returns, exp.scores[:, None].to(exp.returns.dtype).expand_as(mask) * mask)
     parts = algo.micro_batch_loss(exp.select(torch.arange(4)).trimmed())
-    assert parts.value_loss is not None and parts.kl_loss is not None and parts.kl_loss.item() >= 0.0
-    expected = parts.policy_stats.loss + cfg.vf_coef * parts.value_loss + algo.kl_status()["kl_coef"] * parts.kl_loss
-    assert_close(parts.loss, expected)
+    assert parts.value_loss is not None and 0.0 <= parts.kl_loss.item() < 1e-6  # 0 up to rounding
     assert "loss/kl" in trainer.step()
+    moved = algo.micro_batch_loss(_experience(trainer).select(torch.arange(4)).trimmed())
+    assert moved.kl_loss.item() > 0.0
 
 
 def test_algorithm_saves_and_loads_itself(tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from smolppo import files
 from smolppo.runs import checkpointing
-from tests.conftest import REPO, SMOKE, run_script_in_process, scalars, snapshot, train_smoke
+from tests.conftest import REPO, SMOKE, reset_accelerate_state, run_script_in_process, scalars, snapshot, train_smoke
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (Windows uses Ctrl-Break)")
 
@@ -241,13 +241,12 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------- memory
 @pytest.mark.soak
 def test_resident_memory_is_flat_over_many_updates(tmp_path):
-    from accelerate.state import AcceleratorState
 
     from smolppo.cli import parse_config
     from smolppo.configs import PPOConfig
     from smolppo.job.build import build_ppo_trainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = parse_config(PPOConfig, [*SMOKE, "--output-dir", str(tmp_path), "--max-updates", "200"], "train_ppo")
     trainer = build_ppo_trainer(config)
     process = psutil.Process()
@@ -260,4 +259,4 @@ def test_resident_memory_is_flat_over_many_updates(tmp_path):
         readings.append(process.memory_info().rss)
     growth_mb = (readings[-1] - readings[0]) / 2**20
     assert growth_mb < 25, [r / 2**20 for r in readings]
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()

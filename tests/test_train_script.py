@@ -7,7 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from smolppo import smoke
-from tests.conftest import run_script
+from tests.conftest import run_script, smoke_preset, smoke_updates
 
 KEY_SCALARS = ["loss", "rewards/mean", "kl_divergence", "learning_rate", "advantage"]
 DETAIL_SCALARS = [
@@ -51,7 +51,8 @@ def test_smoke_run_logs_every_scalar_and_samples(smoke_run):
     for tag in KEY_SCALARS + DETAIL_SCALARS:
         assert tag in tags, tag
     rewards = [e.value for e in acc.Scalars("rewards/mean")]
-    assert len(rewards) == 40 and [e.step for e in acc.Scalars("loss")] == list(range(1, 41))
+    updates = json.loads((out / "run_summary.json").read_text())["updates"]
+    assert len(rewards) == updates and [e.step for e in acc.Scalars("loss")] == list(range(1, updates + 1))
     assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8  # the smoke reward is learnable
     assert any("samples" in t for t in acc.Tags()["tensors"])
 
@@ -59,11 +60,13 @@ def test_smoke_run_logs_every_scalar_and_samples(smoke_run):
 def test_smoke_run_checkpoints_and_summary(smoke_run):
     out = smoke_run
     checkpoints = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
-    assert checkpoints == ["checkpoint-40"]  # save_steps=10, save_total_limit=1, final update checkpointed too
+    summary = json.loads((out / "run_summary.json").read_text())
+    updates = smoke_updates(summary["num_prompts"])  # every whole rollout batch of every epoch
+    assert checkpoints == [f"checkpoint-{updates}"]  # save_total_limit=1 keeps the final update's
     for name in ("optimizer.safetensors", "algorithm_state.json", "trainer_state.json", "value_model"):
         assert os.path.exists(out / checkpoints[0] / name), name
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["status"] == "finished" and summary["updates"] == 40 and summary["episodes"] == 640
+    assert summary["status"] == "finished" and summary["updates"] == updates
+    assert summary["episodes"] == updates * smoke_preset()["rollout_batch_size"]  # one sample per prompt
     assert summary["config"]["reward_model"] == smoke.resolve("smoke:reward")  # the path it really read
     assert summary["environment"]["torch"] and summary["peak_memory_bytes"] > 0
     assert summary["observed"] == {

@@ -6,10 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from smolppo.algorithm.rollout import response_logits
-from tests.conftest import assert_learns, learning_shortfall, make_smoke_trainer, policy_rewards
+from tests.conftest import (
+    assert_learns,
+    learning_shortfall,
+    make_smoke_trainer,
+    policy_rewards,
+    reset_accelerate_state,
+    smoke_preset,
+    smoke_updates,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 make_trainer = make_smoke_trainer
@@ -27,6 +34,8 @@ def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float], check=lambda
     """One seed's smoke run as `assert_learns` wants it: what fell short, or None. `check(trainer)` asserts what
     must hold on every run, short or not."""
 
+    preset = smoke_preset()
+
     def trial(seed):
         trainer = make_trainer(tmp_path / f"seed{seed}", "--seed", str(seed), *flags)
         check(trainer)
@@ -34,7 +43,7 @@ def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float], check=lambda
         history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
         rewards = np.array([m["rewards/mean"] for m in history])
         kls = [m["kl_divergence"] for m in history]
-        assert len(history) == 40 and all(math.isfinite(k) for k in kls)
+        assert len(history) == smoke_updates(len(trainer.prompts.input_ids)) and all(math.isfinite(k) for k in kls)
         assert history[-1]["response/length_mean"] > 0
         shortfalls = [learning_shortfall(before, policy_rewards(trainer), min_gain=0.15)]
         second_half_kl, target = float(np.mean(kls[20:])), trainer.config.kl_target
@@ -42,7 +51,7 @@ def _smoke_learning(tmp_path, *flags, kl_band: tuple[float, float], check=lambda
             shortfalls.append(f"second-half KL {second_half_kl:.1f} outside {kl_band} x target {target}")
         if not rewards[-8:].mean() > rewards[:8].mean():  # the training batches rise too
             shortfalls.append(f"training rewards did not rise: {rewards.round(2)}")
-        if history[-1]["objective/kl_coef"] == pytest.approx(0.1):  # the KL never reached the target (1 seed in 24)
+        if history[-1]["objective/kl_coef"] == pytest.approx(preset["init_kl_coef"]):  # never reached (1 seed in 24)
             shortfalls.append("the adaptive controller never acted")
         return "; ".join(s for s in shortfalls if s) or None
 
@@ -55,7 +64,12 @@ def test_reward_rises_on_a_learnable_task(tmp_path):
 
 def test_lora_learns_on_the_smoke_task(tmp_path):
     def lora_only(trainer):
-        assert trainer.config.peak_learning_rate == 1e-2 and "lm_head" in trainer.config.lora_target_modules
+        preset = smoke_preset()
+        assert trainer.config.peak_learning_rate == preset["lora_learning_rate"]
+        assert (
+            trainer.config.lora_target_modules == preset["lora_target_modules"]
+            and "lm_head" in preset["lora_target_modules"]
+        )
         assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
 
     assert_learns(_smoke_learning(tmp_path, "--use-lora", kl_band=(0.5, 2.5), check=lora_only))
@@ -111,7 +125,7 @@ def test_gradient_checkpointing_cuts_saved_activations(tmp_path):
     without = make_trainer(tmp_path / "a")
     saved_without = _activation_bytes_saved_for_backward(without, experience(without))
     without.algorithm.optimise(experience(without), 0)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     with_gc = make_trainer(tmp_path / "b", "--gradient-checkpointing")
     saved_with = _activation_bytes_saved_for_backward(with_gc, experience(with_gc))
     with_gc.algorithm.optimise(experience(with_gc), 0)
@@ -132,7 +146,7 @@ def test_bf16_autocast_takes_effect(tmp_path):
     assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert reference.get_output_embeddings().weight.dtype == torch.float32
     assert trainer.policy.config._attn_implementation == "sdpa"  # the model's own by default
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     fp32 = make_trainer(tmp_path / "fp32", "--attn-implementation", "eager")
     fp32.step()
     assert fp32.observed["update_matmul_dtype"] == "torch.float32"
@@ -142,12 +156,16 @@ def test_bf16_autocast_takes_effect(tmp_path):
 
 def test_first_update_trains_under_a_warm_up(tmp_path):
     trainer = make_trainer(tmp_path, "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.05", "--max-updates", "2")
-    assert trainer.schedule.warmup_steps == 8  # ceil(0.05 x 40 planned updates x 4 optimizer steps)
+    preset = smoke_preset()
+    planned = smoke_updates(len(trainer.prompts.input_ids))  # the planned run, not the 2 updates it stops after
+    steps_per_update = preset["ppo_epochs"] * preset["rollout_batch_size"] // preset["mini_batch_size"]
+    warmup = math.ceil(0.05 * planned * steps_per_update)
+    assert trainer.schedule.warmup_steps == warmup
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     first = trainer.step()
     peak = trainer.config.peak_learning_rate
-    # Steps 1-4 of an 8-step warm-up: 1/8 ... 4/8 of the peak; the logged rate is their mean.
-    assert first["learning_rate"] == pytest.approx(2.5 / 8 * peak)
+    # Steps 1..k of the warm-up (k optimizer steps per update): 1/w ... k/w of the peak; the logged rate is their mean.
+    assert first["learning_rate"] == pytest.approx((steps_per_update + 1) / 2 / warmup * peak)
     assert [k for k, v in trainer.policy.state_dict().items() if not torch.equal(v, before[k])]
     second = trainer.step()
     assert second["kl_divergence"] != 0.0  # the rollout policy of update 2 is no longer the reference

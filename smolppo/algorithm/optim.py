@@ -20,9 +20,16 @@ def warm_started_scheduler(name: str, optimizer, warmup_steps: int, total_steps:
 
 def apply_configured_learning_rate(scheduler, optimizer, learning_rate: float) -> None:
     """A scheduler's saved state brings back the old peak learning rate; use this run's (a no-op when equal),
-    so that a resume with --allow-config-change --learning-rate X really trains at X."""
+    so that a resume with --allow-config-change --learning-rate X really trains at X. The optimizer's groups take
+    the rate at the schedule's position now; the scheduler's next ``step()`` computes from the new peak. (The rate
+    an optimizer step used is read from the optimizer's groups, `current_learning_rate`, never from the scheduler's
+    memory of its last step.)"""
     scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
     if hasattr(scheduler, "lr_lambdas"):
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def current_learning_rate(optimizer) -> float:
+    """The learning rate the optimizer's next step uses (its first parameter group's)."""
+    return optimizer.param_groups[0]["lr"]

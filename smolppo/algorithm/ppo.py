@@ -23,7 +23,7 @@ from smolppo import zero
 from smolppo.algorithm import dynamic_sampling, ppo_math, update_stats
 from smolppo.algorithm import state as algorithm_state
 from smolppo.algorithm.experience import Experience, MicroBatchLoss, PolicyAndValue
-from smolppo.algorithm.optim import apply_configured_learning_rate, warm_started_scheduler
+from smolppo.algorithm.optim import apply_configured_learning_rate, current_learning_rate, warm_started_scheduler
 from smolppo.algorithm.rollout import (
     Rollout,
     TrimTable,
@@ -78,16 +78,20 @@ class Algorithm:
     ):
         self.config, self.schedule, self.tokenizer, self.reward = config, schedule, tokenizer, reward
         self.accelerator = acc = accelerator
-        if (value_model is not None) != config.uses_value_model:
-            raise ValueError(f"advantage_estimator {config.advantage_estimator} and the value model disagree")
+        if (value_model is not None) != config.estimator.uses_value_model:
+            raise ValueError(
+                f"advantage_estimator {config.estimator.advantage_estimator} and the value model disagree"
+            )
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("ref_policy is required unless the policy is a PEFT (LoRA) model")
         self.eos_ids = eos_token_ids(tokenizer, policy)
-        self.generation_config = sampling_config(tokenizer, self.eos_ids, config.max_new_tokens, config.temperature)
+        self.generation_config = sampling_config(
+            tokenizer, self.eos_ids, config.sampling.max_new_tokens, config.sampling.temperature
+        )
         check_logits_reproduced(policy)
         for model in (policy, value_model):
             if model is not None:
-                if config.gradient_checkpointing:
+                if config.precision.gradient_checkpointing:
                     enable_gradient_checkpointing(model)
                 model.train()
         model = PolicyAndValue(policy, TokenScorer(value_model) if value_model is not None else None)
@@ -95,24 +99,24 @@ class Algorithm:
         optimizer = torch.optim.AdamW(
             self.trainable_params,
             lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+            weight_decay=config.optimizer.weight_decay,
             fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
         )
         self.lr_scheduler = warm_started_scheduler(
-            config.lr_scheduler_type, optimizer, schedule.warmup_steps, schedule.planned_optimizer_steps
+            config.optimizer.lr_scheduler_type, optimizer, schedule.warmup_steps, schedule.planned_optimizer_steps
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        if config.dynamic_sampling_refills and self.zero_stage == 3:  # refills differ per process: no collectives
+        if config.loss.dynamic_sampling_refills and self.zero_stage == 3:  # refills differ per process: no collectives
             raise UserError("--dynamic-sampling-refills cannot run under ZeRO-3 (each process refills on its own)")
         frozen = [m for m in (ref_policy, reward.reader.model if reward.reader is not None else None) if m is not None]
         for frozen_model in frozen:
             frozen_model.to(acc.device).eval().requires_grad_(False)
-            if config.bf16:
+            if config.precision.bf16:
                 store_body_linears_in_bf16(frozen_model)
-        set_attention(attention_for(config.attn_implementation), policy, value_model, *frozen)
+        set_attention(attention_for(config.precision.attn_implementation), policy, value_model, *frozen)
         self.ref_policy = ref_policy
-        self.kl_controller = ppo_math.kl_controller(config, schedule.kl_horizon)
+        self.kl_controller = ppo_math.kl_controller(config.kl, schedule.kl_horizon)
         self.timer = StageTimer(acc.device)
         self.observed: dict = {}
 
@@ -130,9 +134,9 @@ class Algorithm:
         """Stages 1-5 for the prompts at `indices`, each sampled `samples_per_prompt` times in a row. What each
         stage hands on is checked to live on the rollout's device (`smolppo.devices`)."""
         cfg = self.config
-        indices = [i for i in indices for _ in range(cfg.samples_per_prompt)]
+        indices = [i for i in indices for _ in range(cfg.estimator.samples_per_prompt)]
         rollout = self.rollout([prompts.input_ids[i] for i in indices])
-        if not (cfg.dynamic_sampling and cfg.dynamic_sampling_refills):
+        if not (cfg.loss.dynamic_sampling and cfg.loss.dynamic_sampling_refills):
             return self.experience_from(rollout, prompts, indices)
         rollout, indices, *rewards = dynamic_sampling.refill(
             rollout,
@@ -140,9 +144,9 @@ class Algorithm:
             sample=lambda rows: self.rollout([prompts.input_ids[i] for i in rows]),
             score=lambda sampled, rows: self.rewards(sampled, prompts, rows),
             num_prompts=len(prompts.input_ids),
-            group_size=cfg.samples_per_prompt,
-            rounds=cfg.dynamic_sampling_refills,
-            seed=cfg.seed,
+            group_size=cfg.estimator.samples_per_prompt,
+            rounds=cfg.loss.dynamic_sampling_refills,
+            seed=cfg.optimizer.seed,
             pad_id=self.tokenizer.pad_token_id,
         )
         return self.experience_from(rollout, prompts, indices, rewards)
@@ -163,8 +167,8 @@ class Algorithm:
             device, "advantages", advantages=advantages, unwhitened_advantages=unwhitened_advantages, returns=returns
         )
         trained = None
-        if self.config.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
-            trained = ppo_math.groups_with_signal(scores, self.config.samples_per_prompt).float()
+        if self.config.loss.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
+            trained = ppo_math.groups_with_signal(scores, self.config.estimator.samples_per_prompt).float()
         logprobs, credit = (old_logprobs, ref_logprobs, kl), (advantages, unwhitened_advantages, returns)
         experience = Experience(rollout, scores, *logprobs, *credit, values, parts, trained)
         experience.check_device(device)
@@ -187,19 +191,19 @@ class Algorithm:
                 rows=[prompts.rows[i] for i in indices] if prompts.rows else [{} for _ in indices],
             )
             scores, parts = self.reward.score(batch, rollout.device)
-        if self.config.missing_eos_score is not None:
+        if self.config.rewards.missing_eos_score is not None:
             scores = torch.where(
-                rollout.ended_with_eos, scores, torch.full_like(scores, self.config.missing_eos_score)
+                rollout.ended_with_eos, scores, torch.full_like(scores, self.config.rewards.missing_eos_score)
             )
-        if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~rollout.ended_with_eos).to(scores.dtype)
+        if self.config.rewards.missing_eos_penalty is not None:
+            scores = scores - self.config.rewards.missing_eos_penalty * (~rollout.ended_with_eos).to(scores.dtype)
         return scores, parts
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 3: ``(old_logprobs, ref_logprobs, kl)`` per response token."""
         policy = self.policy
-        temperature = self.config.temperature
+        temperature = self.config.sampling.temperature
         with self.gathered(), eval_mode(policy), self.autocast():
             with self.timer.stage("policy_logprobs"):
                 old_logprobs = self.in_chunks(lambda c: response_logprobs(policy, c, temperature), rollout)
@@ -207,7 +211,7 @@ class Algorithm:
                 reference = self.ref_policy if self.ref_policy is not None else policy
                 with reference_context(policy) if self.ref_policy is None else nullcontext():
                     ref_logprobs = self.in_chunks(lambda c: response_logprobs(reference, c, temperature), rollout)
-        kl = ppo_math.kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * rollout.response_mask
+        kl = ppo_math.kl_penalty(old_logprobs, ref_logprobs, self.config.kl.kl_estimator) * rollout.response_mask
         return old_logprobs, ref_logprobs, kl
 
     @torch.no_grad()
@@ -221,24 +225,32 @@ class Algorithm:
     def advantages(self, rollout: Rollout, scores, kl, values):
         """Stage 5: ``(advantages, unwhitened_advantages, returns)`` by the configured estimator."""
         cfg, mask = self.config, rollout.response_mask
-        kl_coef = 0.0 if cfg.kl_in_loss else self.kl_controller.value
+        kl_coef = 0.0 if cfg.kl.kl_in_loss else self.kl_controller.value
         with self.timer.stage("advantages"):
-            if cfg.advantage_estimator == "gae":
+            if cfg.estimator.advantage_estimator == "gae":
                 rewards = ppo_math.token_rewards(scores, kl, kl_coef, mask)
-                if cfg.whiten_rewards:
+                if cfg.estimator.whiten_rewards:
                     rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.all_reduce_sum)
-                raw, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+                raw, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.estimator.gamma, cfg.estimator.lam)
                 return ppo_math.masked_whiten(raw, mask, all_reduce=self.all_reduce_sum), raw, returns
-            if cfg.advantage_estimator in ("grpo", "rloo"):  # baseline from the other responses to the same prompt
+            if cfg.estimator.advantage_estimator in (
+                "grpo",
+                "rloo",
+            ):  # baseline from the other responses to the same prompt
                 sequence = ppo_math.group_advantages(
-                    scores, cfg.samples_per_prompt, cfg.advantage_estimator, cfg.scale_rewards
+                    scores,
+                    cfg.estimator.samples_per_prompt,
+                    cfg.estimator.advantage_estimator,
+                    cfg.estimator.scale_rewards,
                 )
                 returns = ppo_math.discounted_returns(
-                    ppo_math.token_rewards(sequence, kl, kl_coef, mask), mask, cfg.gamma
+                    ppo_math.token_rewards(sequence, kl, kl_coef, mask), mask, cfg.estimator.gamma
                 )
                 return returns, returns, returns
             # reinforce_pp: KL-shaped token rewards, discounted returns, whitened over the whole batch
-            returns = ppo_math.discounted_returns(ppo_math.token_rewards(scores, kl, kl_coef, mask), mask, cfg.gamma)
+            returns = ppo_math.discounted_returns(
+                ppo_math.token_rewards(scores, kl, kl_coef, mask), mask, cfg.estimator.gamma
+            )
             return ppo_math.masked_whiten(returns, mask, all_reduce=self.all_reduce_sum), returns, returns
 
     # ------------------------------------------------------------------ stage 6
@@ -248,13 +260,15 @@ class Algorithm:
         depend on the micro-batch size or the process count. The statistics stay on the device until the update
         ends: one copy to the host per update, not one read per micro-batch."""
         cfg, acc = self.config, self.accelerator
-        size, mini, micro = len(exp.rollout), cfg.mini_batch_size, cfg.per_device_train_batch_size
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + update)
+        size, mini, micro = len(exp.rollout), cfg.mini_batch_size, cfg.micro_batch_size
+        generator = torch.Generator(device="cpu").manual_seed(cfg.optimizer.seed * 1_000_003 + update)
         steps: list[dict] = []
         with self.timer.stage("update"):
             trim = TrimTable(exp.rollout)
             trained = exp.trained.bool().tolist() if exp.trained is not None else [True] * size
-            for _ in range(cfg.ppo_epochs):  # the order is drawn on the CPU (the same on every device), then moved
+            for _ in range(
+                cfg.loss.ppo_epochs
+            ):  # the order is drawn on the CPU (the same on every device), then moved
                 order = torch.randperm(size, generator=generator, device="cpu")
                 rows, order = order.tolist(), order.to(acc.device)
                 norms = self.loss_norms([rows[s : s + mini] for s in range(0, size, mini)], trim.lengths, trained)
@@ -275,21 +289,23 @@ class Algorithm:
         if self.accelerator.num_processes > 1:
             summed = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
             counts = self.accelerator.reduce(summed, reduction="sum").tolist()
-        return [ppo_math.LossNorm(tokens, sequences, self.config.max_new_tokens) for tokens, sequences in counts]
+        return [
+            ppo_math.LossNorm(tokens, sequences, self.config.sampling.max_new_tokens) for tokens, sequences in counts
+        ]
 
     def micro_batch_loss(self, batch: Experience, norm: ppo_math.LossNorm | None = None) -> MicroBatchLoss:
         """Forward one micro-batch and build its share of the mini-batch loss (no backward): clipped surrogate,
         + value, + in-loss KL, each aggregated by the loss type over `norm` (default: this batch as a whole)."""
         cfg, rollout = self.config, batch.rollout
         mask = rollout.response_mask if batch.trained is None else rollout.response_mask * batch.trained[:, None]
-        norm = norm or ppo_math.whole_batch_norm(mask, cfg.max_new_tokens)
+        norm = norm or ppo_math.whole_batch_norm(mask, cfg.sampling.max_new_tokens)
 
         def share(per_token: torch.Tensor) -> torch.Tensor:
-            return ppo_math.aggregate(per_token, mask, cfg.loss_type, norm)
+            return ppo_math.aggregate(per_token, mask, cfg.loss.loss_type, norm)
 
         with self.autocast(), observe_precision(self.policy, self.observed):
             logits, values = self.model(rollout)
-            logits = logits / cfg.temperature
+            logits = logits / cfg.sampling.temperature
         self.observed.setdefault("lm_head_dtype", str(logits.dtype))  # fp32 copies of a bf16 head fire no hook
         logprobs = selective_log_softmax(logits, rollout.responses)
         terms = ppo_math.policy_terms(
@@ -297,10 +313,10 @@ class Algorithm:
             batch.old_logprobs,
             batch.advantages,
             mask,
-            cfg.cliprange,
-            cfg.epsilon_high,
-            cfg.dual_clip,
-            cfg.importance_sampling_level,
+            cfg.loss.cliprange,
+            cfg.loss.epsilon_high,
+            cfg.loss.dual_clip,
+            cfg.loss.importance_sampling_level,
         )
         with torch.no_grad():
             clip_fraction, approx_kl = share(terms.clipped), share(0.5 * terms.log_ratio.pow(2))
@@ -309,10 +325,12 @@ class Algorithm:
         policy_stats = ppo_math.PolicyLossStats(share(terms.loss), clip_fraction, approx_kl, deviation)
         parts = MicroBatchLoss(policy_stats.loss, policy_stats, logits, entropy=entropy)
         if values is not None:
-            value_loss, clipped = ppo_math.value_terms(values, batch.old_values, batch.returns, cfg.cliprange_value)
+            value_loss, clipped = ppo_math.value_terms(
+                values, batch.old_values, batch.returns, cfg.loss.cliprange_value
+            )
             parts.value_loss, parts.value_clip_fraction = share(value_loss), share(clipped).detach()
-            parts.loss = parts.loss + cfg.vf_coef * parts.value_loss
-        if cfg.kl_in_loss:
+            parts.loss = parts.loss + cfg.loss.vf_coef * parts.value_loss
+        if cfg.kl.kl_in_loss:
             parts.kl_loss = share(ppo_math.kl_penalty(logprobs, batch.ref_logprobs, "k3"))
             parts.loss = parts.loss + self.kl_controller.value * parts.kl_loss
         return parts
@@ -328,14 +346,14 @@ class Algorithm:
         acc.backward(parts.loss * processes)
         stats = {}
         if acc.sync_gradients:
-            grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self.trainable_params, self.config.optimizer.max_grad_norm)
             if grad_norm is not None:  # DeepSpeed clips inside its own step and reports the norm it saw
                 stats["grad_norm"] = grad_norm
         # accelerate's prepared optimizer skips the step and the reset while gradients accumulate
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:  # the schedule counts optimizer steps
-            stats["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+            stats["learning_rate"] = current_learning_rate(self.optimizer)
             self.lr_scheduler.step()
         world = acc.num_processes  # the processes' shares are averaged with the metrics: each counts world times
         stats.update({key: value.detach() * world for key, value in update_stats.shares(parts).items()})
@@ -386,7 +404,7 @@ class Algorithm:
         self.lr_scheduler.load_state_dict(lr_scheduler)
         apply_configured_learning_rate(self.lr_scheduler, self.optimizer, self.config.learning_rate)
         self.kl_controller.load_state_dict(kl_controller)
-        if self.config.kl_horizon is not None and hasattr(self.kl_controller, "horizon"):
+        if self.config.kl.kl_horizon is not None and hasattr(self.kl_controller, "horizon"):
             self.kl_controller.horizon = self.schedule.kl_horizon
 
     # ------------------------------------------------------------------ metrics
@@ -396,12 +414,12 @@ class Algorithm:
 
     # ------------------------------------------------------------------ helpers
     def in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:
-        """Apply a no-grad `forward` to the rollout in chunks of `mini_batch_size` and reassemble the result.
+        """Apply a no-grad `forward` to the rollout in chunks of `inference_batch_size` and reassemble the result.
 
         Sequences are grouped by prompt length and each chunk loses its all-padding columns, so shorter
         prompts and responses cost less; per-token outputs are padded back to the full response width.
         """
-        width, size = rollout.responses.shape[1], self.config.mini_batch_size
+        width, size = rollout.responses.shape[1], self.config.inference_batch_size
         order = torch.argsort(rollout.attention_mask[:, : rollout.context_length].sum(1), stable=True)
         trim, rows = TrimTable(rollout), order.tolist()  # the chunks' bounds come from the host
         outputs = []
@@ -426,7 +444,7 @@ class Algorithm:
 
     def autocast(self):
         """bf16 autocast with --bf16 (also under DeepSpeed, which casts only the model it trains)."""
-        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.config.precision.bf16)
 
     def gathered(self, modifier_rank: int | None = None):
         """Under ZeRO-3, the partitioned policy and value weights made whole (see `smolppo.zero.gathered`)."""

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
-from smolppo.configs.parts import ConfigBase, _help, check_positive, check_probability
+from smolppo.configs.parts import DebugFields, FieldGroup, ScriptConfig, _help, check_positive, check_probability
 
 
-@dataclass
-class EvalConfig(ConfigBase):
-    """Everything `evaluate_generations.py` needs."""
-
-    SECTION = "evaluation"
+@dataclass(frozen=True)
+class EvaluationFields(FieldGroup):
+    _argument_group_name = "evaluation"
 
     model_path: list[str] = field(
         default_factory=lambda: ["./ppo_training_output"],
@@ -87,7 +85,7 @@ class EvalConfig(ConfigBase):
         metadata=_help("bf16 autocast for generation and scoring (fast on recent GPUs and on CPUs with AVX512-BF16)."),
     )
 
-    def _check_eval(self) -> None:
+    def check(self) -> None:
         check_positive(
             self,
             "num_prompts",
@@ -110,3 +108,10 @@ class EvalConfig(ConfigBase):
             raise ValueError(f"skip_rows must be >= 0, got {self.skip_rows}")
         if not self.model_path:
             raise ValueError("model_path needs at least one model")
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvaluationFields, DebugFields, ScriptConfig):
+    """Everything `evaluate_generations.py` needs."""
+
+    GROUPS: ClassVar[tuple[type, ...]] = (EvaluationFields, DebugFields)

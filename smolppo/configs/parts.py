@@ -1,20 +1,24 @@
-"""Field groups the script configs are composed of, and the checks they share.
+"""Field groups, one frozen dataclass per concern, and how a script's config is made of them.
 
-Each group is a small dataclass with its own fields and a ``_check_<group>`` method; a script's config
-inherits the groups it needs (nothing else), and `ConfigBase.__post_init__` runs every group's check. So
-`train_reward_model.py` has no ``--reward-model`` and `evaluate_generations.py` no PPO defaults.
+Each group declares its fields once (with their help, their other names, and which may change on resume) and
+checks only them (`FieldGroup.check`). A script's config is the flat union of the groups it lists in ``GROUPS``
+(nothing else: `train_reward_model.py` has no ``--reward-model``); its ``--help`` shows one section per group, the
+parser fills each group on its own (`smolppo.cli.parse_config`), and constructing the config validates each group
+once, then what spans groups (`ScriptConfig.check_across_groups`). A part of the program receives the groups it
+reads (`ScriptConfig.group`), never a copy of their fields; derived values are properties, never written back.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Optional, TypeVar
 
 DEFAULT_POLICY_MODEL = "HuggingFaceTB/smollm2-135M-SFT-Only"
 DEFAULT_REWARD_MODEL = "../reward_model_on_orca_dataset/reward_model_orca_output/checkpoint-2160"
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
 DEFAULT_NUM_SAMPLES = 10_000
+G = TypeVar("G")
 
 
 def _help(text: str, **extra) -> dict:
@@ -75,27 +79,51 @@ def check_trackers(report_to: list[str]) -> None:
             raise ValueError(f"report_to {name} needs the {name} package: pip install {name} (or drop it)")
 
 
-@dataclass
-class ConfigBase:
-    """Runs every ``_check_*`` method of the composed groups (in definition order) after construction."""
+class FieldGroup:
+    """A group of settings: its float settings finite, then its own rules (`check`), when it is constructed."""
 
-    SECTION = "run"
+    def __post_init__(self) -> None:
+        check_finite(self)
+        self.check()
 
+    def check(self) -> None:
+        """The rules this group's fields obey among themselves (raise `ValueError`); none by default."""
+
+
+class ScriptConfig(FieldGroup):
+    """A script's config: the flat union of its field groups (``GROUPS``, in the order ``--help`` shows them)."""
+
+    GROUPS: ClassVar[tuple[type, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for group in self.GROUPS:
+            self.group(group)  # each group validates its own fields
+        self.check_across_groups()
+
+    def check_across_groups(self) -> None:
+        """Rules that span groups (raise `ValueError`); none by default."""
+
+    def group(self, group: type[G]) -> G:
+        """This config's settings of `group`, as that group (frozen): what a part of the program receives."""
+        return group(**{f.name: getattr(self, f.name) for f in fields(group)})
+
+    @classmethod
+    def from_groups(cls, groups) -> ScriptConfig:
+        """The config holding the settings of the filled `groups` (one instance of each of ``GROUPS``)."""
+        return cls(**{f.name: getattr(group, f.name) for group in groups for f in fields(group)})
+
+
+@dataclass(frozen=True)
+class DebugFields(FieldGroup):
+    _argument_group_name = "run"
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"debug"})  # may change on resume
 
     debug: bool = field(default=False, metadata=_help("Show full tracebacks instead of one-line errors."))
 
-    def __post_init__(self) -> None:
-        check_finite(self)
-        for cls in reversed(type(self).__mro__):
-            for name, method in vars(cls).items():
-                if name.startswith("_check_") and callable(method):
-                    method(self)
 
-
-@dataclass
-class PresetFields:
-    SECTION = "presets"
+@dataclass(frozen=True)
+class PresetFields(FieldGroup):
+    _argument_group_name = "presets"
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"preset"})  # may change on resume
 
@@ -107,9 +135,9 @@ class PresetFields:
     )
 
 
-@dataclass
-class PolicyFields:
-    SECTION = "model"
+@dataclass(frozen=True)
+class PolicyFields(FieldGroup):
+    _argument_group_name = "model"
 
     policy_model: str = field(
         default=DEFAULT_POLICY_MODEL,
@@ -119,9 +147,9 @@ class PolicyFields:
     )
 
 
-@dataclass
-class DataFields:
-    SECTION = "data"
+@dataclass(frozen=True)
+class DataFields(FieldGroup):
+    _argument_group_name = "data"
 
     dataset: str = field(
         default=DEFAULT_DATASET,
@@ -139,13 +167,13 @@ class DataFields:
         metadata=_help("Use the first N rows of the dataset for training; the rest stay unseen."),
     )
 
-    def _check_data(self) -> None:
+    def check(self) -> None:
         check_positive(self, "num_samples")
 
 
-@dataclass
-class PrecisionFields:
-    SECTION = "precision and memory"
+@dataclass(frozen=True)
+class PrecisionFields(FieldGroup):
+    _argument_group_name = "precision and memory"
 
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast for forward passes (fp32 master weights)."))
     gradient_checkpointing: bool = field(
@@ -159,16 +187,16 @@ class PrecisionFields:
         ),
     )
 
-    def _check_precision(self) -> None:
+    def check(self) -> None:
         if self.attn_implementation not in ATTENTION_CHOICES:
             raise ValueError(
                 f"attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attn_implementation!r}"
             )
 
 
-@dataclass
-class LoRAFields:
-    SECTION = "LoRA"
+@dataclass(frozen=True)
+class LoRAFields(FieldGroup):
+    _argument_group_name = "LoRA"
 
     RESUME_FIXED: ClassVar[frozenset[str]] = frozenset(
         {"use_lora", "lora_r", "lora_target_modules"}
@@ -188,16 +216,16 @@ class LoRAFields:
         metadata=_help("Names of the modules that get LoRA adapters."),
     )
 
-    def _check_lora(self) -> None:
+    def check(self) -> None:
         check_positive(self, "lora_r", "lora_alpha")
         check_probability(self, "lora_dropout", high_open=True)
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module, e.g. q_proj v_proj")
 
 
-@dataclass
-class OptimizerFields:
-    SECTION = "optimizer and schedule"
+@dataclass(frozen=True)
+class OptimizerFields(FieldGroup):
+    _argument_group_name = "optimizer and schedule"
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"num_train_epochs"})  # may change on resume
 
@@ -210,7 +238,7 @@ class OptimizerFields:
     num_train_epochs: int = field(default=3, metadata=_help("Passes over the training prompts."))
     seed: int = field(default=42, metadata=_help("Random seed for data order, sampling and initialisation."))
 
-    def _check_optimizer(self) -> None:
+    def check(self) -> None:
         check_positive(self, "num_train_epochs")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
@@ -219,9 +247,9 @@ class OptimizerFields:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 
-@dataclass
-class OutputFields:
-    SECTION = "output, logging and resuming"
+@dataclass(frozen=True)
+class OutputFields(FieldGroup):
+    _argument_group_name = "output, logging and resuming"
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
         {
@@ -256,6 +284,6 @@ class OutputFields:
         ),
     )
 
-    def _check_output(self) -> None:
+    def check(self) -> None:
         check_positive(self, "logging_steps", "save_steps", "save_total_limit")
         check_trackers(self.report_to)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
-from smolppo.configs.parts import ConfigBase, _help
+from smolppo.configs.parts import DebugFields, FieldGroup, ScriptConfig, _help
 
 
-@dataclass
-class PlotConfig(ConfigBase):
-    """Everything `plot_training_progress.py` needs."""
-
-    SECTION = "plotting"
+@dataclass(frozen=True)
+class PlotFields(FieldGroup):
+    _argument_group_name = "plotting"
 
     log_dir: list[str] = field(
         default_factory=lambda: ["./ppo_training_output/logs"],
@@ -30,8 +28,15 @@ class PlotConfig(ConfigBase):
         metadata=_help("Figure title; default: the runs' algorithms, e.g. 'GRPO training progress'."),
     )
 
-    def _check_plot(self) -> None:
+    def check(self) -> None:
         if not 0.0 <= self.smooth < 1.0:
             raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
         if not self.log_dir:
             raise ValueError("log_dir needs at least one directory")
+
+
+@dataclass(frozen=True)
+class PlotConfig(PlotFields, DebugFields, ScriptConfig):
+    """Everything `plot_training_progress.py` needs."""
+
+    GROUPS: ClassVar[tuple[type, ...]] = (PlotFields, DebugFields)

@@ -1,150 +1,84 @@
-"""`train_ppo.py`'s configuration: one field per knob, composed from the shared groups in `parts`.
+"""`train_ppo.py`'s configuration: the flat union of its field groups (`parts` and `ppo_fields`).
 
 Batch vocabulary (all counts are per process):
 
 * ``rollout_batch_size`` prompts are drawn per update, each sampled ``samples_per_prompt`` times;
 * those sequences are cut into mini-batches of ``mini_batch_size``, one optimizer step each;
 * a mini-batch is processed ``per_device_train_batch_size`` sequences at a time, so
-  ``gradient_accumulation_steps = mini_batch_size / per_device_train_batch_size``.
+  ``gradient_accumulation_steps = mini_batch_size / per_device_train_batch_size``;
+* no-grad passes (log-probs, values, the reward model) read ``inference_batch_size`` sequences at a time.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar, Optional
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.parts import (
-    ConfigBase,
-    DataFields,
+    DebugFields,
     LoRAFields,
-    OptimizerFields,
-    OutputFields,
-    PolicyFields,
     PrecisionFields,
     PresetFields,
-    _help,
-    check_positive,
+    ScriptConfig,
 )
 from smolppo.configs.ppo_fields import (
+    GROUP_ESTIMATORS,
     KL_HORIZON_UPDATES,
-    AlgorithmFields,
+    BatchFields,
+    EstimatorFields,
     HubFields,
+    KLFields,
+    LossFields,
+    PPOOutputFields,
+    PPOPolicyFields,
+    PromptFields,
     RewardFields,
+    RunFields,
+    SamplingFields,
 )
 from smolppo.configs.schedule import Schedule
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig(
     HubFields,
-    AlgorithmFields,
-    OutputFields,
-    OptimizerFields,
-    LoRAFields,
+    PPOOutputFields,
     PrecisionFields,
-    DataFields,
+    LoRAFields,
+    RunFields,
+    BatchFields,
+    SamplingFields,
+    LossFields,
+    KLFields,
+    EstimatorFields,
     RewardFields,
-    PolicyFields,
+    PromptFields,
+    PPOPolicyFields,
     PresetFields,
-    ConfigBase,
+    DebugFields,
+    ScriptConfig,
 ):
     """Everything `train_ppo.py` needs. Defaults follow the project specification."""
 
-    SECTION = "training run: learning rate, batches, generation, sample logging"
-
-    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
-        {
-            "allow_config_change",
-            "save_optimizer_state",
-            "discard_newer_checkpoints",
-            "max_updates",
-            "total_episodes",
-            "num_logged_samples",
-            "sample_logging_steps",
-        }
-    )  # may change on resume
-
-    value_model: Optional[str] = field(
-        default=None,
-        metadata=_help(
-            "Value model to start from (gae only). Default: the reward model when it shares the policy's "
-            "vocabulary, else the policy with a new 1-output head."
-        ),
+    GROUPS: ClassVar[tuple[type, ...]] = (
+        PresetFields,
+        PPOPolicyFields,
+        PromptFields,
+        RewardFields,
+        EstimatorFields,
+        KLFields,
+        LossFields,
+        SamplingFields,
+        BatchFields,
+        RunFields,
+        LoRAFields,
+        PrecisionFields,
+        PPOOutputFields,
+        HubFields,
+        DebugFields,
     )
-    max_prompt_length: int = field(
-        default=512, metadata=_help("Prompts longer than this many tokens are dropped (and counted), never cut.")
-    )
-    learning_rate: Optional[float] = field(
-        default=None,
-        metadata=_help(
-            "Peak learning rate of AdamW for policy and value model. Default: full_learning_rate, or "
-            "lora_learning_rate with --use-lora."
-        ),
-    )
-    full_learning_rate: float = field(
-        default=5e-6, metadata=_help("Peak learning rate of a full fine-tune when --learning-rate is not given.")
-    )
-    lora_learning_rate: float = field(
-        default=5e-5,
-        metadata=_help(
-            "Peak learning rate with --use-lora when --learning-rate is not given (10x the full fine-tune's: "
-            "adapters start at zero and change few parameters, see README)."
-        ),
-    )
-    allow_config_change: bool = field(
-        default=False,
-        metadata=_help(
-            "On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json).",
-        ),
-    )
-    save_optimizer_state: str = field(
-        default="latest",
-        metadata=_help(
-            "Which kept checkpoints hold the AdamW state (2/3 of a full fine-tune's checkpoint): 'latest' (the one "
-            "resume picks; older kept ones keep weights only and resume with fresh moments) or 'all'.",
-        ),
-    )
-    discard_newer_checkpoints: bool = field(
-        default=False,
-        metadata=_help("Resume from an older checkpoint and delete the checkpoints after it."),
-    )
-    # Batches (per process)
-    rollout_batch_size: int = field(default=64, metadata=_help("Prompts drawn for one update."))
-    mini_batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step within an update."))
-    num_mini_batches: Optional[int] = field(
-        default=None,
-        metadata=_help(
-            "trl's way to set mini_batch_size: the update's sequences split into this many optimizer steps."
-        ),
-    )
-    per_device_train_batch_size: int = field(
-        default=4, metadata=_help("Sequences per forward/backward pass (micro-batch).")
-    )
-    gradient_accumulation_steps: Optional[int] = field(
-        default=None,
-        metadata=_help("Micro-batches per optimizer step; derived as mini_batch_size / per_device_train_batch_size."),
-    )
-    max_updates: Optional[int] = field(
-        default=None,
-        metadata=_help("Stop after this many updates (default: num_train_epochs of prompts)."),
-    )
-    total_episodes: Optional[int] = field(
-        default=None,
-        metadata=_help("trl's run length: train for this many responses (rounded up to whole updates), not epochs."),
-    )
-    # Generation
-    temperature: float = field(default=0.7, metadata=_help("Sampling temperature of the rollouts."))
-    rollout_top_p: float = field(
-        default=1.0, metadata=_help("Nucleus sampling during training rollouts; must stay 1.0 (see README).")
-    )
-    max_new_tokens: int = field(
-        default=128, metadata=_help("Maximum tokens generated per response.", aliases=["--response_length"])
-    )
-    # Logging
-    num_logged_samples: int = field(default=4, metadata=_help("Prompt/response/reward triples logged as text."))
-    sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
 
     @property
     def peak_learning_rate(self) -> float:
@@ -165,11 +99,26 @@ class PPOConfig(
         """Micro-batches per optimizer step: the mini-batch / per_device_train_batch_size."""
         return self.effective_mini_batch_size // self.per_device_train_batch_size
 
+    @property
+    def effective_inference_batch_size(self) -> int:
+        """Sequences per no-grad forward: `inference_batch_size`, else the mini-batch's size."""
+        return self.inference_batch_size or self.effective_mini_batch_size
+
     def algorithm_settings(self) -> AlgorithmSettings:
-        """The fields the algorithm reads, resolved; the algorithm gets this, not the whole config."""
-        values = {f.name: getattr(self, f.name) for f in fields(AlgorithmSettings)}
-        resolved = {"learning_rate": self.peak_learning_rate, "mini_batch_size": self.effective_mini_batch_size}
-        return AlgorithmSettings(**{**values, **resolved})
+        """The groups the algorithm reads, and the batch sizes and learning rate as they apply."""
+        return AlgorithmSettings(
+            estimator=self.group(EstimatorFields),
+            kl=self.group(KLFields),
+            loss=self.group(LossFields),
+            sampling=self.group(SamplingFields),
+            optimizer=self.group(RunFields),
+            precision=self.group(PrecisionFields),
+            rewards=self.group(RewardFields),
+            learning_rate=self.peak_learning_rate,
+            mini_batch_size=self.effective_mini_batch_size,
+            micro_batch_size=self.per_device_train_batch_size,
+            inference_batch_size=self.effective_inference_batch_size,
+        )
 
     def recorded(self) -> dict:
         """The config as a run records it (summary, checkpoints, the resume check, trackers): every field, with the
@@ -181,28 +130,14 @@ class PPOConfig(
             "gradient_accumulation_steps": self.accumulation_steps,
         }
 
-    def __post_init__(self) -> None:
-        if self.num_mini_batches is not None:  # checked first: the other batch checks use the size it gives
-            sequences = self.rollout_batch_size * self.samples_per_prompt
-            if not (isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0):
-                raise ValueError(f"num_mini_batches must be a positive integer, got {self.num_mini_batches!r}")
-            if sequences % self.num_mini_batches:
-                raise ValueError(
-                    f"num_mini_batches ({self.num_mini_batches}) must divide rollout_batch_size x samples_per_prompt "
-                    f"({sequences})"
-                )
-        super().__post_init__()
-
-    def _check_ppo(self) -> None:
-        if not self.peak_learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.peak_learning_rate}")
-        check_positive(self, "max_prompt_length", "rollout_batch_size", "mini_batch_size")
-        mini_batch = self.effective_mini_batch_size
-        check_positive(self, "per_device_train_batch_size", "max_new_tokens", "sample_logging_steps")
-        for name in ("max_updates", "total_episodes"):
-            if getattr(self, name) is not None:
-                check_positive(self, name)
+    def check_across_groups(self) -> None:
         sequences = self.rollout_batch_size * self.samples_per_prompt
+        if self.num_mini_batches is not None and sequences % self.num_mini_batches:
+            raise ValueError(
+                f"num_mini_batches ({self.num_mini_batches}) must divide rollout_batch_size x samples_per_prompt "
+                f"({sequences})"
+            )
+        mini_batch = self.effective_mini_batch_size
         if sequences % mini_batch:
             raise ValueError(
                 f"rollout_batch_size x samples_per_prompt ({sequences}) must be a multiple of mini_batch_size "
@@ -220,20 +155,17 @@ class PPOConfig(
                 f"per_device_train_batch_size = {derived}; set mini_batch_size, or leave gradient_accumulation_steps "
                 "out"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.rollout_top_p != 1.0:
-            raise ValueError(
-                f"rollout_top_p={self.rollout_top_p} is refused: PPO's ratio needs the log-probs of the distribution "
-                "actually sampled, and nucleus truncation changes it per step. Keep rollout_top_p=1.0 (use "
-                "temperature to sharpen sampling); evaluate_generations.py has its own top_p"
-            )
-        if self.save_optimizer_state not in ("latest", "all"):
-            raise ValueError(f"save_optimizer_state must be 'latest' or 'all', got {self.save_optimizer_state!r}")
+        if not self.peak_learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.peak_learning_rate}")
         if self.value_model and not self.uses_value_model:
             raise ValueError(
                 f"value_model is set but advantage_estimator {self.advantage_estimator} has no value model; drop "
                 "--value-model or use --advantage-estimator gae"
+            )
+        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(
+                f"dynamic_sampling drops groups of responses to one prompt: it needs advantage_estimator grpo or "
+                f"rloo, not {self.advantage_estimator}"
             )
 
     def schedule(self, num_prompts: int, num_processes: int = 1) -> Schedule:

@@ -1,17 +1,30 @@
-"""The field groups only `train_ppo.py` has: rewards, the algorithm, the hub (the shared ones are in `parts`)."""
+"""The field groups only `train_ppo.py` has: rewards, the advantage estimator, the KL, the loss, sampling, batches,
+the run's length and learning rates, checkpoints and the hub (the shared ones are in `parts`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from smolppo.configs.parts import DEFAULT_REWARD_MODEL, _help, check_positive, check_probability
+from smolppo.configs.parts import (
+    DEFAULT_REWARD_MODEL,
+    DataFields,
+    FieldGroup,
+    OptimizerFields,
+    OutputFields,
+    PolicyFields,
+    _help,
+    check_positive,
+    check_probability,
+)
 
 KL_HORIZON_UPDATES = 1  # default horizon = this many updates' episodes: at most +-20% per update, any estimator
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # need several samples of each prompt
 KL_CONTROLLERS = ("adaptive", "pi", "pid")  # smolppo.algorithm.ppo_math.kl_controller
 NO_REWARD_MODEL = "none"
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # smolppo.algorithm.ppo_math.aggregate
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def names_a_reward_model(reward_model: str) -> bool:
@@ -19,9 +32,9 @@ def names_a_reward_model(reward_model: str) -> bool:
     return reward_model.strip().lower() != NO_REWARD_MODEL
 
 
-@dataclass
-class RewardFields:
-    SECTION = "rewards"
+@dataclass(frozen=True)
+class RewardFields(FieldGroup):
+    _argument_group_name = "rewards"
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
         {"reward_check_pairs", "min_reward_accuracy"}
@@ -74,7 +87,7 @@ class RewardFields:
     def uses_reward_model(self) -> bool:
         return names_a_reward_model(self.reward_model)
 
-    def _check_rewards(self) -> None:
+    def check(self) -> None:
         if not self.uses_reward_model and not self.reward_funcs:
             raise ValueError("reward_model is 'none' but no --reward-funcs were given; give at least one reward")
         sources = int(self.uses_reward_model) + len(self.reward_funcs)
@@ -102,9 +115,11 @@ class RewardFields:
             )
 
 
-@dataclass
-class AlgorithmFields:
-    SECTION = "algorithm: estimator, KL, PPO"
+@dataclass(frozen=True)
+class EstimatorFields(FieldGroup):
+    """How rewards become advantages."""
+
+    _argument_group_name = "advantage estimator"
 
     advantage_estimator: str = field(
         default="gae",
@@ -122,19 +137,46 @@ class AlgorithmFields:
     scale_rewards: bool = field(
         default=True, metadata=_help("grpo: divide by the group's reward std (--no-scale-rewards: centre only).")
     )
+    gamma: float = field(default=1.0, metadata=_help("Discount factor."))
+    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards before GAE."))
+
+    @property
+    def uses_value_model(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    def check(self) -> None:
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got "
+                f"{self.advantage_estimator!r}"
+            )
+        check_positive(self, "samples_per_prompt")
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} compares responses to the same prompt: set "
+                f"--samples-per-prompt to 2 or more (got {self.samples_per_prompt})"
+            )
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+
+
+@dataclass(frozen=True)
+class KLFields(FieldGroup):
+    """The KL to the reference: where it enters, its estimator, and how its coefficient is controlled."""
+
+    _argument_group_name = "KL to the reference"
+
     kl_in_loss: bool = field(
         default=False,
         metadata=_help("Add the KL to the reference as a loss term (k3, as GRPO does) instead of a reward penalty."),
-    )
-    ppo_epochs: int = field(
-        default=4, metadata=_help("Optimisation passes over each rollout batch.", aliases=["--num_ppo_epochs"])
     )
     init_kl_coef: float = field(
         default=0.05,
         metadata=_help("Initial coefficient of the per-token KL penalty.", aliases=["--kl_coef", "--beta"]),
     )
     adaptive_kl: bool = field(
-        default=True, metadata=_help("Steer the KL coefficient towards `target` (--no-adaptive-kl keeps it fixed).")
+        default=True, metadata=_help("Steer the KL coefficient towards kl_target (--no-adaptive-kl keeps it fixed).")
     )
     kl_controller: str = field(
         default="adaptive",
@@ -159,8 +201,29 @@ class AlgorithmFields:
     kl_estimator: str = field(
         default="k1", metadata=_help("Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative).")
     )
-    gamma: float = field(default=1.0, metadata=_help("Discount factor."))
-    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+
+    def check(self) -> None:
+        if self.kl_controller not in KL_CONTROLLERS:
+            raise ValueError(f"kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
+        if self.kl_horizon is not None:
+            check_positive(self, "kl_horizon")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if not self.init_kl_coef >= 0:
+            raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        if not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+
+
+@dataclass(frozen=True)
+class LossFields(FieldGroup):
+    """The clipped objective, its aggregation over tokens, and the optimisation passes."""
+
+    _argument_group_name = "loss: PPO and its family"
+
+    ppo_epochs: int = field(
+        default=4, metadata=_help("Optimisation passes over each rollout batch.", aliases=["--num_ppo_epochs"])
+    )
     cliprange: float = field(
         default=0.2, metadata=_help("Clip range epsilon of the policy ratio (its lower side).", aliases=["--epsilon"])
     )
@@ -171,6 +234,8 @@ class AlgorithmFields:
     dual_clip: Optional[float] = field(
         default=None, metadata=_help("Dual-clip PPO: bound the loss of negative advantages at -c x A (c > 1); off.")
     )
+    cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the total loss (gae)."))
     loss_type: str = field(
         default="dapo",
         metadata=_help(
@@ -197,47 +262,13 @@ class AlgorithmFields:
             "keeping the batch full (DAPO); 0: the batch only shrinks."
         ),
     )
-    cliprange_value: float = field(default=0.2, metadata=_help("Clip range of the value prediction (gae)."))
-    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the total loss (gae)."))
-    whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards before GAE."))
 
-    @property
-    def uses_value_model(self) -> bool:
-        return self.advantage_estimator == "gae"
-
-    def _check_algorithm(self) -> None:
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got "
-                f"{self.advantage_estimator!r}"
-            )
-        check_positive(self, "samples_per_prompt", "ppo_epochs")
-        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
-            raise ValueError(
-                f"advantage_estimator {self.advantage_estimator} compares responses to the same prompt: set "
-                f"--samples-per-prompt to 2 or more (got {self.samples_per_prompt})"
-            )
-        if self.kl_horizon is not None:
-            check_positive(self, "kl_horizon")
-        if self.kl_controller not in KL_CONTROLLERS:
-            raise ValueError(f"kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {self.kl_controller!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if not self.init_kl_coef >= 0:
-            raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
-        if not self.kl_target > 0:
-            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+    def check(self) -> None:
+        check_positive(self, "ppo_epochs")
         if not (self.cliprange > 0 and self.cliprange_value > 0):
             raise ValueError("cliprange and cliprange_value must be > 0")
-        self._check_loss()
         if not self.vf_coef >= 0:
             raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
-
-    def _check_loss(self) -> None:
-        from smolppo.configs.algorithm import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
-
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -252,16 +283,183 @@ class AlgorithmFields:
             raise ValueError(f"dynamic_sampling_refills must be an integer >= 0, got {self.dynamic_sampling_refills}")
         if self.dynamic_sampling_refills and not self.dynamic_sampling:
             raise ValueError("dynamic_sampling_refills refills what dynamic sampling drops: add --dynamic-sampling")
-        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+
+
+@dataclass(frozen=True)
+class PPOPolicyFields(PolicyFields):
+    """The policy, and the value model's start."""
+
+    value_model: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Value model to start from (gae only). Default: the reward model when it shares the policy's "
+            "vocabulary, else the policy with a new 1-output head."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class PromptFields(DataFields):
+    """The prompts: which rows, and how long they may be."""
+
+    max_prompt_length: int = field(
+        default=512, metadata=_help("Prompts longer than this many tokens are dropped (and counted), never cut.")
+    )
+
+    def check(self) -> None:
+        super().check()
+        check_positive(self, "max_prompt_length")
+
+
+@dataclass(frozen=True)
+class SamplingFields(FieldGroup):
+    """How responses are sampled during training."""
+
+    _argument_group_name = "sampling the rollouts"
+
+    temperature: float = field(default=0.7, metadata=_help("Sampling temperature of the rollouts."))
+    rollout_top_p: float = field(
+        default=1.0, metadata=_help("Nucleus sampling during training rollouts; must stay 1.0 (see README).")
+    )
+    max_new_tokens: int = field(
+        default=128, metadata=_help("Maximum tokens generated per response.", aliases=["--response_length"])
+    )
+
+    def check(self) -> None:
+        check_positive(self, "max_new_tokens")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.rollout_top_p != 1.0:
             raise ValueError(
-                f"dynamic_sampling drops groups of responses to one prompt: it needs advantage_estimator grpo or "
-                f"rloo, not {self.advantage_estimator}"
+                f"rollout_top_p={self.rollout_top_p} is refused: PPO's ratio needs the log-probs of the distribution "
+                "actually sampled, and nucleus truncation changes it per step. Keep rollout_top_p=1.0 (use "
+                "temperature to sharpen sampling); evaluate_generations.py has its own top_p"
             )
 
 
-@dataclass
-class HubFields:
-    SECTION = "hub"
+@dataclass(frozen=True)
+class BatchFields(FieldGroup):
+    """How an update's sequences are cut: rollout batch, mini-batches (optimizer steps), micro-batches."""
+
+    _argument_group_name = "batches (per process)"
+
+    rollout_batch_size: int = field(default=64, metadata=_help("Prompts drawn for one update."))
+    mini_batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step within an update."))
+    num_mini_batches: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "trl's way to set mini_batch_size: the update's sequences split into this many optimizer steps."
+        ),
+    )
+    per_device_train_batch_size: int = field(
+        default=4, metadata=_help("Sequences per forward/backward pass (micro-batch).")
+    )
+    gradient_accumulation_steps: Optional[int] = field(
+        default=None,
+        metadata=_help("Micro-batches per optimizer step; derived as mini_batch_size / per_device_train_batch_size."),
+    )
+    inference_batch_size: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Sequences per no-grad forward pass (log-probs, values, the reward model); default: mini_batch_size."
+        ),
+    )
+
+    def check(self) -> None:
+        check_positive(self, "rollout_batch_size", "mini_batch_size", "per_device_train_batch_size")
+        if self.inference_batch_size is not None:
+            check_positive(self, "inference_batch_size")
+        if self.num_mini_batches is not None and not (
+            isinstance(self.num_mini_batches, int) and self.num_mini_batches > 0
+        ):
+            raise ValueError(f"num_mini_batches must be a positive integer, got {self.num_mini_batches!r}")
+
+
+@dataclass(frozen=True)
+class RunFields(OptimizerFields):
+    """The optimizer and schedule, with PPO's learning rates and run length."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({"max_updates", "total_episodes"})  # the run's length
+
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "Peak learning rate of AdamW for policy and value model. Default: full_learning_rate, or "
+            "lora_learning_rate with --use-lora."
+        ),
+    )
+    full_learning_rate: float = field(
+        default=5e-6, metadata=_help("Peak learning rate of a full fine-tune when --learning-rate is not given.")
+    )
+    lora_learning_rate: float = field(
+        default=5e-5,
+        metadata=_help(
+            "Peak learning rate with --use-lora when --learning-rate is not given (10x the full fine-tune's: "
+            "adapters start at zero and change few parameters, see README)."
+        ),
+    )
+    max_updates: Optional[int] = field(
+        default=None,
+        metadata=_help("Stop after this many updates (default: num_train_epochs of prompts)."),
+    )
+    total_episodes: Optional[int] = field(
+        default=None,
+        metadata=_help("trl's run length: train for this many responses (rounded up to whole updates), not epochs."),
+    )
+
+    def check(self) -> None:
+        super().check()
+        for name in ("max_updates", "total_episodes"):
+            if getattr(self, name) is not None:
+                check_positive(self, name)
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class PPOOutputFields(OutputFields):
+    """Outputs, logging and resuming, with PPO's checkpoint and sample-logging settings."""
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "allow_config_change",
+            "save_optimizer_state",
+            "discard_newer_checkpoints",
+            "num_logged_samples",
+            "sample_logging_steps",
+        }
+    )  # bookkeeping
+
+    allow_config_change: bool = field(
+        default=False,
+        metadata=_help(
+            "On resume, apply settings that differ from the checkpoint's (recorded in run_summary.json).",
+        ),
+    )
+    save_optimizer_state: str = field(
+        default="latest",
+        metadata=_help(
+            "Which kept checkpoints hold the AdamW state (2/3 of a full fine-tune's checkpoint): 'latest' (the one "
+            "resume picks; older kept ones keep weights only and resume with fresh moments) or 'all'.",
+        ),
+    )
+    discard_newer_checkpoints: bool = field(
+        default=False,
+        metadata=_help("Resume from an older checkpoint and delete the checkpoints after it."),
+    )
+    num_logged_samples: int = field(default=4, metadata=_help("Prompt/response/reward triples logged as text."))
+    sample_logging_steps: int = field(default=10, metadata=_help("Log sample triples every N updates."))
+
+    def check(self) -> None:
+        super().check()
+        check_positive(self, "sample_logging_steps")
+        if self.save_optimizer_state not in ("latest", "all"):
+            raise ValueError(f"save_optimizer_state must be 'latest' or 'all', got {self.save_optimizer_state!r}")
+
+
+@dataclass(frozen=True)
+class HubFields(FieldGroup):
+    _argument_group_name = "hub"
 
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
         {"push_to_hub", "hub_model_id", "hub_private_repo"}

@@ -223,7 +223,7 @@ def load_ppo_models(config) -> PPOModels:
     reward = None
     if config.uses_reward_model:
         reward = load_reward_reader(
-            config.reward_model, config.reward_template, tokenizer, config.effective_mini_batch_size
+            config.reward_model, config.reward_template, tokenizer, config.effective_inference_batch_size
         )
     policy = load_causal_lm(policy_path, "policy-model")
     check_embeddings(policy, tokenizer, "policy", "they were not trained together")
