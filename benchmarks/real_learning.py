@@ -32,22 +32,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import real_task  # noqa: E402
 
 STAGES = (
-    "model",
-    "task",
-    "reward",
-    "ppo",
-    "grpo",
-    "lora",
-    "compare",
-    "grpo40",
-    "dapo40",
-    "compare_loss",
-    "kl_adaptive",
-    "kl_pi",
-    "kl_pid",
-    "kl_slow",
-    "kl_in_loss",
-    "compare_kl",
+    *"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss kl_adaptive kl_pi kl_pid kl_slow".split(),
+    *"kl_in_loss compare_kl".split(),
 )
 RUNS = ("ppo", "grpo", "lora")
 LOSS_RUNS = ("grpo40", "dapo40")  # the loss family: GRPO with the defaults and with DAPO's settings, 40 updates

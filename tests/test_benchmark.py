@@ -12,16 +12,8 @@ from tests.conftest import REPO, run_script
 def test_benchmark_reports_throughput_stages_and_memory(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script(
-        "benchmarks/bench_ppo.py",
-        "--timed-updates",
-        "2",
-        "--response-length",
-        "8",
-        "--prompt-length",
-        "16",
-        "--rollout-batch-size",
-        "8",
-        "--output",
+        *"benchmarks/bench_ppo.py --timed-updates 2 --response-length 8 --prompt-length 16".split(),
+        *"--rollout-batch-size 8 --output".split(),
         str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -135,3 +135,18 @@ def test_deepspeed_shards_naming_a_foreign_type_are_refused(tmp_path):
     with pytest.raises(UserError, match="zero_pp_rank_0_optim_states.pt.*io.open"):
         algorithm_state.refuse_unsafe_pickles(str(tmp_path / "deepspeed"))
     assert not (tmp_path / "ran").exists()
+
+
+def test_the_pi_controller_resumes_with_its_integral_and_smoothed_kl(tmp_path):
+    from smolppo.algorithm.ppo_math import PIDKLController
+
+    trainer = make_smoke_trainer(tmp_path / "out", "--kl-controller", "pi", "--kl-target", "0.2")
+    controller = trainer.algorithm.kl_controller
+    assert isinstance(controller, PIDKLController) and controller.kd == 0.0
+    for _ in range(3):
+        trainer.step()
+    assert controller.engaged and controller.integral != 0.0 and controller.value != trainer.config.init_kl_coef
+    path = trainer.save_checkpoint()
+    resumed = make_smoke_trainer(tmp_path / "resumed", "--kl-controller", "pi", "--kl-target", "0.2")
+    resumed.load_checkpoint(path)
+    assert resumed.algorithm.kl_controller.state_dict() == controller.state_dict()

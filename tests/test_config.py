@@ -28,19 +28,8 @@ def test_spec_defaults():
 
 def test_cli_flags_are_kebab_case():
     cfg = parse(
-        "--use-lora",
-        "--policy-model",
-        "/m",
-        "--reward-model",
-        "/r",
-        "--dataset",
-        "d.jsonl",
-        "--output-dir",
-        "/o",
-        "--no-adaptive-kl",
-        "--lora-target-modules",
-        "q_proj",
-        "v_proj",
+        *"--use-lora --policy-model /m --reward-model /r --dataset d.jsonl --output-dir /o --no-adaptive-kl".split(),
+        *"--lora-target-modules q_proj v_proj".split(),
     )
     assert cfg.use_lora and not cfg.adaptive_kl
     assert (cfg.policy_model, cfg.reward_model, cfg.dataset, cfg.output_dir) == ("/m", "/r", "d.jsonl", "/o")
@@ -59,16 +48,8 @@ def test_precedence_default_preset_yaml_cli(tmp_path):
 
 def test_schedule_is_derived_in_one_place():
     cfg = parse(
-        "--rollout-batch-size",
-        "8",
-        "--mini-batch-size",
-        "4",
-        "--per-device-train-batch-size",
-        "2",
-        "--num-train-epochs",
-        "3",
-        "--warmup-ratio",
-        "0.1",
+        *"--rollout-batch-size 8 --mini-batch-size 4 --per-device-train-batch-size 2 --num-train-epochs 3".split(),
+        *"--warmup-ratio 0.1".split(),
     )
     sched = cfg.schedule(num_prompts=50, num_processes=2)
     assert sched.global_rollout_batch == 16
@@ -148,25 +129,9 @@ def test_kl_horizon_is_one_update_whatever_the_estimator_or_length_unless_set():
 
 def test_trl_names_work_on_the_command_line_and_in_yaml(tmp_path):
     cfg = parse(
-        "--model_name_or_path",
-        "/m",
-        "--reward_model_path",
-        "/r",
-        "--dataset_name",
-        "d.jsonl",
-        "--dataset_train_split",
-        "test",
-        "--use_peft",
-        "--num_ppo_epochs",
-        "2",
-        "--response_length",
-        "20",
-        "--kl_coef",
-        "0.1",
-        "--num_generations",
-        "2",
-        "--advantage_estimator",
-        "grpo",
+        *"--model_name_or_path /m --reward_model_path /r --dataset_name d.jsonl --dataset_train_split test".split(),
+        *"--use_peft --num_ppo_epochs 2 --response_length 20 --kl_coef 0.1 --num_generations 2".split(),
+        *"--advantage_estimator grpo".split(),
     )
     assert (cfg.policy_model, cfg.reward_model, cfg.dataset, cfg.dataset_split) == ("/m", "/r", "d.jsonl", "test")
     assert cfg.use_lora and (cfg.ppo_epochs, cfg.max_new_tokens, cfg.init_kl_coef, cfg.samples_per_prompt) == (

@@ -63,14 +63,7 @@ def zero_run(tmp_path_factory, smoke_cache):
             result = zero_launch(
                 stage,
                 out,
-                "--max-updates",
-                "4",
-                "--save-steps",
-                "2",
-                "--save-total-limit",
-                "9",
-                "--save-optimizer-state",
-                "all",
+                *"--max-updates 4 --save-steps 2 --save-total-limit 9 --save-optimizer-state all".split(),
                 *flags,
             )
             _RUNS[key] = (out, result)
@@ -188,14 +181,7 @@ def test_ddp_checkpoint_resumes_under_zero2(two_process_run, tmp_path):
     result = zero_launch(
         2,
         out,
-        "--max-updates",
-        "5",
-        "--save-steps",
-        "1",
-        "--save-total-limit",
-        "2",
-        "--resume-from-checkpoint",
-        "latest",
+        *"--max-updates 5 --save-steps 1 --save-total-limit 2 --resume-from-checkpoint latest".split(),
     )
     assert "no DeepSpeed state" in result.stderr and "AdamW moments restart" in result.stderr
     assert_deepspeed_ran(out, 2, checkpoints=("checkpoint-5",))

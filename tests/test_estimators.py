@@ -66,12 +66,7 @@ def test_group_advantages_are_shared_by_each_prompts_samples(tmp_path):
 def test_reward_function_alone_trains_and_is_logged(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        "--reward-model",
-        "none",
-        "--reward-funcs",
-        "examples/reward_functions.py:readable_text",
-        "--reward-weights",
-        "10",
+        *"--reward-model none --reward-funcs examples/reward_functions.py:readable_text --reward-weights 10".split(),
     )
     assert trainer.reward.reader is None and trainer.algorithm.reward.reader is None and trainer.reward_check is None
     summary = trainer.train()

@@ -194,15 +194,8 @@ def test_our_loss_and_gradient_equal_trls_grpo_trainer(case):
 @pytest.mark.soak  # CI runs it after the README command (about 20 s)
 def test_dynamic_sampling_refills_groups_without_signal_from_new_prompts(tmp_path):
     flags = (
-        "--reward-model",
-        "none",
-        "--reward-funcs",
-        "tests/data/binary_reward.py:odd_length",
-        "--advantage-estimator",
-        "grpo",
-        "--samples-per-prompt",
-        "2",
-        "--dynamic-sampling",
+        *"--reward-model none --reward-funcs tests/data/binary_reward.py:odd_length --advantage-estimator".split(),
+        *"grpo --samples-per-prompt 2 --dynamic-sampling".split(),
     )
     left_out = {}
     for refills in (0, 4):

@@ -216,14 +216,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
             "smoke",
             "--output-dir",
             str(out),
-            "--max-updates",
-            "4",
-            "--save-steps",
-            "2",
-            "--save-total-limit",
-            "2",
-            "--report-to",
-            "none",
+            *"--max-updates 4 --save-steps 2 --save-total-limit 2 --report-to none".split(),
         )
         assert result.returncode == 4, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
@@ -239,15 +232,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
             "smoke",
             "--output-dir",
             str(out),
-            "--max-updates",
-            "4",
-            "--save-steps",
-            "2",
-            "--save-total-limit",
-            "2",
-            "--report-to",
-            "none",
-            "--resume-from-checkpoint",
+            *"--max-updates 4 --save-steps 2 --save-total-limit 2 --report-to none --resume-from-checkpoint".split(),
             "latest",
         )
         assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -160,13 +160,7 @@ def test_resume_with_a_changed_learning_rate_is_refused_or_honoured(finished_run
     assert snapshot(out) == before
     honoured = train_smoke(
         out,
-        "--resume-from-checkpoint",
-        "latest",
-        "--max-updates",
-        "6",
-        "--learning-rate",
-        "0.01",
-        "--allow-config-change",
+        *"--resume-from-checkpoint latest --max-updates 6 --learning-rate 0.01 --allow-config-change".split(),
     )
     assert honoured.returncode == 0, honoured.stderr[-3000:]
     rates = scalars(out / "logs", "learning_rate")
@@ -250,16 +244,7 @@ def test_all_checkpoints_keep_the_optimizer_state_when_asked_and_the_size_is_sai
     out = tmp_path / "all"
     trainer = make_smoke_trainer(
         out,
-        "--max-updates",
-        "4",
-        "--save-steps",
-        "2",
-        "--save-total-limit",
-        "5",
-        "--save-optimizer-state",
-        "all",
-        "--report-to",
-        "none",
+        *"--max-updates 4 --save-steps 2 --save-total-limit 5 --save-optimizer-state all --report-to none".split(),
     )
     with caplog.at_level("INFO"):
         trainer.train()
@@ -452,12 +437,7 @@ def test_reward_model_training_stops_gracefully_on_sigint(tmp_path):
             *SMOKE,
             "--output-dir",
             str(out),
-            "--num-train-epochs",
-            "200",
-            "--save-steps",
-            "100000",
-            "--eval-steps",
-            "100000",
+            *"--num-train-epochs 200 --save-steps 100000 --eval-steps 100000".split(),
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,

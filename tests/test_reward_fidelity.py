@@ -152,13 +152,7 @@ def test_ppo_checks_then_trains_against_it(trl_reward_model, tmp_path, smoke_pat
         "evaluate_generations.py",
         "--model-path",
         str(out),
-        "--num-prompts",
-        "3",
-        "--num-completions",
-        "2",
-        "--max-new-tokens",
-        "10",
-        "--output",
+        *"--num-prompts 3 --num-completions 2 --max-new-tokens 10 --output".split(),
         str(report_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]

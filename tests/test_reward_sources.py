@@ -154,12 +154,7 @@ def test_a_raising_function_stops_the_run_with_one_line(tmp_path, smoke_cache):
     path = write(tmp_path, "def boom(completions, **kw):\n    raise RuntimeError('no answer key')\n")
     out = tmp_path / "run"
     result = run_script(
-        "train_ppo.py",
-        "--preset",
-        "smoke",
-        "--reward-model",
-        "none",
-        "--reward-funcs",
+        *"train_ppo.py --preset smoke --reward-model none --reward-funcs".split(),
         f"{path}:boom",
         "--output-dir",
         str(out),

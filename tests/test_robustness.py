@@ -110,16 +110,7 @@ def test_second_interrupt_stops_at_once(tmp_path):
     # Long updates, so the second Ctrl-C lands while the first is still being honoured.
     proc = _start_training(
         out,
-        "--num-train-epochs",
-        "500",
-        "--max-updates",
-        "2000",
-        "--save-steps",
-        "5000",
-        "--max-new-tokens",
-        "96",
-        "--ppo-epochs",
-        "8",
+        *"--num-train-epochs 500 --max-updates 2000 --save-steps 5000 --max-new-tokens 96 --ppo-epochs 8".split(),
     )
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)

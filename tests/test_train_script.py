@@ -11,18 +11,8 @@ from tests.conftest import run_script, smoke_preset, smoke_updates
 
 KEY_SCALARS = ["loss", "rewards/mean", "kl_divergence", "learning_rate", "advantage"]
 DETAIL_SCALARS = [
-    "loss/policy",
-    "loss/value",
-    "policy/clip_fraction",
-    "value/clip_fraction",
-    "policy/entropy",
-    "objective/kl_coef",
-    "response/length_mean",
-    "response/eos_rate",
-    "time/rollout",
-    "time/reward",
-    "time/reference_logprobs",
-    "time/values",
+    *"loss/policy loss/value policy/clip_fraction value/clip_fraction policy/entropy objective/kl_coef".split(),
+    *"response/length_mean response/eos_rate time/rollout time/reward time/reference_logprobs time/values".split(),
     "time/update",
 ]
 
@@ -119,14 +109,7 @@ def test_missing_reward_model_is_one_clear_line(tmp_path):
 def test_push_to_hub_offline_is_one_line_and_keeps_the_outputs(tmp_path, smoke_cache):
     out = tmp_path / "run"
     result = run_script(
-        "train_ppo.py",
-        "--preset",
-        "smoke",
-        "--max-updates",
-        "2",
-        "--push_to_hub",
-        "--hub_model_id",
-        "someone/smoke-ppo",
+        *"train_ppo.py --preset smoke --max-updates 2 --push_to_hub --hub_model_id someone/smoke-ppo".split(),
         "--output-dir",
         str(out),
     )
