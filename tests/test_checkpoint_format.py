@@ -134,7 +134,15 @@ def test_deepspeed_shards_naming_a_foreign_type_are_refused(tmp_path):
     torch.save({"optimizer": RunsCode(str(tmp_path / "ran"))}, engine / "zero_pp_rank_0_optim_states.pt")
     with pytest.raises(UserError, match="zero_pp_rank_0_optim_states.pt.*io.open"):
         algorithm_state.refuse_unsafe_pickles(str(tmp_path / "deepspeed"))
+    torch.save({"optimizer": Evaluates()}, engine / "zero_pp_rank_0_optim_states.pt")  # a builtin is no exception
+    with pytest.raises(UserError, match="builtins.eval"):
+        algorithm_state.refuse_unsafe_pickles(str(tmp_path / "deepspeed"))
     assert not (tmp_path / "ran").exists()
+
+
+class Evaluates:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
 
 
 def test_the_pi_controller_resumes_with_its_integral_and_smoothed_kl(tmp_path):
