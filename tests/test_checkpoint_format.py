@@ -14,7 +14,7 @@ import torch
 
 from smolppo.algorithm import state as algorithm_state
 from smolppo.errors import UserError
-from tests.conftest import make_smoke_trainer, one_line_error, train_smoke
+from tests.conftest import make_smoke_trainer
 from tests.legacy_checkpoint import RunsCode, as_format_1
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
@@ -109,21 +109,23 @@ def test_a_checkpoint_of_the_earlier_pickled_format_resumes_with_the_same_number
 
 
 def test_a_checkpoint_carrying_a_pickled_object_is_refused_in_one_line(tmp_path):
-    out = tmp_path / "out"
-    first = train_smoke(out, "--max-updates", "2", "--save-steps", "2", "--report-to", "none")
-    assert first.returncode == 0, first.stderr[-3000:]
-    checkpoint = str(out / "checkpoint-2")
+    trainer = make_smoke_trainer(tmp_path / "out")
+    trainer.step()
+    checkpoint = trainer.save_checkpoint()
     as_format_1(checkpoint)
     marker = tmp_path / "code_ran"
     optimizer = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
     optimizer["param_groups"][0]["note"] = RunsCode(str(marker))
     torch.save(optimizer, os.path.join(checkpoint, "optimizer.pt"))
     before = {f: os.path.getmtime(os.path.join(checkpoint, f)) for f in os.listdir(checkpoint)}
-    result = train_smoke(out, "--resume-from-checkpoint", "latest", "--max-updates", "3")
-    one_line_error(result, "optimizer.pt", "pickled objects that are not plain data", "io.open")
+    resumed = make_smoke_trainer(tmp_path / "out")
+    with pytest.raises(UserError) as refused:
+        resumed.load_checkpoint(checkpoint)
+    message = str(refused.value)
+    assert "\n" not in message and "optimizer.pt" in message and "not plain data (io.open)" in message
+    assert "could run code" in message and "--policy-model" in message  # why, and what to do instead
     assert not marker.exists()  # the object was never built
     assert {f: os.path.getmtime(os.path.join(checkpoint, f)) for f in os.listdir(checkpoint)} == before
-    assert not (out / "checkpoint-3").exists()
 
 
 def test_deepspeed_shards_naming_a_foreign_type_are_refused(tmp_path):
