@@ -135,10 +135,15 @@ def main() -> int:
     task_file = os.path.join(work, "task.jsonl")
     reward_dir = os.path.join(work, "reward_model")
 
-    def save() -> None:
-        with open(result_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        os.replace(result_path + ".tmp", result_path)
+    def save() -> None:  # this run's stages merged into what is on disk: two drivers on one work directory
+        on_disk = json.load(open(result_path, encoding="utf-8")) if os.path.isfile(result_path) else {"stages": {}}
+        mine = {stage: results["stages"][stage] for stage in stages if stage in results["stages"]}
+        compared = {stage: results[stage] for stage in stages if stage in results}
+        merged = {**on_disk, **compared, "stages": {**on_disk["stages"], **mine}}
+        staging = f"{result_path}.{os.getpid()}.tmp"
+        with open(staging, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=2)
+        os.replace(staging, result_path)
 
     def record(stage: str, command: list[str]) -> None:
         wall = run(command, os.path.join(work, f"{stage}.log"))
