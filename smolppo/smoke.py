@@ -42,7 +42,7 @@ CHATML_TEMPLATE = (
 SMOKE_PREFIX = "smoke:"
 
 
-ASSETS = ("tokenizer", "orca", "policy", "reward")
+ASSETS = ("tokenizer", "orca", "policy", "policy32", "reward")
 
 
 def resolve(name: str) -> str:
@@ -80,7 +80,7 @@ def materialise(what: str) -> str:
         return TOKENIZER_DIR
     if what == "orca":
         return SMOKE_DATA
-    builders = {"policy": _build_policy, "reward": _build_reward}
+    builders = {"policy": _build_policy, "policy32": _build_policy32, "reward": _build_reward}
     if what not in builders:
         raise ValueError(f"unknown smoke asset {what!r}; expected one of {', '.join(ASSETS)}")
     target = os.path.join(cache_dir(), what)
@@ -174,18 +174,23 @@ def _llama_config(tokenizer, **overrides):
     return LlamaConfig(**base)
 
 
-def _build_policy(out_dir: str) -> None:
+def _build_policy(out_dir: str, **shape) -> None:
     from transformers import LlamaForCausalLM
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
     # Untied output head: on a 64-wide random model, LoRA on attention alone barely moves the logits (their
     # range is bounded by the tiny embedding norm after the final RMSNorm), so the LoRA smoke run adapts lm_head.
-    model = LlamaForCausalLM(_llama_config(tokenizer, tie_word_embeddings=False))
+    model = LlamaForCausalLM(_llama_config(tokenizer, tie_word_embeddings=False, **shape))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _build_policy32(out_dir: str) -> None:
+    """The smoke policy with 2 heads of 32 (not 4 of 16): vLLM's CPU attention needs heads of 32 or wider."""
+    _build_policy(out_dir, num_attention_heads=2, num_key_value_heads=2)
 
 
 def token_preferences(tokenizer) -> torch.Tensor:

@@ -35,6 +35,8 @@ class Experience:
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     # [B] 1.0 for the responses in the loss, 0.0 for those left out (dynamic sampling); None: all of them
     trained: torch.Tensor | None = None
+    # [B, R] the sampler correction's weight per token (`ppo_math.sampler_correction`); None: no correction
+    sampler_weights: torch.Tensor | None = None
 
     def check_device(self, device: torch.device) -> None:
         """Every tensor of this experience on `device` (`DeviceMismatch` naming the first that is not)."""

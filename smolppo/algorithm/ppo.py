@@ -28,7 +28,6 @@ from smolppo.algorithm.rollout import (
     Rollout,
     TrimTable,
     check_logits_reproduced,
-    generate_rollout,
     pad_response_width,
     response_logprobs,
     response_texts,
@@ -36,6 +35,7 @@ from smolppo.algorithm.rollout import (
     selective_log_softmax,
     trim_padding,
 )
+from smolppo.algorithm.samplers import HFSampler
 from smolppo.algorithm.value import TokenScorer, token_values
 from smolppo.configs.algorithm import AlgorithmSettings
 from smolppo.configs.schedule import Schedule
@@ -62,7 +62,8 @@ class Algorithm:
     `config` is the run's `AlgorithmSettings` (only what the algorithm reads) and `schedule` its derived counts.
     `policy` may be a PEFT model (LoRA); then `ref_policy` is None and the reference is the same network with its
     adapters disabled. `value_model` (a 1-output sequence classifier over the policy's tokens) is given exactly
-    when the estimator is ``gae``.
+    when the estimator is ``gae``. `sampler` samples the rollouts (`smolppo.algorithm.samplers`; default:
+    transformers' `generate` on the policy).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class Algorithm:
         accelerator: Accelerator,
         ref_policy=None,
         value_model=None,
+        sampler=None,
     ):
         self.config, self.schedule, self.tokenizer, self.reward = config, schedule, tokenizer, reward
         self.accelerator = acc = accelerator
@@ -88,6 +90,7 @@ class Algorithm:
         self.generation_config = sampling_config(
             tokenizer, self.eos_ids, config.sampling.max_new_tokens, config.sampling.temperature
         )
+        self.sampler = sampler or HFSampler(tokenizer, self.eos_ids, self.generation_config)
         check_logits_reproduced(policy)
         for model in (policy, value_model):
             if model is not None:
@@ -170,7 +173,8 @@ class Algorithm:
         if self.config.loss.dynamic_sampling:  # DAPO: a group whose rewards are all equal carries no signal
             trained = ppo_math.groups_with_signal(scores, self.config.estimator.samples_per_prompt).float()
         logprobs, credit = (old_logprobs, ref_logprobs, kl), (advantages, unwhitened_advantages, returns)
-        experience = Experience(rollout, scores, *logprobs, *credit, values, parts, trained)
+        weights = self.sampler_weights(rollout, old_logprobs)
+        experience = Experience(rollout, scores, *logprobs, *credit, values, parts, trained, weights)
         experience.check_device(device)
         return experience
 
@@ -178,7 +182,21 @@ class Algorithm:
         """Stage 1: sampled responses from the full (temperature-scaled) distribution."""
         model = self.policy
         with self.timer.stage("rollout"), self.gathered(), eval_mode(model), self.autocast():
-            return generate_rollout(model, prompts, self.tokenizer, self.eos_ids, self.generation_config)
+            return self.sampler.sample(model, prompts)
+
+    def sampler_weights(self, rollout: Rollout, old_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weights correcting for the sampling engine's log-probs differing from the trained model's
+        (`ppo_math.sampler_correction`); None when the trained model sampled or the correction is off."""
+        gen = self.config.generation
+        if rollout.sampler_logprobs is None or not gen.vllm_importance_sampling_correction:
+            return None
+        return ppo_math.sampler_correction(
+            old_logprobs,
+            rollout.sampler_logprobs,
+            rollout.response_mask,
+            gen.vllm_importance_sampling_mode,
+            gen.vllm_importance_sampling_cap,
+        )
 
     @torch.no_grad()
     def rewards(self, rollout: Rollout, prompts: PromptSet, indices: list[int]):
@@ -277,6 +295,7 @@ class Algorithm:
                     batch = exp.select(order[start : start + micro]).trimmed(trim.bounds(chunk))
                     with acc.accumulate(self.model):
                         steps.append(self._train_micro_batch(batch, norms[start // mini]))
+        self.sampler.weights_changed()
         return update_stats.summarise(update_stats.to_host(steps), acc.gradient_accumulation_steps)
 
     def loss_norms(self, mini_batches: list[list[int]], lengths: list[int], trained: list[bool]):
@@ -322,7 +341,8 @@ class Algorithm:
             clip_fraction, approx_kl = share(terms.clipped), share(0.5 * terms.log_ratio.pow(2))
             deviation = ppo_math.ratio_deviation(terms.log_ratio, mask)
             entropy = share(ppo_math.entropy_from_logits(logits.detach()))
-        policy_stats = ppo_math.PolicyLossStats(share(terms.loss), clip_fraction, approx_kl, deviation)
+        policy_loss = terms.loss if batch.sampler_weights is None else terms.loss * batch.sampler_weights
+        policy_stats = ppo_math.PolicyLossStats(share(policy_loss), clip_fraction, approx_kl, deviation)
         parts = MicroBatchLoss(policy_stats.loss, policy_stats, logits, entropy=entropy)
         if values is not None:
             value_loss, clipped = ppo_math.value_terms(
@@ -383,6 +403,7 @@ class Algorithm:
     def load(self, directory: str) -> None:
         """Restore what `save` wrote (or an earlier version's checkpoint); a damaged or unsafe file is one line."""
         algorithm_state.load(self, directory)
+        self.sampler.weights_changed()
 
     def save_pretrained(self, open_directory) -> None:
         """The trained models (policy or adapter + tokenizer, value model beside it) in Hugging Face format. Every
@@ -393,6 +414,10 @@ class Algorithm:
         if self.accelerator.is_main_process:
             with open_directory() as directory:
                 algorithm_state.write_models(self, directory, weights)
+
+    def close(self) -> None:
+        """Release the rollout engine (a vLLM engine's memory and threads); saving still works, sampling does not."""
+        self.sampler.close()
 
     def checkpoint_bytes(self) -> dict[str, int]:
         """The size of one checkpoint: ``weights`` and ``optimizer`` (AdamW's moments or DeepSpeed's state)."""

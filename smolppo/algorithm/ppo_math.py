@@ -193,6 +193,38 @@ def policy_terms(
     return PolicyTerms(loss, (clipped > unclipped).float(), log_ratio)
 
 
+def sampler_correction(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> torch.Tensor:
+    """Per-token weights ``[B, R]`` that correct for the sampling engine's distribution differing from the trained
+    model's (vLLM's kernels vs. ours): ``rho = pi_train(y) / pi_sampler(y)`` of the sampled tokens, from the
+    rollout log-prob pass and the engine's own log-probs, multiplied into each token's policy loss.
+
+    ``token_truncate``: ``min(rho, cap)`` per token (truncated importance sampling); ``token_mask``: tokens whose
+    ``rho`` exceeds `cap` get weight 0; ``sequence_truncate`` / ``sequence_mask``: one ``rho`` per response, the
+    product over its tokens, truncated or masked the same way, on every token. 0 on padding.
+    """
+    log_rho = (old_logprobs - sampler_logprobs) * mask
+    if mode.startswith("sequence"):
+        log_rho = log_rho.sum(-1, keepdim=True)
+    elif not mode.startswith("token"):
+        raise ValueError(f"unknown sampler correction {mode!r}")
+    rho = torch.exp(log_rho.clamp(max=math.log(cap) + 1.0))  # anything above the cap is cut or masked alike
+    if mode.endswith("truncate"):
+        weights = rho.clamp(max=cap)
+    elif mode.endswith("mask"):
+        weights = torch.where(rho > cap, torch.zeros_like(rho), rho)
+    else:
+        raise ValueError(f"unknown sampler correction {mode!r}")
+    return weights.expand_as(mask) * mask
+
+
+def sampler_mismatch(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor):
+    """``(mean, max)`` of ``|log pi_train(y) - log pi_sampler(y)|`` over the real response tokens (0-d tensors)."""
+    gap = (old_logprobs - sampler_logprobs).abs() * mask
+    return gap.sum() / mask.sum().clamp(min=1), gap.max() if gap.numel() else gap.sum()
+
+
 def value_terms(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

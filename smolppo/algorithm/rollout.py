@@ -28,6 +28,9 @@ class Rollout:
     response_lengths: torch.Tensor  # [B] number of real response tokens
     ended_with_eos: torch.Tensor  # [B] bool
     context_length: int  # P
+    # [B, R] the sampling engine's own log-probs of the sampled tokens (vLLM), 0 on padding; None: the trained
+    # model sampled (transformers' generate), so its rollout log-prob pass is the sampler's
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -41,7 +44,9 @@ class Rollout:
         return self.input_ids.device
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "context_length"}
+        """Every tensor the rollout holds (`sampler_logprobs` only when there is one)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "context_length"}
+        return {k: v for k, v in values.items() if v is not None}
 
     def to(self, device) -> Rollout:
         """The same rollout with every tensor on `device`."""
@@ -49,8 +54,7 @@ class Rollout:
 
     def select(self, index: torch.Tensor | slice) -> Rollout:
         """The sub-batch at `index` (the shared context length is kept)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{k: (v if k == "context_length" else v[index]) for k, v in values.items()})
+        return Rollout(context_length=self.context_length, **{k: v[index] for k, v in self.tensors().items()})
 
 
 def trim_padding(rollout: Rollout, bounds: tuple[int, int] | None = None) -> Rollout:
@@ -68,6 +72,7 @@ def trim_padding(rollout: Rollout, bounds: tuple[int, int] | None = None) -> Rol
     else:
         first, width = bounds
     end = rollout.context_length + max(width, 1)
+    sampler = rollout.sampler_logprobs
     return Rollout(
         input_ids=rollout.input_ids[:, first:end],
         attention_mask=rollout.attention_mask[:, first:end],
@@ -76,6 +81,7 @@ def trim_padding(rollout: Rollout, bounds: tuple[int, int] | None = None) -> Rol
         response_lengths=rollout.response_lengths,
         ended_with_eos=rollout.ended_with_eos,
         context_length=rollout.context_length - first,
+        sampler_logprobs=None if sampler is None else sampler[:, : end - rollout.context_length],
     )
 
 
@@ -108,6 +114,9 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         masks.append(torch.nn.functional.pad(r.attention_mask, pad, value=0))
         response_masks.append(torch.nn.functional.pad(r.response_mask, (0, pad[1])))
     attention_mask = torch.cat(masks)
+    sampled = [r.sampler_logprobs for r in rollouts]
+    if any(t is None for t in sampled) and not all(t is None for t in sampled):
+        raise ValueError("cannot join rollouts with and without the sampler's log-probs")
     return Rollout(
         input_ids=torch.cat(ids),
         attention_mask=attention_mask,
@@ -116,6 +125,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         response_lengths=torch.cat([r.response_lengths for r in rollouts]),
         ended_with_eos=torch.cat([r.ended_with_eos for r in rollouts]),
         context_length=context,
+        sampler_logprobs=None if sampled[0] is None else torch.cat([pad_response_width(t, width) for t in sampled]),
     )
 
 
@@ -143,9 +153,15 @@ def response_mask_from_eos(responses: torch.Tensor, eos_ids: list[int]) -> tuple
 
 
 def build_rollout(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, eos_ids: list[int], pad_id: int
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: torch.Tensor,
+    eos_ids: list[int],
+    pad_id: int,
+    sampler_logprobs: torch.Tensor | None = None,
 ) -> Rollout:
-    """Assemble a `Rollout` from left-padded prompts and the raw generated continuations."""
+    """Assemble a `Rollout` from left-padded prompts and the raw generated continuations (and the sampling engine's
+    log-probs of them, when it gives its own)."""
     lengths, ended = response_mask_from_eos(responses, eos_ids)
     width = responses.shape[1]
     response_mask = (torch.arange(width, device=responses.device)[None, :] < lengths[:, None]).float()
@@ -160,6 +176,7 @@ def build_rollout(
         response_lengths=lengths,
         ended_with_eos=ended,
         context_length=prompt_ids.shape[1],
+        sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs * response_mask,
     )
 
 

@@ -105,6 +105,14 @@ def update_metrics(exp: Experience, train_stats: dict[str, float], kl_coef: floa
         left_out = float((exp.trained == 0).sum().item())
         metrics["dynamic_sampling/dropped_responses"] = left_out
         metrics["dynamic_sampling/dropped_fraction"] = left_out / max(len(exp.trained), 1)
+    if exp.rollout.sampler_logprobs is not None:  # vLLM sampled: how far its log-probs are from the trained model's
+        gap_mean, gap_max = ppo_math.sampler_mismatch(exp.old_logprobs, exp.rollout.sampler_logprobs, mask)
+        metrics["sampler/logprob_diff_mean"], metrics["sampler/logprob_diff_max"] = gap_mean.item(), gap_max.item()
+    if exp.sampler_weights is not None:
+        real = mask.bool()
+        weights = exp.sampler_weights[real]
+        metrics["sampler/is_weight_mean"] = weights.mean().item() if weights.numel() else 1.0
+        metrics["sampler/is_weight_min"] = weights.min().item() if weights.numel() else 1.0
     metrics.update(behaviour_metrics(response_tokens(exp.rollout), (~exp.rollout.ended_with_eos).tolist()))
     for name, values in exp.reward_parts.items():  # each source's mean over the responses it applies to
         applies = ~values.isnan()

@@ -10,6 +10,7 @@ from smolppo.configs.ppo_fields import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
     EstimatorFields,
+    GenerationFields,
     KLFields,
     LossFields,
     RewardFields,
@@ -27,6 +28,7 @@ class AlgorithmSettings:
     kl: KLFields
     loss: LossFields
     sampling: SamplingFields
+    generation: GenerationFields  # who samples (hf / vllm) and the sampler correction
     optimizer: OptimizerFields  # schedule type, weight decay, gradient clipping, seed
     precision: PrecisionFields
     rewards: RewardFields  # the missing-EOS rules

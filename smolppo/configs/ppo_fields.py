@@ -25,6 +25,9 @@ KL_CONTROLLERS = ("adaptive", "pi", "pid")  # smolppo.algorithm.ppo_math.kl_cont
 NO_REWARD_MODEL = "none"
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # smolppo.algorithm.ppo_math.aggregate
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+GENERATION_BACKENDS = ("hf", "vllm")  # smolppo.algorithm.samplers
+# How the sampler/trainer log-prob mismatch is corrected (smolppo.algorithm.ppo_math.sampler_correction)
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def names_a_reward_model(reward_model: str) -> bool:
@@ -335,6 +338,82 @@ class SamplingFields(FieldGroup):
                 "actually sampled, and nucleus truncation changes it per step. Keep rollout_top_p=1.0 (use "
                 "temperature to sharpen sampling); evaluate_generations.py has its own top_p"
             )
+
+
+@dataclass(frozen=True)
+class GenerationFields(FieldGroup):
+    """Which engine samples the rollouts, and how its log-probs' mismatch with the trained model is corrected."""
+
+    _argument_group_name = "generation backend"
+
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset(
+        {"vllm_gpu_memory_utilization", "vllm_kv_cache_gb", "vllm_max_num_batched_tokens", "vllm_enforce_eager"}
+    )  # where the engine's memory goes, not what it samples
+
+    generation_backend: str = field(
+        default="hf",
+        metadata=_help(
+            "Who samples the rollouts: hf (transformers' generate, runs everywhere) or vllm (a vLLM engine in this "
+            "process, fed the policy's weights before each rollout; Linux, pip install -r requirements-vllm.txt)."
+        ),
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata=_help(
+            "CUDA: the share of the GPU's memory vLLM may take (weights + KV cache); training has the rest."
+        ),
+    )
+    vllm_kv_cache_gb: Optional[float] = field(
+        default=None,
+        metadata=_help("vLLM's KV cache in GiB (default: 1 on CPU; on CUDA the share above decides)."),
+    )
+    vllm_max_num_batched_tokens: int = field(
+        default=8192,
+        metadata=_help("Tokens vLLM schedules in one step (below 8192, per-request seeds can stop a CPU engine)."),
+    )
+    vllm_enforce_eager: Optional[bool] = field(
+        default=None,
+        metadata=_help("No CUDA graphs / compilation (default: eager on CPU, where compiling costs a minute+)."),
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata=_help(
+            "Weight each token's policy loss by the trained model's / vLLM's probability of it (truncated "
+            "importance sampling): corrects for the two engines computing slightly different distributions."
+        ),
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate",
+        metadata=_help(
+            "token_truncate (min(ratio, cap) per token), token_mask (tokens above cap left out), sequence_truncate "
+            "or sequence_mask (one ratio per response: trl's default)."
+        ),
+    )
+    vllm_importance_sampling_cap: float = field(
+        default=3.0,
+        metadata=_help(
+            "Upper bound of the sampler correction's ratio (trl's vllm_importance_sampling_clip_max).",
+            aliases=["--vllm_importance_sampling_clip_max"],
+        ),
+    )
+
+    def check(self) -> None:
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, got {self.generation_backend!r}"
+            )
+        if self.vllm_importance_sampling_mode not in SAMPLER_CORRECTIONS:
+            raise ValueError(
+                f"vllm_importance_sampling_mode must be one of {', '.join(SAMPLER_CORRECTIONS)}, "
+                f"got {self.vllm_importance_sampling_mode!r}"
+            )
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
+            raise ValueError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
+        check_positive(self, "vllm_max_num_batched_tokens")
+        if not self.vllm_importance_sampling_cap >= 1:
+            raise ValueError(f"vllm_importance_sampling_cap must be >= 1, got {self.vllm_importance_sampling_cap}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from torch import nn
 
 from smolppo import files
 from smolppo.configs.parts import resume_rules
+from smolppo.configs.ppo_fields import GenerationFields, SamplingFields
 from smolppo.data import ANSWER_COLUMNS, PromptSet, build_prompts, load_rows, row_prompt
 from smolppo.errors import UserError
 from smolppo.models import (
@@ -108,8 +109,35 @@ def build_ppo_trainer(config, accelerator=None):
         accelerator,
         ref_policy=models.ref_policy,
         value_model=models.value_model,
+        sampler=build_sampler(config, models, accelerator),
     )
     return Trainer(config, algorithm, prompts, reward, reward_check=reward_check)
+
+
+def build_sampler(config, models, accelerator):
+    """The rollout engine: None for transformers' `generate` (the algorithm's own), else a vLLM engine in this
+    process, at the run's precision, sized for the longest prompt and response."""
+    if config.generation_backend == "hf":
+        return None
+    import torch
+
+    from smolppo.algorithm.samplers import VLLMSampler, check_vllm_usable
+    from smolppo.models import eos_token_ids
+
+    check_vllm_usable(accelerator.num_processes)
+    longest = config.max_prompt_length + config.max_new_tokens
+    positions = getattr(models.policy.config, "max_position_embeddings", None) or longest
+    return VLLMSampler(
+        resolve_model_path(config.policy_model, "policy-model"),
+        eos_token_ids(models.tokenizer, models.policy),
+        models.tokenizer.pad_token_id,
+        config.group(SamplingFields),
+        config.group(GenerationFields),
+        dtype=torch.bfloat16 if config.bf16 else torch.float32,
+        device=accelerator.device,
+        seed=config.seed,
+        max_model_len=min(longest, positions),
+    )
 
 
 def check_reward_model_as_read(reader: RewardReader, pairs: list[dict], config, accelerator):

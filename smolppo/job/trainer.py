@@ -119,6 +119,8 @@ class Trainer:
             raise output_dir.disk_full_error(
                 self.config.output_dir, f"update {self.update}'s outputs", needed, last
             ) from exc
+        finally:
+            self.algorithm.close()  # the rollout engine (vLLM) goes before the script tears its process group down
 
     def _train(self, resume_from: str | None) -> dict:
         cfg, acc = self.config, self.accelerator
