@@ -28,6 +28,7 @@ from smolppo.smoke import POLICY_SHAPE  # noqa: E402
 
 SHAPES = {
     "tiny": POLICY_SHAPE,
+    "tiny32": dict(POLICY_SHAPE, num_attention_heads=2, num_key_value_heads=2),  # heads of 32: vLLM's CPU minimum
     "smollm2-135m": dict(
         vocab_size=49152,
         hidden_size=576,
@@ -54,6 +55,9 @@ class BenchConfig:
             "the decoding step; compile time falls in the warm-up updates where the shapes repeat)."
         },
     )
+    generation_backend: str = field(
+        default="hf", metadata={"help": "Who samples: hf (transformers' generate) or vllm (colocated engine)."}
+    )
     rollout_batch_size: int = field(default=16, metadata={"help": "Prompts per PPO update."})
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward."})
@@ -74,6 +78,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt == 1:
             self.samples_per_prompt = 4
+        if self.generation_backend not in ("hf", "vllm"):
+            raise ValueError(f"generation_backend must be hf or vllm, got {self.generation_backend!r}")
         if self.generation_cache not in ("dynamic", "static"):
             raise ValueError(f"generation_cache must be dynamic or static, got {self.generation_cache!r}")
         if self.shape not in SHAPES:
@@ -132,6 +138,9 @@ def build_trainer(bench: BenchConfig, output_dir: str):
     reward = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1))
     value = copy.deepcopy(reward).to(device) if config.uses_value_model else None
     ref = None if bench.use_lora else copy.deepcopy(policy)
+    if bench.generation_backend == "vllm":  # vLLM reads the architecture (and first weights) from a folder
+        policy.save_pretrained(os.path.join(output_dir, "bench_policy"))
+        tokenizer.save_pretrained(os.path.join(output_dir, "bench_policy"))
     if bench.use_lora:
         policy = apply_lora(policy, config)
     generator = torch.Generator().manual_seed(bench.seed)
@@ -157,12 +166,37 @@ def build_trainer(bench: BenchConfig, output_dir: str):
         accelerator,
         ref_policy=ref,
         value_model=value,
+        sampler=vllm_sampler(bench, config, tokenizer, device, os.path.join(output_dir, "bench_policy")),
     )
     algorithm.generation_config.min_new_tokens = bench.response_length  # same work every run
     if bench.generation_cache == "static":
         algorithm.generation_config.cache_implementation = "static"
     trainer = Trainer(config, algorithm, prompt_set, reward_sources)
     return trainer, device
+
+
+def vllm_sampler(bench: BenchConfig, config, tokenizer, device, path: str):
+    """With ``--generation-backend vllm``: an engine on the benchmark's policy (saved in `path`), forced to
+    `response_length` tokens like `generate`; else None (transformers' `generate`)."""
+    if bench.generation_backend == "hf":
+        return None
+    import torch
+
+    from smolppo.algorithm.samplers import VLLMSampler
+    from smolppo.configs.ppo_fields import GenerationFields, SamplingFields
+
+    return VLLMSampler(
+        path,
+        [tokenizer.eos_token_id],
+        tokenizer.pad_token_id,
+        config.group(SamplingFields),
+        config.group(GenerationFields),
+        dtype=torch.bfloat16 if bench.bf16 else torch.float32,
+        device=device,
+        seed=bench.seed,
+        max_model_len=bench.prompt_length + bench.response_length,
+        min_new_tokens=bench.response_length,
+    )
 
 
 def run(bench: BenchConfig) -> dict:
@@ -177,6 +211,7 @@ def run(bench: BenchConfig) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed = [trainer.step() for _ in range(bench.timed_updates)]
+        trainer.algorithm.close()
     stages = [k for k in timed[0] if k.startswith("time/")]
     median = {k.removeprefix("time/"): statistics.median(m[k] for m in timed) for k in stages}
     total = median["update_total"]
@@ -200,6 +235,7 @@ def run(bench: BenchConfig) -> dict:
             "loss": timed[-1]["loss"],
             "kl_divergence": timed[-1]["kl_divergence"],
         },
+        "sampler_logprob_diff_max": timed[-1].get("sampler/logprob_diff_max"),
     }
 
 
@@ -208,7 +244,7 @@ def format_table(result: dict) -> str:
     rows = [
         f"shape {cfg['shape']}  device {result['device']}  lora {cfg['use_lora']}  "
         f"estimator {cfg['advantage_estimator']} x{cfg['samples_per_prompt']}  bf16 {cfg['bf16']}  "
-        f"cache {cfg['generation_cache']}  rollout {cfg['rollout_batch_size']}  "
+        f"backend {cfg['generation_backend']}  cache {cfg['generation_cache']}  rollout {cfg['rollout_batch_size']}  "
         f"prompt<={cfg['prompt_length']}  response {cfg['response_length']}",
         f"{'episodes/s':<28}{result['episodes_per_s']:>12.2f}",
         f"{'generated tokens/s':<28}{result['generated_tokens_per_s']:>12.1f}",

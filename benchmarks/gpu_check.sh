@@ -6,17 +6,18 @@
 #
 # First the self-check (python -m smolppo.selfcheck --device cuda: PPO fp32/bf16, full/LoRA, GRPO, resume, evaluation
 # on the smoke models, each as its own process), so that the first minutes on a GPU say whether the code works
-# there at all (SELFCHECK_SECONDS, default 150). Then three cases of bench_ppo.py on the SmolLM2-135M shape, bf16,
-# 64 prompts of <= 512 tokens, 128-token responses: full fine-tune, LoRA, and full fine-tune with a static KV cache
-# (transformers then compiles the decoding step on CUDA). Each case has its own time limit (CASE_SECONDS, default
-# 120; the static case 1.6x that, for compiling), so one slow case cannot cost the others: at most 582 s in all.
+# there at all (SELFCHECK_SECONDS, default 130). Then four cases of bench_ppo.py on the SmolLM2-135M shape, bf16,
+# 64 prompts of <= 512 tokens, 128-token responses: full fine-tune, LoRA, full fine-tune with a static KV cache
+# (transformers then compiles the decoding step on CUDA), and full fine-tune with vLLM rollouts (where vLLM is
+# installed). Each case has its own time limit (CASE_SECONDS, default 100; the static case 1.6x that, for
+# compiling), so one slow case cannot cost the others: at most 590 s in all.
 # Writes at most 8 files to $OUT (the device tool returns no more): environment.log (with the self-check's lines),
-# selfcheck.json, bench_<case>.json and .log.
+# selfcheck.json, bench_<case>.json, and bench_<case>.log only for a case that failed (its tail is printed either way).
 # GPU_CHECK_DRY_RUN=1 runs the same three cases on the tiny shape on CPU (seconds), to try the script itself.
 set -uo pipefail
 OUT=${OUT:-./gpu_check_output}
-CASE_SECONDS=${CASE_SECONDS:-120}
-SELFCHECK_SECONDS=${SELFCHECK_SECONDS:-150}
+CASE_SECONDS=${CASE_SECONDS:-100}
+SELFCHECK_SECONDS=${SELFCHECK_SECONDS:-130}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -63,9 +64,17 @@ run_case() {
     local rc=$?
     echo "== $name: exit $rc"
     tail -n 14 "$OUT/bench_$name.log"
-    [ "$rc" -eq 0 ] || status=1
+    if [ "$rc" -eq 0 ]; then rm -f "$OUT/bench_$name.log"; else status=1; fi
 }
 run_case full "$CASE_SECONDS"
 run_case lora "$CASE_SECONDS" --use-lora
 run_case static $((CASE_SECONDS * 8 / 5)) --generation-cache static
+# The same work with rollouts from a colocated vLLM engine (bf16), where vLLM is installed (requirements-vllm.txt)
+VLLM_FLAGS=(--generation-backend vllm)
+[ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] && VLLM_FLAGS+=(--shape tiny32)  # vLLM's CPU attention needs heads of 32
+if python3 -c "import vllm" >/dev/null 2>&1; then
+    run_case vllm "$CASE_SECONDS" "${VLLM_FLAGS[@]}"
+else
+    echo "== vllm: skipped (vLLM is not installed here: pip install -r requirements-vllm.txt)"
+fi
 exit "$status"

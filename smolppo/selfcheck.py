@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -34,7 +35,9 @@ RUNS = {  # name: extra train_ppo.py flags
     "ppo-bf16-lora": ("--use-lora", "--bf16"),
     "grpo-bf16": ("--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--bf16"),
 }
-CHECKS = (*RUNS, "resume", "evaluation", "two-processes")
+# vLLM rollouts (colocated, bf16) on the smoke policy with heads of 32 (vLLM's CPU minimum); skipped without vLLM
+VLLM_RUN = ("--bf16", "--policy-model", "smoke:policy32", "--generation-backend", "vllm")
+CHECKS = (*RUNS, "ppo-bf16-vllm", "resume", "evaluation", "two-processes")
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "trl", "safetensors")
 CU128_FIX = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 
@@ -266,6 +269,9 @@ def run_checks(selected: list[str], device: str, device_count: int, work: str, t
     for name in selected:
         if name in RUNS:
             yield runner.train(name, *RUNS[name])
+        elif name == "ppo-bf16-vllm":
+            installed = importlib.util.find_spec("vllm") is not None
+            yield runner.train(name, *VLLM_RUN) if installed else Check(name, None, "vLLM not installed (README)")
         elif name == "resume":
             yield runner.resume()
         elif name == "evaluation":

@@ -16,6 +16,7 @@ from smolppo.errors import UserError
 from tests.conftest import (
     learning_shortfall,
     make_smoke_trainer,
+    one_line_error,
     policy_rewards,
     scalars,
     train_smoke,
@@ -174,3 +175,8 @@ def test_settings_reach_the_engine(tmp_path):
         assert config.model_config.max_model_len == 256
     finally:
         sampler.close()
+
+
+def test_a_policy_whose_heads_vllm_cannot_run_is_one_line(tmp_path):
+    result = train_smoke(tmp_path / "out", "--generation-backend", "vllm", "--max-updates", "1")  # heads of 16
+    one_line_error(result, "no kernel for this policy's attention heads of 16", "--generation-backend hf")

@@ -75,6 +75,25 @@ def check_vllm_usable(num_processes: int) -> None:
         )
 
 
+def check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only: anything else fails at the first rollout, so it is
+    refused here, in one line."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine decide
+        return
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise UserError(
+            f"--generation-backend vllm: vLLM's CPU attention has no kernel for this policy's attention heads of "
+            f"{head_dim} (it has {', '.join(map(str, supported))}); use --generation-backend hf"
+        )
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """``"0.32.0+cpu"`` -> ``(0, 32, 0)``: a version's release numbers (``()`` for one that is not a version)."""
     from packaging.version import InvalidVersion, Version
@@ -115,7 +134,8 @@ class VLLMSampler:
 
     `model_path` is the policy's checkpoint (vLLM reads its architecture and first weights there); `sampling` and
     `generation` the run's `SamplingFields` and `GenerationFields`; `dtype` the engine's precision (the run's);
-    `device` where the rollout's tensors go; `max_model_len` the longest prompt plus response.
+    `device` where the rollout's tensors go; `max_model_len` the longest prompt plus response; `min_new_tokens`
+    (benchmarks: the same work every run) keeps EOS from ending a response before that many tokens.
     """
 
     name = "vllm"
@@ -132,12 +152,15 @@ class VLLMSampler:
         device,
         seed: int,
         max_model_len: int,
+        min_new_tokens: int = 0,
     ):
         check_vllm_usable(1)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no copy of the weights
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        if torch.device(device).type == "cpu":
+            check_cpu_head_size(model_path)
         self.eos_ids, self.pad_id, self.sampling, self.device = eos_ids, pad_id, sampling, torch.device(device)
         on_cpu = self.device.type == "cpu"
         kv_gb = (
@@ -161,7 +184,11 @@ class VLLMSampler:
             skip_tokenizer_init=True,  # token ids in and out
         )
         torch.set_num_threads(threads)
-        self.dtype, self.stale = dtype, True  # the first rollout pushes: LoRA-merged or resumed weights
+        self.dtype, self.stale, self.min_new_tokens = (
+            dtype,
+            True,
+            min_new_tokens,
+        )  # the first rollout pushes: LoRA-merged or resumed weights
 
     def weights_changed(self) -> None:
         """The policy was updated: push its weights before the next rollout."""
@@ -196,6 +223,7 @@ class VLLMSampler:
                 top_p=1.0,
                 top_k=0,
                 max_tokens=self.sampling.max_new_tokens,
+                min_tokens=self.min_new_tokens,
                 stop_token_ids=self.eos_ids,
                 logprobs=0,  # the sampled token's own log-prob
                 detokenize=False,
