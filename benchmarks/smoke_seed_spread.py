@@ -6,7 +6,8 @@ Each variant trains the smoke preset (40 updates, in-process, as `tests/test_tra
 measures the learning test's gain: the policy's mean reward on every training prompt under a fixed sampling seed,
 after training minus before. A variant is an attention kernel (``sdpa``, ``eager``), optionally with ``+EPS``: the
 policy's weights multiplied by ``1 + EPS * N(0, 1)`` before training (fixed noise seed), a numerical perturbation of
-the size two kernels' rounding differences make. Paired differences between variants over the same seeds are
+the size two kernels' rounding differences make; and optionally ``@CONTROLLER``, a ``--kl-controller``
+(``sdpa@adaptive``, ``sdpa@pid``). Paired differences between variants over the same seeds are
 printed with their t-statistic; ``--output`` writes every run as JSON lines.
 """
 
@@ -31,8 +32,14 @@ class SpreadConfig:
 
 
 def parse_variant(variant: str) -> tuple[str, float]:
-    attention, _, eps = variant.partition("+")
+    attention, _, eps = variant.split("@")[0].partition("+")
     return attention, float(eps) if eps else 0.0
+
+
+def controller_flags(variant: str) -> list[str]:
+    """``["--kl-controller", NAME]`` for a variant ``...@NAME``, else nothing (the default controller)."""
+    _, at, controller = variant.partition("@")
+    return ["--kl-controller", controller] if at else []
 
 
 def train_once(variant: str, seed: int) -> dict:
@@ -44,7 +51,14 @@ def train_once(variant: str, seed: int) -> dict:
     attention, eps = parse_variant(variant)
     AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_smoke_trainer(os.path.join(tmp, "out"), "--seed", str(seed), "--attn-implementation", attention)
+        trainer = make_smoke_trainer(
+            os.path.join(tmp, "out"),
+            "--seed",
+            str(seed),
+            "--attn-implementation",
+            attention,
+            *controller_flags(variant),
+        )
         if eps:
             noise = torch.Generator().manual_seed(99)
             with torch.no_grad():

@@ -122,6 +122,10 @@ def test_a_reward_function_by_absolute_or_relative_path_is_the_same_setting(tmp_
     assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [absolute]}, frozenset()) == []
     other = os.path.join(REPO, "examples", "other.py") + ":readable_text"
     assert checkpointing.config_changes({"reward_funcs": [relative]}, {"reward_funcs": [other]}, frozenset())
+    # a checkpoint from before --kl-controller existed ran the adaptive rule: today's default (pid) is a change
+    assert checkpointing.config_changes(
+        {"kl_target": 6.0}, {"kl_target": 6.0, "kl_controller": "pid"}, frozenset()
+    ) == [("kl_controller", "adaptive", "pid")]
 
 
 # ---------------------------------------------------------------------------------------------- damaged models

@@ -199,3 +199,15 @@ def test_rloo_baseline_leaves_each_response_out():
 def test_group_advantages_refuse_groups_that_do_not_divide():
     with pytest.raises(ValueError, match="cannot form groups of 2"):
         ppo_math.group_advantages(torch.zeros(3), 2, "grpo")
+
+
+def test_pid_controller_goes_on_from_another_controllers_coefficient():
+    """Resuming an adaptive run under pid (--allow-config-change): the coefficient continues where it was (the
+    integral takes log(coef / init)), not back at the initial one."""
+    adaptive = ppo_math.AdaptiveKLController(0.05, target=6.0, horizon=8)
+    adaptive.value = 0.2
+    pid = ppo_math.PIDKLController(0.05, target=6.0, horizon=8, kd=1.0)
+    pid.load_state_dict(adaptive.state_dict())
+    assert pid.integral == pytest.approx(math.log(4.0)) and pid.value == pytest.approx(0.2)
+    pid.update(6.0, 8)  # at the target, no trend: the coefficient stays
+    assert pid.value == pytest.approx(0.2)

@@ -390,6 +390,9 @@ class PIDKLController:
         self.value = float(state["kl_coef"])
         self.horizon = int(state.get("kl_horizon") or self.horizon)
         self.engaged = bool(state.get("kl_engaged") or False)
-        self.integral = float(state.get("kl_integral") or 0.0)
+        if "kl_integral" in state:
+            self.integral = float(state["kl_integral"] or 0.0)
+        elif self.value > 0 and self.init > 0:  # another controller's state: go on from its coefficient
+            self.integral = min(max(math.log(self.value / self.init), -math.log(self.bound)), math.log(self.bound))
         self.smoothed_kl = state.get("kl_smoothed")
         self.previous_error = float(state.get("kl_previous_error") or 0.0)

@@ -182,11 +182,12 @@ class KLFields(FieldGroup):
         default=True, metadata=_help("Steer the KL coefficient towards kl_target (--no-adaptive-kl keeps it fixed).")
     )
     kl_controller: str = field(
-        default="adaptive",
+        default="pid",
         metadata=_help(
-            "How the adaptive coefficient moves: adaptive (Ziegler et al.: multiplied by up to 1 +/- 20%% per "
-            "update), pi (proportional-integral on a smoothed KL, bounded to 10x the initial coefficient either "
-            "way, no windup) or pid (pi that also acts on the KL's trend). docs/ALGORITHM.md compares them."
+            "How the adaptive coefficient moves: pid (proportional-integral-derivative on a smoothed KL, bounded to "
+            "10x the initial coefficient either way, no windup; acts on the KL's trend too), pi (the same without "
+            "the trend) or adaptive (Ziegler et al., trl's: multiplied by up to 1 +/- 20%% per update). "
+            "docs/ALGORITHM.md compares them."
         ),
     )
     kl_target: float = field(

@@ -43,6 +43,8 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 # Settings renamed since a checkpoint may have been written: its recorded name -> today's.
 RENAMED_SETTINGS = {"target": "kl_target", "horizon": "kl_horizon"}
+# What a checkpoint written before a setting existed ran with, where the setting's default has since changed
+SETTINGS_BEFORE_RECORDED = {"kl_controller": "adaptive"}
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -223,7 +225,7 @@ def _comparable(key: str, value):
 
 def config_changes(old: dict, new: dict, free: frozenset[str]) -> list[tuple[str, object, object]]:
     """``(field, old, new)`` for every setting outside `free` that differs between a checkpoint and now."""
-    old = {RENAMED_SETTINGS.get(key, key): value for key, value in old.items()}
+    old = {**SETTINGS_BEFORE_RECORDED, **{RENAMED_SETTINGS.get(key, key): value for key, value in old.items()}}
     return [
         (key, old.get(key), value)
         for key, value in sorted(new.items())
