@@ -9,6 +9,7 @@ last token that is not padding (the newline after the final ``<|im_end|>`` in Ch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -108,6 +109,14 @@ class StopOnSignal:
         raise AttributeError(name)
 
 
+def checkpointing_arguments(arguments_class, enabled: bool) -> dict:
+    """Activation checkpointing for a `TrainingArguments` class under the name its transformers version has
+    (5.20 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; vLLM's CPU build pins 5.19)."""
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def train_reward_model(config, resume_from: str | None = None, clear_output: bool = False) -> dict:
     """Train with `RewardTrainer`, save the (merged) model and tokenizer, return and write the summary.
 
@@ -152,8 +161,7 @@ def train_reward_model(config, resume_from: str | None = None, clear_output: boo
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **checkpointing_arguments(RewardConfig, config.gradient_checkpointing),
         max_length=None,  # pairs over config.max_length were dropped (and counted) by tokenise_pairs: trl's second
         # filter pass over the same lengths would do nothing, and under load it once sat for minutes
         center_rewards_coefficient=config.center_rewards_coefficient,
