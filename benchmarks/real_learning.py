@@ -33,7 +33,7 @@ import real_task  # noqa: E402
 
 STAGES = (
     *"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss kl_adaptive kl_pi kl_pid kl_slow".split(),
-    *"kl_in_loss kl_constant_lr kl_pid_grpo kl_pid_lora kl_pid_seed1 kl_pid_seed2 compare_kl".split(),
+    *"kl_in_loss kl_constant_lr kl_pid_grpo kl_pid_lora kl_pid_seed1 kl_pid_seed2 kl_pid_vllm compare_kl".split(),
 )
 RUNS = ("ppo", "grpo", "lora")
 LOSS_RUNS = ("grpo40", "dapo40")  # the loss family: GRPO with the defaults and with DAPO's settings, 40 updates
@@ -77,13 +77,15 @@ KL_RUNS = {
     "kl_pi": ["--kl-controller", "pi"],
     "kl_pid": ["--kl-controller", "pid"],
     "kl_slow": ["--horizon", "10000"],  # the issue's "controller too slow to act"
-    "kl_in_loss": ["--kl-in-loss", "--kl-estimator", "k3"],
+    "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3"],
     "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
     "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
     "kl_pid_seed1": ["--kl-controller", "pid", "--seed", "1"],
     "kl_pid_seed2": ["--kl-controller", "pid", "--seed", "2"],
+    # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
+    "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
 }
 
 
