@@ -95,6 +95,10 @@ def main() -> int:
         return sampler.sample(model, batch)
 
     def cb(batch):
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        # the paged cache sized for the batch (left to itself it takes a share of all free memory: 14 GB here)
+        pages = ContinuousBatchingConfig(num_blocks=len(batch) + 8, max_batch_tokens=4096)
         config = GenerationConfig(
             do_sample=True,
             temperature=temperature,
@@ -106,7 +110,9 @@ def main() -> int:
             pad_token_id=tokenizer.pad_token_id,
         )
         with torch.no_grad():
-            return model.generate_batch(batch, generation_config=config, progress_bar=False)
+            return model.generate_batch(
+                batch, generation_config=config, continuous_batching_config=pages, progress_bar=False
+            )
 
     engines = {"hf": hf, "vllm": vllm, "cb": cb}
     for size in args.batch_sizes:

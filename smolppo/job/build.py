@@ -85,6 +85,12 @@ def build_ppo_trainer(config, accelerator=None):
     from smolppo.rewards.sources import build_reward
 
     set_seed(config.seed)
+    if config.generation_backend == "vllm":  # before anything loads: where vLLM cannot run is one line at once
+        from accelerate import PartialState
+
+        from smolppo.algorithm.samplers import check_vllm_usable
+
+        check_vllm_usable(PartialState().num_processes)
     models = load_ppo_models(config)
     reward = build_reward(models.reward, config.reward_funcs, config.reward_weights)
     rows = load_rows(config.dataset, config.dataset_split)
@@ -121,10 +127,9 @@ def build_sampler(config, models, accelerator):
         return None
     import torch
 
-    from smolppo.algorithm.samplers import VLLMSampler, check_vllm_usable
+    from smolppo.algorithm.samplers import VLLMSampler
     from smolppo.models import eos_token_ids
 
-    check_vllm_usable(accelerator.num_processes)
     longest = config.max_prompt_length + config.max_new_tokens
     positions = getattr(models.policy.config, "max_position_embeddings", None) or longest
     return VLLMSampler(
