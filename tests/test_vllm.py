@@ -144,6 +144,19 @@ def test_grpo_learns_with_vllm_rollouts(tmp_path):
     _learns(tmp_path, *flags, min_gain=0.4)
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_lora_rollouts_come_from_the_merged_adapters(tmp_path):
+    """With LoRA the engine gets W + scale B A of every adapted layer (lm_head included in the smoke preset): its
+    log-probs stay the trained model's while the adapters move the policy away from the base."""
+    trainer = make_smoke_trainer(tmp_path, *VLLM_SMOKE, "--use-lora", "--max-updates", "6")
+    try:
+        history = [trainer.step() for _ in range(trainer.schedule.total_updates)]
+    finally:
+        trainer.algorithm.close()
+    assert max(m["sampler/logprob_diff_max"] for m in history) < 1e-3
+    assert history[-1]["kl_divergence"] > 0.05  # the adapters moved the policy: a base-weights engine would lag
+
+
 def test_a_vllm_run_resumes_exactly(tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert train_smoke(straight, *VLLM_SMOKE, "--max-updates", "8").returncode == 0
