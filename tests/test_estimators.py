@@ -132,3 +132,22 @@ def test_evaluation_scores_a_function_only_run_with_its_functions(tmp_path):
     assert len(completions) == 6
     for c in completions:
         assert abs(c["reward"] - 10 * readable_text([c["text"]])[0]) < 1e-5
+
+
+def test_grpo_penalty_is_weighed_against_the_group_relative_score(tmp_path):
+    """grpo adds the KL penalty to group-normalised scores: the penalty-to-score figure (and the run summary's
+    warning) compares it with their spread, not the raw score's (a reward model of small margins would otherwise
+    warn at once)."""
+    from smolppo.algorithm import ppo_math
+
+    trainer = make_trainer(tmp_path, "--advantage-estimator", "grpo", "--samples-per-prompt", "4")
+    exp = trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(0))
+    exp.kl = exp.kl + 0.5 * exp.rollout.response_mask  # some KL to weigh
+    stats = dict.fromkeys(("loss", "learning_rate", "policy_loss", "clip_fraction", "approx_kl", "entropy"), 0.0)
+    metrics = trainer.algorithm.metrics(exp, {**stats, "first_ratio_deviation": 0.0})
+    penalty = trainer.algorithm.kl_status()["kl_coef"] * exp.kl.sum(1).mean()
+    relative = ppo_math.group_advantages(exp.scores, 4, "grpo", scale=True)
+    assert metrics["objective/kl_penalty_to_score"] == pytest.approx(float(penalty / relative.std()), rel=1e-5)
+    exp.scores = exp.scores * 0.1  # a reward model of ten times smaller margins: grpo learns the same from it
+    shrunk = trainer.algorithm.metrics(exp, {**stats, "first_ratio_deviation": 0.0})
+    assert shrunk["objective/kl_penalty_to_score"] == pytest.approx(metrics["objective/kl_penalty_to_score"], rel=1e-2)

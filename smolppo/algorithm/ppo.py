@@ -435,7 +435,14 @@ class Algorithm:
     # ------------------------------------------------------------------ metrics
     def metrics(self, exp: Experience, train_stats: dict[str, float]) -> dict[str, float]:
         """This update's scalars (before averaging across processes), with the seconds each stage took."""
-        return {**update_stats.update_metrics(exp, train_stats, self.kl_controller.value), **self.timer.pop()}
+        estimator = self.config.estimator
+        signal = None
+        if estimator.advantage_estimator in ("grpo", "rloo"):  # the penalty is added to group-relative scores
+            signal = ppo_math.group_advantages(
+                exp.scores, estimator.samples_per_prompt, estimator.advantage_estimator, estimator.scale_rewards
+            )
+        metrics = update_stats.update_metrics(exp, train_stats, self.kl_controller.value, signal)
+        return {**metrics, **self.timer.pop()}
 
     # ------------------------------------------------------------------ helpers
     def in_chunks(self, forward, rollout: Rollout) -> torch.Tensor:

@@ -65,10 +65,14 @@ def summarise(totals: dict[str, list[float]], accumulation: int) -> dict[str, fl
     return result
 
 
-def update_metrics(exp: Experience, train_stats: dict[str, float], kl_coef: float) -> dict[str, float]:
+def update_metrics(
+    exp: Experience, train_stats: dict[str, float], kl_coef: float, signal: torch.Tensor | None = None
+) -> dict[str, float]:
     """One update's scalars from its experience and its optimisation's statistics (before averaging across
-    processes); `kl_coef` is the coefficient this update's rewards were shaped with."""
+    processes); `kl_coef` is the coefficient this update's rewards were shaped with; `signal` ``[B]`` what the
+    penalty competes with, where it is not the score itself (grpo/rloo: the group-relative score)."""
     mask = exp.rollout.response_mask
+    signal = exp.scores if signal is None else signal
     sequence_kl = exp.kl.sum(1)
     non_score = (-kl_coef * exp.kl).sum(1)
     metrics = {
@@ -78,9 +82,9 @@ def update_metrics(exp: Experience, train_stats: dict[str, float], kl_coef: floa
         "advantage": ppo_math.masked_mean(exp.unwhitened_advantages, mask).item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
-        # the KL penalty per response against the spread of the score: above 1 the penalty drowns the reward signal
+        # the KL penalty per response against the spread of the learning signal: above 1 it drowns the reward
         "objective/kl_penalty_to_score": (
-            (-non_score.mean() / exp.scores.std().clamp(min=1e-6)).item() if len(exp.scores) > 1 else 0.0
+            (-non_score.mean() / signal.std().clamp(min=1e-6)).item() if len(exp.scores) > 1 else 0.0
         ),
         "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
         "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
