@@ -156,3 +156,5 @@ def test_an_unknown_backend_or_correction_is_refused(tmp_path, smoke_cache):
     one_line_error(result, "generation_backend must be one of hf, vllm")
     result = train_smoke(tmp_path / "out", "--vllm-importance-sampling-mode", "clip")
     one_line_error(result, "vllm_importance_sampling_mode must be one of token_truncate")
+    result = train_smoke(tmp_path / "out", "--vllm-dtype", "fp8")
+    one_line_error(result, "vllm_dtype must be one of auto, bfloat16, float16, float32")

@@ -186,6 +186,7 @@ def test_settings_reach_the_engine(tmp_path):
         assert config.cache_config.kv_cache_memory_bytes == int(0.25 * 2**30)
         assert config.scheduler_config.max_num_batched_tokens == 4096
         assert config.model_config.max_model_len == 256
+        assert config.model_config.dtype == torch.float32
     finally:
         sampler.close()
 

@@ -26,6 +26,7 @@ NO_REWARD_MODEL = "none"
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # smolppo.algorithm.ppo_math.aggregate
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 GENERATION_BACKENDS = ("hf", "vllm")  # smolppo.algorithm.samplers
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # How the sampler/trainer log-prob mismatch is corrected (smolppo.algorithm.ppo_math.sampler_correction)
 SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -368,6 +369,12 @@ class GenerationFields(FieldGroup):
         default=None,
         metadata=_help("vLLM's KV cache in GiB (default: 1 on CPU; on CUDA the share above decides)."),
     )
+    vllm_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "The engine's precision: auto (the run's: bf16 with --bf16, else fp32), bfloat16, float16 or float32."
+        ),
+    )
     vllm_max_num_batched_tokens: int = field(
         default=8192,
         metadata=_help("Tokens vLLM schedules in one step (below 8192, per-request seeds can stop a CPU engine)."),
@@ -413,6 +420,8 @@ class GenerationFields(FieldGroup):
         if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
             raise ValueError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
         check_positive(self, "vllm_max_num_batched_tokens")
+        if self.vllm_dtype not in VLLM_DTYPES:
+            raise ValueError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}, got {self.vllm_dtype!r}")
         if not self.vllm_importance_sampling_cap >= 1:
             raise ValueError(f"vllm_importance_sampling_cap must be >= 1, got {self.vllm_importance_sampling_cap}")
 

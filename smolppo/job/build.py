@@ -130,6 +130,7 @@ def build_sampler(config, models, accelerator):
     from smolppo.algorithm.samplers import VLLMSampler
     from smolppo.models import eos_token_ids
 
+    run_dtype = torch.bfloat16 if config.bf16 else torch.float32
     longest = config.max_prompt_length + config.max_new_tokens
     positions = getattr(models.policy.config, "max_position_embeddings", None) or longest
     return VLLMSampler(
@@ -138,7 +139,7 @@ def build_sampler(config, models, accelerator):
         models.tokenizer.pad_token_id,
         config.group(SamplingFields),
         config.group(GenerationFields),
-        dtype=torch.bfloat16 if config.bf16 else torch.float32,
+        dtype=getattr(torch, config.vllm_dtype) if config.vllm_dtype != "auto" else run_dtype,
         device=accelerator.device,
         seed=config.seed,
         max_model_len=min(longest, positions),
