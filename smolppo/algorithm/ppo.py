@@ -38,6 +38,7 @@ from smolppo.algorithm.rollout import (
 from smolppo.algorithm.samplers import HFSampler
 from smolppo.algorithm.value import TokenScorer, token_values
 from smolppo.configs.algorithm import AlgorithmSettings
+from smolppo.configs.ppo_fields import GROUP_ESTIMATORS
 from smolppo.configs.schedule import Schedule
 from smolppo.data import PromptSet
 from smolppo.devices import check_on_device
@@ -251,10 +252,9 @@ class Algorithm:
                     rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.all_reduce_sum)
                 raw, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.estimator.gamma, cfg.estimator.lam)
                 return ppo_math.masked_whiten(raw, mask, all_reduce=self.all_reduce_sum), raw, returns
-            if cfg.estimator.advantage_estimator in (
-                "grpo",
-                "rloo",
-            ):  # baseline from the other responses to the same prompt
+            if (
+                cfg.estimator.advantage_estimator in GROUP_ESTIMATORS
+            ):  # baseline from the other responses to the prompt
                 sequence = ppo_math.group_advantages(
                     scores,
                     cfg.estimator.samples_per_prompt,
@@ -437,7 +437,7 @@ class Algorithm:
         """This update's scalars (before averaging across processes), with the seconds each stage took."""
         estimator = self.config.estimator
         signal = None
-        if estimator.advantage_estimator in ("grpo", "rloo"):  # the penalty is added to group-relative scores
+        if estimator.advantage_estimator in GROUP_ESTIMATORS:  # the penalty is added to group-relative scores
             signal = ppo_math.group_advantages(
                 exp.scores, estimator.samples_per_prompt, estimator.advantage_estimator, estimator.scale_rewards
             )
