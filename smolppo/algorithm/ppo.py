@@ -252,9 +252,8 @@ class Algorithm:
                     rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self.all_reduce_sum)
                 raw, returns = ppo_math.gae_advantages(rewards, values, mask, cfg.estimator.gamma, cfg.estimator.lam)
                 return ppo_math.masked_whiten(raw, mask, all_reduce=self.all_reduce_sum), raw, returns
-            if (
-                cfg.estimator.advantage_estimator in GROUP_ESTIMATORS
-            ):  # baseline from the other responses to the prompt
+            # grpo / rloo: the baseline comes from the other responses to the same prompt
+            if cfg.estimator.advantage_estimator in GROUP_ESTIMATORS:
                 sequence = ppo_math.group_advantages(
                     scores,
                     cfg.estimator.samples_per_prompt,
