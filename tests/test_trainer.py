@@ -170,3 +170,9 @@ def test_first_update_trains_under_a_warm_up(tmp_path):
     second = trainer.step()
     assert second["kl_divergence"] != 0.0  # the rollout policy of update 2 is no longer the reference
     assert second["learning_rate"] == pytest.approx(6.5 / 8 * peak)
+
+
+def test_progress_bar_figures_never_read_minus_zero():
+    from smolppo.job.trainer import _fixed
+
+    assert [_fixed(v, 2) for v in (-0.004, -0.0, 0.0, 1.236, -0.5)] == ["0.00", "0.00", "0.00", "1.24", "-0.50"]

@@ -185,9 +185,9 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(
                 reward=f"{metrics['rewards/mean']:.3f}",
-                kl=f"{metrics['kl_divergence']:.2f}",
+                kl=_fixed(metrics["kl_divergence"], 2),
                 kl_coef=f"{metrics['objective/kl_coef']:.3g}",
-                penalty_to_score=f"{metrics.get('objective/kl_penalty_to_score', 0.0):.2f}",
+                penalty_to_score=_fixed(metrics.get("objective/kl_penalty_to_score", 0.0), 2),
             )
             if self._stop_requested():
                 return "interrupted", metrics
@@ -374,3 +374,8 @@ class Trainer:
 
 def _absolute(path: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) else path
+
+
+def _fixed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals for the progress bar, never "-0.00" (a tiny negative estimate reads as 0)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"
