@@ -206,22 +206,21 @@ def _mount_tmpfs(path, size):
     return result.returncode == 0
 
 
+ON_A_TMPFS = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (root on Linux)"
+)
+
+
 @pytest.mark.soak
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (root on Linux)")
+@ON_A_TMPFS
 def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "2700k"):  # room for one smoke checkpoint (1.6 MB) and the logs, not for two
         pytest.skip("cannot mount a tmpfs here")
+    flags = "--preset smoke --max-updates 6 --save-steps 2 --save-total-limit 2 --report-to none".split()
     try:
         out = disk / "run"
-        result = run_script(
-            "train_ppo.py",
-            "--preset",
-            "smoke",
-            "--output-dir",
-            str(out),
-            *"--max-updates 4 --save-steps 2 --save-total-limit 2 --report-to none".split(),
-        )
+        result = run_script("train_ppo.py", *flags, "--output-dir", str(out))
         assert result.returncode == 4, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: no space left on the device of {str(out)!r}"), last
@@ -230,16 +229,36 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [2]
         assert not [n for n in os.listdir(out) if n.startswith(files.STAGING_PREFIX)]  # its space was freed
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        resumed = run_script(
-            "train_ppo.py",
-            "--preset",
-            "smoke",
-            "--output-dir",
-            str(out),
-            *"--max-updates 4 --save-steps 2 --save-total-limit 2 --report-to none --resume-from-checkpoint".split(),
-            "latest",
-        )
+        resumed = run_script("train_ppo.py", *flags, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert json.loads((out / "run_summary.json").read_text())["updates"] == 4
+        assert json.loads((out / "run_summary.json").read_text())["updates"] == 6
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.soak
+@ON_A_TMPFS
+def test_a_disk_too_full_for_the_last_checkpoint_still_gets_the_final_model(tmp_path):
+    """The run's product is written before its last checkpoint: a disk with room for the model (0.6 MB) but not
+    the checkpoint (1.6 MB) ends with the model saved and says so, not with the whole run lost."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1400k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = disk / "run"
+        flags = "--preset smoke --max-updates 2 --save-steps 1000 --report-to none".split()
+        result = run_script("train_ppo.py", *flags, "--output-dir", str(out))
+        assert result.returncode == 4, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left on the device of {str(out)!r}"), last
+        assert "the final model is saved there" in last, last
+        assert "Traceback" not in result.stderr
+        assert checkpointing.list_checkpoints(str(out)) == []
+        assert not [n for n in os.listdir(out) if n.startswith(files.STAGING_PREFIX)]
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(str(out))  # the trained policy, complete
+        assert sum(p.numel() for p in saved.parameters()) > 0
+        assert json.loads((out / "run_summary.json").read_text())["updates"] == 2
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)

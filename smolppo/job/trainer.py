@@ -69,6 +69,7 @@ class Trainer:
         self._signals = GracefulStop("")
         self._stop_signal: str | None = None  # the signal that stopped the run, on any process
         self.writer: MetricsWriter | None = None
+        self.final_model_saved = False  # what a full disk at the last checkpoint leaves the user
         self.watch = BehaviourWatch(dict(zip(reward.names, reward.weights)))
 
     @property
@@ -117,7 +118,7 @@ class Trainer:
                 raise
             last = checkpointing.latest_checkpoint(self.config.output_dir)
             raise output_dir.disk_full_error(
-                self.config.output_dir, f"update {self.update}'s outputs", needed, last
+                self.config.output_dir, f"update {self.update}'s outputs", needed, last, self.final_model_saved
             ) from exc
         finally:
             self.algorithm.close()  # the rollout engine (vLLM) goes before the script tears its process group down
@@ -155,8 +156,9 @@ class Trainer:
                 self.update,
                 path,
             )
-        else:
+        else:  # the model first: a disk too full for the last checkpoint still gets the run's product
             self.save_model()
+            self.final_model_saved = True
         self._explain_kl(metrics)
         summary = self._summary(status, metrics, time.time() - started)
         if summary["kl_penalty_outweighs_score"] and acc.is_main_process:
@@ -170,6 +172,8 @@ class Trainer:
             if self.writer:
                 self.writer.samples(self.last_samples, self.update)
                 self.writer.close()
+        if status == "finished":
+            self.save_checkpoint()
         return summary
 
     def _run_updates(self, progress) -> tuple[str, dict]:
@@ -191,8 +195,8 @@ class Trainer:
             )
             if self._stop_requested():
                 return "interrupted", metrics
-            if self.update % cfg.save_steps == 0 or self.update == self.schedule.total_updates:
-                self.save_checkpoint()
+            if self.update % cfg.save_steps == 0 and self.update < self.schedule.total_updates:
+                self.save_checkpoint()  # the last update's is written after the final model
         return "finished", metrics
 
     def _open_logs(self) -> None:

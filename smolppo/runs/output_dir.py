@@ -252,16 +252,22 @@ def human_bytes(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
-def disk_full_error(directory: str, what: str, needed: int, last_checkpoint: str | None) -> UserError:
-    kept = (
-        f"the last checkpoint ({os.path.basename(last_checkpoint)}) is intact"
-        if last_checkpoint
-        else "nothing was lost"
-    )
+def disk_full_error(
+    directory: str, what: str, needed: int, last_checkpoint: str | None, final_model_saved: bool = False
+) -> UserError:
+    """A full disk, said in one line: what is safe (the final model, the last checkpoint, or nothing) and what next."""
+    if final_model_saved:
+        kept = "the final model is saved there, the last checkpoint (to train on from) is not"
+        advice = "Free some space before training further"
+    elif last_checkpoint:
+        kept = f"the last checkpoint ({os.path.basename(last_checkpoint)}) is intact"
+        advice = "Free some space, then resume with --resume-from-checkpoint latest"
+    else:
+        kept = "no checkpoint had been written yet, so this run's updates are lost"
+        advice = "Free some space, then run again (--save-steps N writes a checkpoint every N updates)"
     return UserError(
         f"no space left on the device of {directory!r} while writing {what}: it needs about {human_bytes(needed)} "
-        f"free, {human_bytes(free_bytes(directory))} are; {kept}. Free some space, then resume with "
-        "--resume-from-checkpoint latest",
+        f"free, {human_bytes(free_bytes(directory))} are; {kept}. {advice}",
         exit_code=4,
     )
 
