@@ -84,6 +84,8 @@ KL_RUNS = {
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
     "kl_pid_seed1": ["--kl-controller", "pid", "--seed", "1"],
     "kl_pid_seed2": ["--kl-controller", "pid", "--seed", "2"],
+    "kl_in_loss_seed1": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3", "--seed", "1"],
+    "kl_in_loss_seed2": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3", "--seed", "2"],
     # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
     "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
 }
