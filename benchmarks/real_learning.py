@@ -31,10 +31,6 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import real_task  # noqa: E402
 
-STAGES = (
-    *"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss kl_adaptive kl_pi kl_pid kl_slow".split(),
-    *"kl_in_loss kl_constant_lr kl_pid_grpo kl_pid_lora kl_pid_seed1 kl_pid_seed2 kl_pid_vllm compare_kl".split(),
-)
 RUNS = ("ppo", "grpo", "lora")
 LOSS_RUNS = ("grpo40", "dapo40")  # the loss family: GRPO with the defaults and with DAPO's settings, 40 updates
 
@@ -89,6 +85,7 @@ KL_RUNS = {
     # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
     "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
 }
+STAGES = (*"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss".split(), *KL_RUNS, "compare_kl")
 
 
 def run(command: list[str], log_path: str) -> float:
