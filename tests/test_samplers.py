@@ -4,6 +4,8 @@ errors when vLLM is asked for where it cannot run. (vLLM itself: tests/test_vllm
 
 import copy
 import importlib.util
+import os
+import subprocess
 import sys
 import types
 
@@ -143,6 +145,19 @@ def test_an_old_vllm_is_named_with_the_version_needed(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.9.2"))
     with pytest.raises(UserError, match=r"needs vLLM >= 0\.11, found 0\.9\.2"):
         check_vllm_usable(1)
+
+
+@pytest.mark.parametrize("chosen", [None, "INFO"])
+def test_vllm_keeps_its_warnings_after_trl_is_imported(chosen):
+    """trl sets vLLM's log level to ERROR on import where vLLM is installed (hiding a layer's failed weight load at a
+    push): smolppo, which imports trl, keeps WARNING unless the user chose one. A fresh process: trl sets it once."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    if chosen:
+        env["VLLM_LOGGING_LEVEL"] = chosen
+    code = "import os, smolppo.cli, trl; print(os.environ['VLLM_LOGGING_LEVEL'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (chosen or "WARNING")
 
 
 def test_version_tuple_reads_the_leading_numbers():

@@ -164,7 +164,6 @@ class VLLMSampler:
     ):
         check_vllm_usable(1)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no copy of the weights
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         logging.getLogger(RELOAD_LOGGER).addFilter(quiet_rotary_reload)
