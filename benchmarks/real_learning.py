@@ -75,6 +75,7 @@ KL_RUNS = {
     "kl_slow": ["--horizon", "10000"],  # the "controller too slow to act"
     "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3"],
     "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
+    "kl_constant_lr_seed2": ["--lr-scheduler-type", "constant", "--seed", "2"],
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
     "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
