@@ -75,17 +75,16 @@ KL_RUNS = {
     "kl_slow": ["--horizon", "10000"],  # the issue's "controller too slow to act"
     "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3"],
     "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
-    "kl_constant_lr_seed2": ["--lr-scheduler-type", "constant", "--seed", "2"],
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
     "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
-    "kl_pid_seed1": ["--kl-controller", "pid", "--seed", "1"],
-    "kl_pid_seed2": ["--kl-controller", "pid", "--seed", "2"],
-    "kl_in_loss_seed1": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3", "--seed", "1"],
-    "kl_in_loss_seed2": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3", "--seed", "2"],
     # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
     "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
 }
+KL_SEEDS = {"kl_pid": (1, 2), "kl_in_loss": (1, 2), "kl_constant_lr": (2,)}  # the same run with other seeds
+KL_RUNS.update(
+    {f"{name}_seed{seed}": [*KL_RUNS[name], "--seed", str(seed)] for name, seeds in KL_SEEDS.items() for seed in seeds}
+)
 STAGES = (*"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss".split(), *KL_RUNS, "compare_kl")
 
 
