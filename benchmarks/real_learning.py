@@ -75,17 +75,24 @@ KL_RUNS = {
     "kl_slow": ["--horizon", "10000"],  # the issue's "controller too slow to act"
     "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3"],
     "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
+    "kl_lr_floor": ["--min-lr-ratio", "0.3"],  # between the two: the cosine decays to 0.3 of the peak, not 0
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
     "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
     # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
     "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
 }
-KL_SEEDS = {"kl_pid": (1, 2), "kl_in_loss": (1, 2), "kl_constant_lr": (2,)}  # the same run with other seeds
+KL_SEEDS = {"kl_pid": (1, 2), "kl_in_loss": (1, 2), "kl_constant_lr": (2,), "kl_lr_floor": (1, 2)}  # other seeds
 KL_RUNS.update(
     {f"{name}_seed{seed}": [*KL_RUNS[name], "--seed", str(seed)] for name, seeds in KL_SEEDS.items() for seed in seeds}
 )
-STAGES = (*"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss".split(), *KL_RUNS, "compare_kl")
+LR_FLOOR_RUNS = tuple(name for name in KL_RUNS if name.startswith("kl_lr_floor"))  # compared on their own: quicker
+STAGES = (
+    *"model task reward ppo grpo lora compare grpo40 dapo40 compare_loss".split(),
+    *KL_RUNS,
+    "compare_kl",
+    "compare_lr_floor",
+)
 
 
 def run(command: list[str], log_path: str) -> float:
@@ -218,7 +225,12 @@ def main() -> int:
                 seconds_per_update=round(results["stages"][name]["wall_s"] / summary["updates"], 1),
             )
             save()
-    comparisons = {"compare": RUNS, "compare_loss": LOSS_RUNS, "compare_kl": tuple(KL_RUNS)}
+    comparisons = {
+        "compare": RUNS,
+        "compare_loss": LOSS_RUNS,
+        "compare_kl": tuple(KL_RUNS),
+        "compare_lr_floor": LR_FLOOR_RUNS,
+    }
     for stage, names in comparisons.items():  # held-out prompts, the report: win rate, KL, degenerate share
         if stage not in stages:
             continue

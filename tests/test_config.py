@@ -86,6 +86,7 @@ def test_schedule_is_derived_in_one_place():
         ),
         (["--gradient-accumulation-steps", "3"], "gradient_accumulation_steps (3) must equal"),
         (["--kl-estimator", "k2"], "kl_estimator must be 'k1' or 'k3'"),
+        (["--min-lr-ratio", "1"], "min_lr_ratio must be in [0, 1), got 1.0"),
         (["--ppo-epochs", "0"], "ppo_epochs must be a positive integer"),
         (["--preset", "huge"], "unknown preset 'huge'; choose one of ['full', 'lora', 'rtx5090_bf16', 'smoke']"),
     ],

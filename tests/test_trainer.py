@@ -172,6 +172,15 @@ def test_first_update_trains_under_a_warm_up(tmp_path):
     assert second["learning_rate"] == pytest.approx(6.5 / 8 * peak)
 
 
+def test_min_lr_ratio_reaches_the_run_schedule(tmp_path):
+    trainer = make_trainer(tmp_path, "--lr-scheduler-type", "linear", "--warmup-ratio", "0", "--min-lr-ratio", "0.4")
+    peak, scheduler = trainer.config.peak_learning_rate, trainer.algorithm.lr_scheduler
+    planned = trainer.schedule.planned_optimizer_steps  # linear over planned + 1 steps, lifted to end at 0.4 x peak
+    factors = [scheduler.lr_lambdas[0](step) for step in (0, planned // 2, planned)]
+    assert factors == pytest.approx([1.0, 0.4 + 0.6 * (1 - (planned // 2) / (planned + 1)), 0.4 + 0.6 / (planned + 1)])
+    assert trainer.step()["learning_rate"] < peak
+
+
 def test_progress_bar_figures_never_read_minus_zero():
     from smolppo.job.trainer import _fixed
 

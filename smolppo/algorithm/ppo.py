@@ -107,7 +107,11 @@ class Algorithm:
             fused=acc.device.type in ("cuda", "cpu"),  # one kernel per step; 14x faster than foreach on CPU
         )
         self.lr_scheduler = warm_started_scheduler(
-            config.optimizer.lr_scheduler_type, optimizer, schedule.warmup_steps, schedule.planned_optimizer_steps
+            config.optimizer.lr_scheduler_type,
+            optimizer,
+            schedule.warmup_steps,
+            schedule.planned_optimizer_steps,
+            config.optimizer.min_lr_ratio,
         )
         # One prepared module: DeepSpeed takes a single model, and DDP syncs policy and value together.
         self.model, self.optimizer = acc.prepare(model, optimizer)

@@ -487,6 +487,13 @@ class RunFields(OptimizerFields):
             "adapters start at zero and change few parameters, see README)."
         ),
     )
+    min_lr_ratio: float = field(
+        default=0.0,
+        metadata=_help(
+            "Floor of the decaying schedule: after the warm-up the rate falls to this fraction of the peak, not to 0 "
+            "(cosine with a floor is transformers' cosine_with_min_lr; 0: the schedule as transformers defines it)."
+        ),
+    )
     max_updates: Optional[int] = field(
         default=None,
         metadata=_help("Stop after this many updates (default: num_train_epochs of prompts)."),
@@ -503,6 +510,7 @@ class RunFields(OptimizerFields):
                 check_positive(self, name)
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_probability(self, "min_lr_ratio", high_open=True)
 
 
 @dataclass(frozen=True)

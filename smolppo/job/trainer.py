@@ -227,7 +227,7 @@ class Trainer:
             cfg.samples_per_prompt,
             s.episodes_per_update,
             s.optimizer_steps_per_update,
-            cfg.lr_scheduler_type,
+            cfg.lr_scheduler_type + (f" (floor {cfg.min_lr_ratio:g} x peak)" if cfg.min_lr_ratio else ""),
             s.planned_updates,
             s.warmup_steps,
             cfg.kl_target,
