@@ -87,6 +87,7 @@ def test_schedule_is_derived_in_one_place():
         (["--gradient-accumulation-steps", "3"], "gradient_accumulation_steps (3) must equal"),
         (["--kl-estimator", "k2"], "kl_estimator must be 'k1' or 'k3'"),
         (["--min-lr-ratio", "1"], "min_lr_ratio must be in [0, 1), got 1.0"),
+        (["--kl-integral-gain", "-0.1"], "kl_integral_gain must be >= 0, got -0.1"),
         (["--ppo-epochs", "0"], "ppo_epochs must be a positive integer"),
         (["--preset", "huge"], "unknown preset 'huge'; choose one of ['full', 'lora', 'rtx5090_bf16', 'smoke']"),
     ],
@@ -195,3 +196,11 @@ def test_help_lists_fields_by_section_with_trl_aliases():
     assert sections[1:6] == ["presets", "model", "data", "rewards", "advantage estimator"]
     lora = text[text.index("\nLoRA:") : text.index("\nprecision and memory:")]
     assert "--use_peft" in lora and "--lora_r" in lora
+
+
+def test_the_kl_controller_gets_its_gains_from_the_config():
+    from smolppo.algorithm.ppo_math import PIDKLController, kl_controller
+
+    controller = kl_controller(parse("--kl-integral-gain", "0.3").algorithm_settings().kl, horizon=8)
+    assert isinstance(controller, PIDKLController) and (controller.ki, controller.kd) == (0.3, 1.0)
+    assert kl_controller(parse().algorithm_settings().kl, horizon=8).ki == 0.1

@@ -321,7 +321,11 @@ def kl_controller(config, horizon: int):
     if config.kl_controller == "adaptive":
         return AdaptiveKLController(config.init_kl_coef, config.kl_target, horizon)
     return PIDKLController(
-        config.init_kl_coef, config.kl_target, horizon, kd=1.0 if config.kl_controller == "pid" else 0.0
+        config.init_kl_coef,
+        config.kl_target,
+        horizon,
+        ki=config.kl_integral_gain,
+        kd=1.0 if config.kl_controller == "pid" else 0.0,
     )
 
 

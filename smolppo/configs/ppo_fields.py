@@ -191,6 +191,14 @@ class KLFields(FieldGroup):
             "docs/ALGORITHM.md compares them."
         ),
     )
+    kl_integral_gain: float = field(
+        default=0.1,
+        metadata=_help(
+            "pid / pi: the integral gain. Each update adds this x log(KL / target) (clipped to +-1) to log(coef), so "
+            "a KL held above the target keeps raising the coefficient; 0.1 needs about 10 updates at 2.7x the "
+            "target, or 40 at 1.3x, to raise it e-fold."
+        ),
+    )
     kl_target: float = field(
         default=6.0,
         metadata=_help("Target KL (nats per response) for the adaptive controller.", aliases=["--target"]),
@@ -218,6 +226,8 @@ class KLFields(FieldGroup):
             raise ValueError(f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
         if not self.kl_target > 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+        if not self.kl_integral_gain >= 0:
+            raise ValueError(f"kl_integral_gain must be >= 0, got {self.kl_integral_gain}")
 
 
 @dataclass(frozen=True)
