@@ -18,8 +18,7 @@ def warm_started_scheduler(name: str, optimizer, warmup_steps: int, total_steps:
         if not hasattr(scheduler, "lr_lambdas"):
             raise UserError(f"--min-lr-ratio needs a schedule given by a rule (cosine, linear, ...), not {name!r}")
         scheduler.lr_lambdas = [floored_decay(rule, warmup_steps, min_lr_ratio) for rule in scheduler.lr_lambdas]
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
+        rates_at_schedule_position(scheduler, optimizer)
     if warmup_steps:
         with warnings.catch_warnings():  # stepping before the first optimizer.step() is the point here
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
@@ -47,8 +46,13 @@ def apply_configured_learning_rate(scheduler, optimizer, learning_rate: float) -
     memory of its last step.)"""
     scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
     if hasattr(scheduler, "lr_lambdas"):
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
+        rates_at_schedule_position(scheduler, optimizer)
+
+
+def rates_at_schedule_position(scheduler, optimizer) -> None:
+    """Give the optimizer's groups the rates a rule-based (`LambdaLR`) schedule prescribes where it stands now."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def current_learning_rate(optimizer) -> float:
