@@ -77,6 +77,7 @@ KL_RUNS = {
     "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
     "kl_lr_floor": ["--min-lr-ratio", "0.3"],  # between the two: the cosine decays to 0.3 of the peak, not 0
     "kl_lr_floor_ki3": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.3"],  # and an integral 3x as fast
+    "kl_lr_floor_ki6": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.6"],  # and 6x as fast
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
     "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
     "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
@@ -89,6 +90,7 @@ KL_SEEDS = {  # the same run with other seeds
     "kl_constant_lr": (2,),
     "kl_lr_floor": (1, 2),
     "kl_lr_floor_ki3": (1, 2),
+    "kl_lr_floor_ki6": (1, 2),
 }
 KL_RUNS.update(
     {f"{name}_seed{seed}": [*KL_RUNS[name], "--seed", str(seed)] for name, seeds in KL_SEEDS.items() for seed in seeds}
