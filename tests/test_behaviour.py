@@ -129,6 +129,9 @@ def test_the_end_of_a_run_says_when_the_kl_penalty_drowned_the_score():
     assert feed(watch, [dict(healthy(u), **(start if u < 3 else end)) for u in range(10)]) == []  # not hacking
     report = watch.penalty_report()
     assert report["penalty_to_score"] == pytest.approx(3.6) and "fell from -0.47 to -5.10" in report["message"]
+    score = (0.0 + 0.1 + 0.2) / 3, (0.7 + 0.8 + 0.9) / 3  # healthy(): the score rises 0.1 an update
+    assert (report["score_start"], report["score_end"]) == pytest.approx(score)
+    assert f"the score went from {score[0]:.2f} to {score[1]:.2f}" in report["message"]
     assert "--kl-horizon" in report["message"]
     # A penalty that grows past 2x the spread while the RLHF reward keeps rising is not reported.
     rising = BehaviourWatch({"reward_model": 1.0})

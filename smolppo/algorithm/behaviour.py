@@ -195,7 +195,9 @@ class BehaviourWatch:
     def penalty_report(self) -> dict | None:
         """At the end of a run: whether the KL penalty came to outweigh the score (`kl_penalty_to_score` above
         `penalty_ratio` in the last window, from below 1 in the first) while the RLHF reward (score - penalty) fell
-        below its start; ``None`` when it did not. The run summary says so, with what to do."""
+        below its start; ``None`` when it did not. The run summary says so, with what to do, and quotes the score
+        over the same windows: whether it still rose is for the reader to weigh (over the real-model runs it did not
+        tell a stall from a run that learned: both rose by about the noise of a window's mean)."""
         if len(self.history) < 2 * self.window:
             return None
         start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
@@ -205,15 +207,19 @@ class BehaviourWatch:
             return None
         if not (ratio > self.penalty_ratio and ratio_start < 1.0 and objective < objective_start):
             return None
+        score, score_start = now.get("rewards/mean"), start.get("rewards/mean")
+        scored = "" if None in (score, score_start) else f" while the score went from {score_start:.2f} to {score:.2f}"
         message = (
             f"the KL penalty per response ended at {ratio:.1f}x the spread of the score and the RLHF reward (score "
-            f"- penalty) fell from {objective_start:.2f} to {objective:.2f}: the penalty drowned the reward signal; "
-            "lower --init-kl-coef, raise --kl-target, or slow the controller with a larger --kl-horizon"
+            f"- penalty) fell from {objective_start:.2f} to {objective:.2f}{scored}: the penalty drowned the reward "
+            "signal; lower --init-kl-coef, raise --kl-target, or slow the controller with a larger --kl-horizon"
         )
         return {
             "penalty_to_score": ratio,
             "rlhf_reward_start": objective_start,
             "rlhf_reward_end": objective,
+            "score_start": score_start,
+            "score_end": score,
             "message": message,
         }
 
