@@ -521,6 +521,25 @@ class RunFields(OptimizerFields):
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         check_probability(self, "min_lr_ratio", high_open=True)
+        if self.lr_scheduler_type not in RULE_SCHEDULES:
+            floor = " (a floor under the decay: --min-lr-ratio)" if "min_lr" in self.lr_scheduler_type else ""
+            raise ValueError(
+                f"lr_scheduler_type {self.lr_scheduler_type!r} cannot drive a training run's schedule{floor}; "
+                f"use one of {', '.join(RULE_SCHEDULES)}"
+            )
+
+
+# transformers' schedules that step on their own from the steps taken (the others need a metric, or settings beyond
+# the warm-up and the length: reduce_lr_on_plateau, greedy, cosine_with_min_lr, warmup_stable_decay)
+RULE_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 @dataclass(frozen=True)
