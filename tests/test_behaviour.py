@@ -122,17 +122,23 @@ def test_watch_names_a_length_collapse_and_a_saturated_reward_once():
 
 
 def test_the_end_of_a_run_says_when_the_kl_penalty_drowned_the_score():
-    """Issue 32's stalled run: the penalty grew to 3.6x the score's spread and the RLHF reward fell -0.47 -> -5.1."""
-    start = {"objective/kl_penalty_to_score": 0.05, "objective/rlhf_reward": -0.47}
-    end = {"objective/kl_penalty_to_score": 3.6, "objective/rlhf_reward": -5.1}
+    """Issue 32's stalled run: the penalty grew to 3.6x the score's spread and the RLHF reward fell -0.47 -> -5.1,
+    with the KL back at 4.1 of its target 6 (the coefficient outlived the overshoot)."""
+    start = {"objective/kl_penalty_to_score": 0.05, "objective/rlhf_reward": -0.47, "kl_divergence": 0.5}
+    end = {"objective/kl_penalty_to_score": 3.6, "objective/rlhf_reward": -5.1, "kl_divergence": 4.1}
     watch = BehaviourWatch({"reward_model": 1.0})
     assert feed(watch, [dict(healthy(u), **(start if u < 3 else end)) for u in range(10)]) == []  # not hacking
-    report = watch.penalty_report()
-    assert report["penalty_to_score"] == pytest.approx(3.6) and "fell from -0.47 to -5.10" in report["message"]
+    report = watch.penalty_report(kl_target=6.0)
+    assert report["kind"] == "drowned" and report["penalty_to_score"] == pytest.approx(3.6)
+    assert report["kl_to_target"] == pytest.approx(4.1 / 6)
+    assert "fell from -0.47 to -5.10" in report["message"] and "the KL down to 0.68x its target" in report["message"]
+    assert "--kl-horizon" in report["message"]
     score = (0.0 + 0.1 + 0.2) / 3, (0.7 + 0.8 + 0.9) / 3  # healthy(): the score rises 0.1 an update
     assert (report["score_start"], report["score_end"]) == pytest.approx(score)
-    assert f"the score went from {score[0]:.2f} to {score[1]:.2f}" in report["message"]
-    assert "--kl-horizon" in report["message"]
+    assert f"the score from {score[0]:.2f} to {score[1]:.2f}" in report["message"]
+    # A fixed coefficient (no target steered): the same finding, without a KL figure.
+    fixed = watch.penalty_report(kl_target=None)
+    assert fixed["kind"] == "drowned" and fixed["kl_to_target"] is None and "its target" not in fixed["message"]
     # A penalty that grows past 2x the spread while the RLHF reward keeps rising is not reported.
     rising = BehaviourWatch({"reward_model": 1.0})
     feed(
@@ -142,7 +148,23 @@ def test_the_end_of_a_run_says_when_the_kl_penalty_drowned_the_score():
             for u in range(20)
         ],
     )
-    assert rising.penalty_report() is None
+    assert rising.penalty_report(kl_target=6.0) is None
+
+
+def test_a_penalty_that_holds_the_kl_at_its_target_is_reported_as_such():
+    """The clean real task under a fast integral (measured): the KL held at 1.1x its target of 6 took a coefficient
+    7x its start, the penalty 2.3x the score's spread; the run learned fully. The advice is the target, not the
+    controller."""
+    start = {"objective/kl_penalty_to_score": 0.1, "objective/rlhf_reward": -0.79, "kl_divergence": 2.7}
+    end = {"objective/kl_penalty_to_score": 2.3, "objective/rlhf_reward": -2.97, "kl_divergence": 6.6}
+    watch = BehaviourWatch({"reward_model": 1.0})
+    feed(watch, [dict(healthy(u), **(start if u < 3 else end)) for u in range(40)])
+    report = watch.penalty_report(kl_target=6.0)
+    assert report["kind"] == "holding_target" and report["kl_to_target"] == pytest.approx(1.1)
+    assert "with the KL at 1.10x its target: the penalty is what holds the policy" in report["message"]
+    assert "raise --kl-target" in report["message"] and "--init-kl-coef" not in report["message"]
+    # Just under three quarters of the target is no longer held there.
+    assert watch.penalty_report(kl_target=6.6 / 0.74)["kind"] == "drowned"
 
 
 def test_watch_state_survives_a_resume():

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 
 DEGENERATE_N, DEGENERATE_TIMES = 3, 4
+HELD_TARGET_SHARE = 0.75  # a KL at this share of its target or more is held there (the penalty report's two kinds)
 
 
 def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -67,9 +68,9 @@ class BehaviourWatch:
       response scores the same, nothing is left to learn (often the reward's maximum, reached by a collapse);
 
     `penalty_report` says, at the end of a run, whether the KL penalty came to outweigh the score (a run-level
-    finding, not a sign of hacking: issue 32's stalled run, 3.6x with the RLHF reward -0.47 -> -5.1, and the smoke
-    preset's late KL climb, 6.6x). `observe` returns the new warnings; `warnings` keeps them all; `state_dict` /
-    `load_state_dict` carry the watch across a resume.
+    finding, not a sign of hacking: issue 32's stalled run, 3.6x with the RLHF reward -0.47 -> -5.1), and whether
+    the penalty drowned the reward or holds the KL at its target. `observe` returns the new warnings; `warnings`
+    keeps them all; `state_dict` / `load_state_dict` carry the watch across a resume.
     """
 
     WATCHED = (
@@ -82,6 +83,7 @@ class BehaviourWatch:
         "rewards/std",
         "objective/kl_penalty_to_score",
         "objective/rlhf_reward",
+        "kl_divergence",
     )
 
     def __init__(
@@ -192,12 +194,22 @@ class BehaviourWatch:
             )
             yield "saturated", message
 
-    def penalty_report(self) -> dict | None:
+    def penalty_report(self, kl_target: float | None = None) -> dict | None:
         """At the end of a run: whether the KL penalty came to outweigh the score (`kl_penalty_to_score` above
         `penalty_ratio` in the last window, from below 1 in the first) while the RLHF reward (score - penalty) fell
-        below its start; ``None`` when it did not. The run summary says so, with what to do, and quotes the score
-        over the same windows: whether it still rose is for the reader to weigh (over the real-model runs it did not
-        tell a stall from a run that learned: both rose by about the noise of a window's mean)."""
+        below its start; ``None`` when it did not. The run summary says so, with what to do, which depends on where
+        the KL ended against the controller's `kl_target` (``None``: a fixed coefficient):
+
+        * ``holding_target``: the KL ran at 0.75x its target or more. The penalty is what holds the policy at the
+          target against a reward that pulls further (a strong reward model needs a coefficient several times its
+          start to hold it: measured on the real task, 2.0-2.9x the score's spread while the runs learned fully);
+          more updates at this target gain little: raise --kl-target to let the policy go further.
+        * ``drowned``: the KL fell well under its target (or no controller steers it) and the penalty still
+          outweighs the score: the coefficient outlived its overshoot (issue 32's stall: the KL at 0.7x its target
+          with the coefficient at 25x its start); lower --init-kl-coef or slow the controller.
+
+        The score over the same windows is quoted; whether it still rose did not tell the two apart on the
+        real-model runs (a window's mean moves by about its noise in both)."""
         if len(self.history) < 2 * self.window:
             return None
         start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
@@ -208,18 +220,35 @@ class BehaviourWatch:
         if not (ratio > self.penalty_ratio and ratio_start < 1.0 and objective < objective_start):
             return None
         score, score_start = now.get("rewards/mean"), start.get("rewards/mean")
-        scored = "" if None in (score, score_start) else f" while the score went from {score_start:.2f} to {score:.2f}"
-        message = (
+        scored = "" if None in (score, score_start) else f", the score from {score_start:.2f} to {score:.2f}"
+        kl = now.get("kl_divergence")
+        kl_to_target = kl / kl_target if kl is not None and kl_target else None
+        figures = (
             f"the KL penalty per response ended at {ratio:.1f}x the spread of the score and the RLHF reward (score "
-            f"- penalty) fell from {objective_start:.2f} to {objective:.2f}{scored}: the penalty drowned the reward "
-            "signal; lower --init-kl-coef, raise --kl-target, or slow the controller with a larger --kl-horizon"
+            f"- penalty) fell from {objective_start:.2f} to {objective:.2f}{scored}"
         )
+        if kl_to_target is not None and kl_to_target >= HELD_TARGET_SHARE:
+            kind = "holding_target"
+            message = (
+                f"{figures}, with the KL at {kl_to_target:.2f}x its target: the penalty is what holds the policy at "
+                "the target against a reward that pulls further, so more updates at this target gain little; raise "
+                "--kl-target to let the policy move further"
+            )
+        else:
+            kind = "drowned"
+            where = "" if kl_to_target is None else f", with the KL down to {kl_to_target:.2f}x its target"
+            message = (
+                f"{figures}{where}: the penalty drowned the reward signal; lower --init-kl-coef, raise --kl-target, "
+                "or slow the controller with a larger --kl-horizon"
+            )
         return {
+            "kind": kind,
             "penalty_to_score": ratio,
             "rlhf_reward_start": objective_start,
             "rlhf_reward_end": objective,
             "score_start": score_start,
             "score_end": score,
+            "kl_to_target": kl_to_target,
             "message": message,
         }
 

@@ -367,7 +367,8 @@ class Trainer:
             "reward_template": reward.reader.template_name if reward.reader is not None else None,
             "kl_coef_next_update": kl["kl_coef"],  # final_metrics' objective/kl_coef: the last update's
             "kl_target_reached": kl["engaged"],
-            "kl_penalty_outweighs_score": self.watch.penalty_report(),  # None, or the figures and what to do
+            # None, or the figures and what to do (which depends on where the KL ended against a steered target)
+            "kl_penalty_outweighs_score": self.watch.penalty_report(kl["target"]),
             "warnings": self.watch.warnings,  # what the behaviour watch saw (BehaviourWatch)
             "observed": self.observed,
             "environment": run_environment(),
