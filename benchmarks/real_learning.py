@@ -68,21 +68,26 @@ KL_STUDY = (
     "--no-gradient-checkpointing "
     f"--temperature {real_task.TEMPERATURE} --save-steps 1000 --sample-logging-steps 10 --reward-check-pairs 29"
 ).split()
+# The defaults before the floor and the faster integral (issue #32's runs up to kl_lr_floor_ki6 were made under them).
+BEFORE = ["--min-lr-ratio", "0", "--kl-integral-gain", "0.1"]
 KL_RUNS = {
-    "kl_adaptive": ["--kl-controller", "adaptive"],
-    "kl_pi": ["--kl-controller", "pi"],
-    "kl_pid": ["--kl-controller", "pid"],
-    "kl_slow": ["--horizon", "10000"],  # the issue's "controller too slow to act"
-    "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3"],
-    "kl_constant_lr": ["--lr-scheduler-type", "constant"],  # the 40 updates are the cosine plan: this removes decay
-    "kl_lr_floor": ["--min-lr-ratio", "0.3"],  # between the two: the cosine decays to 0.3 of the peak, not 0
+    "kl_adaptive": ["--kl-controller", "adaptive", *BEFORE],
+    "kl_pi": ["--kl-controller", "pi", *BEFORE],
+    "kl_pid": ["--kl-controller", "pid", *BEFORE],
+    "kl_slow": ["--horizon", "10000", *BEFORE],  # the issue's "controller too slow to act"
+    "kl_in_loss": ["--kl-controller", "adaptive", "--kl-in-loss", "--kl-estimator", "k3", *BEFORE],
+    "kl_constant_lr": ["--lr-scheduler-type", "constant", *BEFORE],  # the 40 updates are the cosine plan: no decay
+    "kl_lr_floor": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.1"],  # the cosine decays to 0.3 of the peak
     "kl_lr_floor_ki3": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.3"],  # and an integral 3x as fast
-    "kl_lr_floor_ki6": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.6"],  # and 6x as fast
+    "kl_lr_floor_ki6": ["--min-lr-ratio", "0.3", "--kl-integral-gain", "0.6"],  # and 6x as fast: today's defaults
     # GRPO: 2 prompts x 4 samples an update, the plan cut to the same 40 updates (320 episodes)
-    "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320"],
-    "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4"],
+    "kl_pid_grpo": ["--kl-controller", "pid", *GRPO.split(), "--total-episodes", "320", *BEFORE],
+    "kl_pid_lora": ["--kl-controller", "pid", "--use-lora", "--learning-rate", "2e-4", *BEFORE],
     # rollouts from a colocated vLLM engine (issue #33; run the driver with a Python that has vLLM)
-    "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm"],
+    "kl_pid_vllm": ["--kl-controller", "pid", "--generation-backend", "vllm", *BEFORE],
+    # today's defaults (floor 0.3, integral 0.6) under GRPO and LoRA
+    "kl_lr_floor_ki6_grpo": [*GRPO.split(), "--total-episodes", "320"],
+    "kl_lr_floor_ki6_lora": ["--use-lora", "--learning-rate", "2e-4"],
 }
 KL_SEEDS = {  # the same run with other seeds
     "kl_pid": (1, 2),

@@ -206,4 +206,4 @@ def test_the_kl_controller_gets_its_gains_from_the_config():
 
     controller = kl_controller(parse("--kl-integral-gain", "0.3").algorithm_settings().kl, horizon=8)
     assert isinstance(controller, PIDKLController) and (controller.ki, controller.kd) == (0.3, 1.0)
-    assert kl_controller(parse().algorithm_settings().kl, horizon=8).ki == 0.1
+    assert kl_controller(parse().algorithm_settings().kl, horizon=8).ki == 0.6

@@ -126,6 +126,10 @@ def test_a_reward_function_by_absolute_or_relative_path_is_the_same_setting(tmp_
     assert checkpointing.config_changes(
         {"kl_target": 6.0}, {"kl_target": 6.0, "kl_controller": "pid"}, frozenset()
     ) == [("kl_controller", "adaptive", "pid")]
+    # and one from before the floor and the integral gain were settings ran without a floor, at a gain of 0.1
+    assert checkpointing.config_changes(
+        {"kl_controller": "pid"}, {"kl_controller": "pid", "min_lr_ratio": 0.3, "kl_integral_gain": 0.6}, frozenset()
+    ) == [("kl_integral_gain", 0.1, 0.6), ("min_lr_ratio", 0.0, 0.3)]
 
 
 # ---------------------------------------------------------------------------------------------- damaged models

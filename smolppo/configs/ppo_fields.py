@@ -192,11 +192,11 @@ class KLFields(FieldGroup):
         ),
     )
     kl_integral_gain: float = field(
-        default=0.1,
+        default=0.6,
         metadata=_help(
             "pid / pi: the integral gain. Each update adds this x log(KL / target) (clipped to +-1) to log(coef), so "
-            "a KL held above the target keeps raising the coefficient; 0.1 needs about 10 updates at 2.7x the "
-            "target, or 40 at 1.3x, to raise it e-fold."
+            "a KL held above the target keeps raising the coefficient (and one below lowers it); 0.6 needs about 7 "
+            "updates at 1.3x the target to raise it e-fold (0.1, the default before: 40)."
         ),
     )
     kl_target: float = field(
@@ -498,10 +498,11 @@ class RunFields(OptimizerFields):
         ),
     )
     min_lr_ratio: float = field(
-        default=0.0,
+        default=0.3,
         metadata=_help(
             "Floor of the decaying schedule: after the warm-up the rate falls to this fraction of the peak, not to 0 "
-            "(cosine with a floor is transformers' cosine_with_min_lr; 0: the schedule as transformers defines it)."
+            "(cosine with a floor is transformers' cosine_with_min_lr; 0: the schedule as transformers defines it, "
+            "the default before)."
         ),
     )
     max_updates: Optional[int] = field(

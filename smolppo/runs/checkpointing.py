@@ -44,7 +44,7 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Settings renamed since a checkpoint may have been written: its recorded name -> today's.
 RENAMED_SETTINGS = {"target": "kl_target", "horizon": "kl_horizon"}
 # What a checkpoint written before a setting existed ran with, where the setting's default has since changed
-SETTINGS_BEFORE_RECORDED = {"kl_controller": "adaptive"}
+SETTINGS_BEFORE_RECORDED = {"kl_controller": "adaptive", "min_lr_ratio": 0.0, "kl_integral_gain": 0.1}
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
