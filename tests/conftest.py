@@ -42,7 +42,7 @@ def tokenizer(smoke_paths):
 
 
 def run_script(
-    script: str, *args: str, timeout: int = 300, env: dict | None = None, cwd: str = REPO
+    script: str, *args: str, timeout: int = 900, env: dict | None = None, cwd: str = REPO
 ) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would (from `cwd`, the repository root by default; `env` added to
     the environment): the one helper every subprocess run of a script goes through."""
@@ -169,7 +169,7 @@ def smoke_updates(num_prompts: int) -> int:
     return num_prompts // preset["rollout_batch_size"] * preset["num_train_epochs"]
 
 
-def train_smoke(out, *args, cwd: str = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+def train_smoke(out, *args, cwd: str = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
     """`train_ppo.py --preset smoke --output-dir OUT ARGS` (through `run_script`)."""
     return run_script("train_ppo.py", *SMOKE, "--output-dir", str(out), *args, cwd=cwd, timeout=timeout)
 
@@ -229,7 +229,7 @@ def run_script_in_process(script: str, *args: str, capsys) -> tuple[int, str]:
 LAUNCH = two_process_launcher()  # two DDP processes under `accelerate launch` (gloo on a machine without CUDA)
 
 
-def launch(*args, launcher: tuple[str, ...] = tuple(LAUNCH[3:]), timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(*args, launcher: tuple[str, ...] = tuple(LAUNCH[3:]), timeout: int = 900) -> subprocess.CompletedProcess:
     """`accelerate launch <launcher> train_ppo.py --preset smoke <args>` (two DDP processes unless told)."""
     return subprocess.run(
         [*LAUNCH[:3], *launcher, os.path.join(REPO, "train_ppo.py"), "--preset", "smoke", *args],

@@ -532,15 +532,7 @@ class RunFields(OptimizerFields):
 
 # transformers' schedules that step on their own from the steps taken (the others need a metric, or settings beyond
 # the warm-up and the length: reduce_lr_on_plateau, greedy, cosine_with_min_lr, warmup_stable_decay)
-RULE_SCHEDULES = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
+RULE_SCHEDULES = "linear cosine cosine_with_restarts polynomial constant constant_with_warmup inverse_sqrt".split()
 
 
 @dataclass(frozen=True)

@@ -161,8 +161,9 @@ class Trainer:
             self.final_model_saved = True
         self._explain_kl(metrics)
         summary = self._summary(status, metrics, time.time() - started)
-        if summary["kl_penalty_outweighs_score"] and acc.is_main_process:
-            logger.warning("%s", summary["kl_penalty_outweighs_score"]["message"])
+        penalty = summary["kl_penalty_outweighs_score"]
+        if penalty and acc.is_main_process:  # a stall is a warning; a target held as asked, a finding
+            logger.log(logging.WARNING if penalty["kind"] == "drowned" else logging.INFO, "%s", penalty["message"])
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if status == "finished":
