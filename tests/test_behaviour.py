@@ -163,8 +163,12 @@ def test_a_penalty_that_holds_the_kl_at_its_target_is_reported_as_such():
     assert report["kind"] == "holding_target" and report["kl_to_target"] == pytest.approx(1.1)
     assert "with the KL at 1.10x its target: the penalty is what holds the policy" in report["message"]
     assert "raise --kl-target" in report["message"] and "--init-kl-coef" not in report["message"]
-    # Just under three quarters of the target is no longer held there.
+    # Just under three quarters of the target is no longer held there, nor just over 1.25x.
     assert watch.penalty_report(kl_target=6.6 / 0.74)["kind"] == "drowned"
+    # GRPO on the noisy real task (measured): the KL at 1.52x its target with the coefficient at its bound
+    over = watch.penalty_report(kl_target=6.6 / 1.52)
+    assert over["kind"] == "over_target" and "the KL still ran at 1.52x its target" in over["message"]
+    assert "lower --learning-rate" in over["message"]
 
 
 def test_watch_state_survives_a_resume():

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 
 DEGENERATE_N, DEGENERATE_TIMES = 3, 4
-HELD_TARGET_SHARE = 0.75  # a KL at this share of its target or more is held there (the penalty report's two kinds)
+HELD_TARGET_BAND = (0.75, 1.25)  # a KL within this share of its target is held there (the penalty report's kinds)
 
 
 def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -200,10 +200,13 @@ class BehaviourWatch:
         below its start; ``None`` when it did not. The run summary says so, with what to do, which depends on where
         the KL ended against the controller's `kl_target` (``None``: a fixed coefficient):
 
-        * ``holding_target``: the KL ran at 0.75x its target or more. The penalty is what holds the policy at the
+        * ``holding_target``: the KL ran within 0.75-1.25x its target. The penalty is what holds the policy at the
           target against a reward that pulls further (a strong reward model needs a coefficient several times its
           start to hold it: measured on the real task, 2.0-2.9x the score's spread while the runs learned fully);
           more updates at this target gain little: raise --kl-target to let the policy go further.
+        * ``over_target``: the KL stayed above 1.25x its target although the penalty outweighs the score: the
+          policy moves faster than the coefficient pulls it back (GRPO on the noisy real task, its coefficient at
+          the bound); a lower learning rate lets the controller keep up.
         * ``drowned``: the KL fell well under its target (or no controller steers it) and the penalty still
           outweighs the score: the coefficient outlived its overshoot (issue 32's stall: the KL at 0.7x its target
           with the coefficient at 25x its start); lower --init-kl-coef or slow the controller.
@@ -227,7 +230,14 @@ class BehaviourWatch:
             f"the KL penalty per response ended at {ratio:.1f}x the spread of the score and the RLHF reward (score "
             f"- penalty) fell from {objective_start:.2f} to {objective:.2f}{scored}"
         )
-        if kl_to_target is not None and kl_to_target >= HELD_TARGET_SHARE:
+        low, high = HELD_TARGET_BAND
+        if kl_to_target is not None and kl_to_target > high:
+            kind = "over_target"
+            message = (
+                f"{figures}, and the KL still ran at {kl_to_target:.2f}x its target: the policy moves faster than the "
+                "penalty pulls it back; lower --learning-rate so that the controller keeps up, or raise --kl-target"
+            )
+        elif kl_to_target is not None and kl_to_target >= low:
             kind = "holding_target"
             message = (
                 f"{figures}, with the KL at {kl_to_target:.2f}x its target: the penalty is what holds the policy at "

@@ -162,8 +162,9 @@ class Trainer:
         self._explain_kl(metrics)
         summary = self._summary(status, metrics, time.time() - started)
         penalty = summary["kl_penalty_outweighs_score"]
-        if penalty and acc.is_main_process:  # a stall is a warning; a target held as asked, a finding
-            logger.log(logging.WARNING if penalty["kind"] == "drowned" else logging.INFO, "%s", penalty["message"])
+        if penalty and acc.is_main_process:  # a stall or a missed target warns; a target held as asked is a finding
+            held = penalty["kind"] == "holding_target"
+            logger.log(logging.INFO if held else logging.WARNING, "%s", penalty["message"])
         if acc.is_main_process:
             output_dir.write_json_atomically(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
             if status == "finished":
