@@ -88,6 +88,8 @@ KL_RUNS = {
     # today's defaults (floor 0.3, integral 0.6) under GRPO and LoRA
     "kl_lr_floor_ki6_grpo": [*GRPO.split(), "--total-episodes", "320"],
     "kl_lr_floor_ki6_lora": ["--use-lora", "--learning-rate", "2e-4"],
+    # GRPO at half the rate: the over_target report's advice, measured
+    "kl_lr_floor_ki6_grpo_lr1e5": [*GRPO.split(), "--total-episodes", "320", "--learning-rate", "1e-5"],
 }
 KL_SEEDS = {  # the same run with other seeds
     "kl_pid": (1, 2),

@@ -151,6 +151,31 @@ def test_the_end_of_a_run_says_when_the_kl_penalty_drowned_the_score():
     assert rising.penalty_report(kl_target=6.0) is None
 
 
+def test_an_update_without_score_spread_does_not_decide_the_penalty_report(tmp_path):
+    """An update whose score had no spread has no penalty ratio (nan; null once a checkpoint's history is read back):
+    the report averages the updates that have one, instead of reading one update's 691,878 as the window's figure."""
+    from smolppo.runs.output_dir import write_json_atomically
+
+    start = {"objective/kl_penalty_to_score": 0.1, "objective/rlhf_reward": -0.5, "kl_divergence": 1.0}
+    end = {"objective/kl_penalty_to_score": 0.8, "objective/rlhf_reward": -0.9, "kl_divergence": 8.0}
+    rows = [dict(healthy(u), **(start if u < 3 else end)) for u in range(10)]
+    rows[-1]["objective/kl_penalty_to_score"] = float("nan")
+    watch = BehaviourWatch({"reward_model": 1.0})
+    assert feed(watch, rows) == []
+    assert watch.penalty_report(kl_target=6.0) is None  # 0.8x the spread: the penalty does not outweigh it
+    rows[-2]["objective/kl_penalty_to_score"] = 4.0
+    watch = BehaviourWatch({"reward_model": 1.0})
+    feed(watch, rows)
+    write_json_atomically(str(tmp_path / "state.json"), watch.state_dict())  # a checkpoint, then a resume
+    resumed = BehaviourWatch({"reward_model": 1.0})
+    resumed.load_state_dict(json.loads((tmp_path / "state.json").read_text(encoding="utf-8")))
+    assert resumed.history[-1]["objective/kl_penalty_to_score"] is None
+    for reader in (watch, resumed):
+        report = reader.penalty_report(kl_target=6.0)
+        assert report["kind"] == "over_target" and report["penalty_to_score"] == pytest.approx((4.0 + 0.8) / 2)
+        assert report["kl_to_target"] == pytest.approx(8.0 / 6)
+
+
 def test_a_penalty_that_holds_the_kl_at_its_target_is_reported_as_such():
     """The clean real task under a fast integral (measured): the KL held at 1.1x its target of 6 took a coefficient
     7x its start, the penalty 2.3x the score's spread; the run learned fully. The advice is the target, not the

@@ -151,3 +151,24 @@ def test_grpo_penalty_is_weighed_against_the_group_relative_score(tmp_path):
     exp.scores = exp.scores * 0.1  # a reward model of ten times smaller margins: grpo learns the same from it
     shrunk = trainer.algorithm.metrics(exp, {**stats, "first_ratio_deviation": 0.0})
     assert shrunk["objective/kl_penalty_to_score"] == pytest.approx(metrics["objective/kl_penalty_to_score"], rel=1e-2)
+
+
+def test_the_penalty_ratio_is_undefined_when_no_group_has_spread(tmp_path):
+    """Measured on the real task under grpo: every response of both groups alike, the group-relative score all
+    zeros, and the ratio over a clamped spread of 1e-6 read 691,878 in the log, the progress bar and the window that
+    the end-of-run report averages. No spread: the ratio is nan (shown as n/a), and the report's windows skip it."""
+    import math
+
+    from smolppo.algorithm import ppo_math
+    from smolppo.job.trainer import _fixed
+
+    trainer = make_trainer(tmp_path, "--advantage-estimator", "grpo", "--samples-per-prompt", "4")
+    exp = trainer.algorithm.make_experience(trainer.prompts, trainer.sampler.indices(0))
+    exp.kl = exp.kl + 0.5 * exp.rollout.response_mask
+    exp.scores = torch.arange(len(exp.scores), device=exp.scores.device).div(4, rounding_mode="floor").float()
+    assert ppo_math.group_advantages(exp.scores, 4, "grpo", scale=True).abs().max().item() == 0.0
+    stats = dict.fromkeys(("loss", "learning_rate", "policy_loss", "clip_fraction", "approx_kl", "entropy"), 0.0)
+    metrics = trainer.algorithm.metrics(exp, {**stats, "first_ratio_deviation": 0.0})
+    assert math.isnan(metrics["objective/kl_penalty_to_score"])
+    assert _fixed(metrics["objective/kl_penalty_to_score"], 2) == "n/a" and _fixed(-0.001, 2) == "0.00"
+    assert metrics["objective/non_score_reward"] < 0.0  # the penalty itself is still logged

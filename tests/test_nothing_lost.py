@@ -473,3 +473,19 @@ def test_plot_creates_a_missing_output_parent(smoke_run, tmp_path):
     result = run_script("plot_training_progress.py", "--log-dir", str(smoke_run / "logs"), "--output", str(target))
     assert result.returncode == 0, result.stderr[-2000:]
     assert target.stat().st_size > 0 and (target.parent / "training_scalars.csv").exists()
+
+
+def test_reports_are_strict_json_even_with_an_undefined_figure(tmp_path):
+    """A figure undefined in its update (nan) or infinite is written as null: Python's NaN is not JSON, and the run
+    summary is read by other tools (jq, a browser, a spreadsheet)."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    path = tmp_path / "summary.json"
+    output_dir.write_json_atomically(str(path), {"a": float("nan"), "b": [float("inf"), 1.5], "c": (2, float("-inf"))})
+    assert json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse) == {
+        "a": None,
+        "b": [None, 1.5],
+        "c": [2, None],
+    }

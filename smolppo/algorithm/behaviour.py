@@ -11,6 +11,7 @@ Pure functions over token-id lists (the real response tokens, without the EOS); 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 DEGENERATE_N, DEGENERATE_TIMES = 3, 4
@@ -114,7 +115,7 @@ class BehaviourWatch:
 
     def observe(self, metrics: dict[str, float], update: int) -> list[dict]:
         keys = self.WATCHED + tuple(f"rewards/{name}" for name in self.reward_weights)
-        self.history.append({k: float(metrics[k]) for k in keys if k in metrics})
+        self.history.append({k: float(metrics[k]) for k in keys if metrics.get(k) is not None})
         if len(self.history) < 2 * self.window:
             return []
         start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
@@ -264,8 +265,14 @@ class BehaviourWatch:
 
     @staticmethod
     def _mean(rows: list[dict]) -> dict[str, float]:
-        keys = set().union(*rows)
-        return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
+        """Each figure's mean over the updates where it is defined (a ratio is nan, or null once resumed, in an
+        update whose score had no spread); a figure defined in none of them is left out."""
+        means = {}
+        for key in set().union(*rows):
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if values:
+                means[key] = sum(values) / len(values)
+        return means
 
     def state_dict(self) -> dict:
         return {"history": self.history, "warnings": self.warnings}

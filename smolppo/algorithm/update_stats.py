@@ -24,6 +24,7 @@ SHARES = (
     "value_clip_fraction",
     "kl_loss",
 )
+NO_SPREAD = 1e-3  # a learning signal with less spread than this has none: the penalty-to-score ratio is undefined
 
 
 def shares(parts: MicroBatchLoss) -> dict[str, torch.Tensor]:
@@ -75,6 +76,7 @@ def update_metrics(
     signal = exp.scores if signal is None else signal
     sequence_kl = exp.kl.sum(1)
     non_score = (-kl_coef * exp.kl).sum(1)
+    spread = signal.std().item() if len(exp.scores) > 1 else 0.0
     metrics = {
         "rewards/mean": exp.scores.mean().item(),
         "rewards/std": exp.scores.std().item() if len(exp.scores) > 1 else 0.0,
@@ -82,10 +84,9 @@ def update_metrics(
         "advantage": ppo_math.masked_mean(exp.unwhitened_advantages, mask).item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (exp.scores + non_score).mean().item(),
-        # the KL penalty per response against the spread of the learning signal: above 1 it drowns the reward
-        "objective/kl_penalty_to_score": (
-            (-non_score.mean() / signal.std().clamp(min=1e-6)).item() if len(exp.scores) > 1 else 0.0
-        ),
+        # the KL penalty per response against the spread of the learning signal: above 1 it drowns the reward;
+        # undefined (nan) when the signal has no spread (every response of a group alike under grpo)
+        "objective/kl_penalty_to_score": -non_score.mean().item() / spread if spread > NO_SPREAD else float("nan"),
         "returns/mean": ppo_math.masked_mean(exp.returns, mask).item(),
         "response/length_mean": exp.rollout.response_lengths.float().mean().item(),
         "response/eos_rate": exp.rollout.ended_with_eos.float().mean().item(),

@@ -384,5 +384,6 @@ def _absolute(path: str) -> str:
 
 
 def _fixed(value: float, digits: int) -> str:
-    """`value` to `digits` decimals for the progress bar, never "-0.00" (a tiny negative estimate reads as 0)."""
-    return f"{round(value, digits) + 0.0:.{digits}f}"
+    """`value` to `digits` decimals for the progress bar, never "-0.00" (a tiny negative estimate reads as 0); "n/a"
+    for a figure undefined in this update (nan)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}" if math.isfinite(value) else "n/a"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -294,11 +295,25 @@ def write_atomically(path: str, write) -> None:
 
 
 def write_json_atomically(path: str, data) -> None:
+    """`data` as strict JSON: a nan or infinite figure (undefined in its update) is written as null, which every
+    JSON reader accepts (Python's NaN is not JSON)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            json.dump(finite_or_null(data), f, indent=2, allow_nan=False)
 
     write_atomically(path, write)
+
+
+def finite_or_null(data):
+    """`data` with every nan or infinite float replaced by None, through dicts, lists and tuples."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_null(value) for value in data]
+    return data
 
 
 @contextmanager
