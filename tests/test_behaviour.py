@@ -234,4 +234,7 @@ def test_a_run_paid_for_saying_nothing_collapses_and_is_flagged(tmp_path):
     summary = trainer.train()
     kinds = [w["kind"] for w in summary["warnings"]]
     assert "length_collapse" in kinds, (kinds, summary["final_metrics"])
-    assert summary["final_metrics"]["response/length_mean"] < 3
+    # and it stays collapsed: the last update's answers under half the first updates' length (on an AMD EPYC with
+    # AVX512-BF16 the fp32 trajectory ends at 4.3 tokens from 11.8, on others at 1.5)
+    start = sum(row["response/length_mean"] for row in trainer.watch.history[:3]) / 3
+    assert summary["final_metrics"]["response/length_mean"] < 0.5 * start, (start, summary["final_metrics"])
