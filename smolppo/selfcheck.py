@@ -375,14 +375,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(path: str, summary: dict) -> None:
-    """The JSON report, written whole or not at all."""
-    from smolppo import filesystem
+    """The JSON report, written whole or not at all (strict JSON, as every report of the project)."""
+    from smolppo.runs.output_dir import write_json_atomically
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    filesystem.replace(tmp, path)
+    write_json_atomically(path, summary)
 
 
 def run() -> None:
