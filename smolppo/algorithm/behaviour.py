@@ -115,7 +115,7 @@ class BehaviourWatch:
 
     def observe(self, metrics: dict[str, float], update: int) -> list[dict]:
         keys = self.WATCHED + tuple(f"rewards/{name}" for name in self.reward_weights)
-        self.history.append({k: float(metrics[k]) for k in keys if metrics.get(k) is not None})
+        self.history.append({k: float(metrics[k]) for k in keys if k in metrics})
         if len(self.history) < 2 * self.window:
             return []
         start, now = self._mean(self.history[: self.window]), self._mean(self.history[-self.window :])
