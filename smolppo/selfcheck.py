@@ -375,11 +375,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(path: str, summary: dict) -> None:
-    """The JSON report, written whole or not at all (strict JSON, as every report of the project)."""
-    from smolppo.runs.output_dir import write_json_atomically
+    """The JSON report, written whole or not at all."""
+    from smolppo import filesystem
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomically(path, summary)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    filesystem.replace(tmp, path)
 
 
 def run() -> None:
